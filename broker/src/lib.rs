@@ -1,0 +1,1 @@
+//! knsq broker
