@@ -1,1 +1,212 @@
-//! knsq broker
+//! knsq-broker: an nsqd-compatible message broker.
+//!
+//! - [`config`]: flags with nsqd's names, defaults and Go syntax.
+//! - `protocol`: the NSQ TCP V2 server side, over the `proto::wire` codec.
+//! - `queue`: topics, channels, in-flight and deferred messages.
+//! - `http`: nsqd's HTTP API and `/metrics`.
+//!
+//! [`run`] serves on already-bound [`Listeners`] until its shutdown token is cancelled;
+//! [`Server`] wraps both for tests and embedding.
+
+pub mod config;
+
+mod broker;
+mod http;
+mod metrics;
+mod protocol;
+mod queue;
+mod stats;
+mod tcp;
+
+pub use config::Options;
+pub use http::LogLevelSetter;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot listen on --{flag} {address}: {source}")]
+    Bind {
+        flag: &'static str,
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use --data-path {path}: {source}")]
+    DataPath {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("broker task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The broker's listening sockets, bound before it runs (port 0 picks a free port).
+#[derive(Debug)]
+pub struct Listeners {
+    tcp: TcpListener,
+    http: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(options: &Options) -> Result<Listeners, BrokerError> {
+        let bind = |flag: &'static str, address: &str| {
+            let address = address.to_string();
+            async move {
+                TcpListener::bind(&address)
+                    .await
+                    .map_err(|source| BrokerError::Bind {
+                        flag,
+                        address,
+                        source,
+                    })
+            }
+        };
+        Ok(Listeners {
+            tcp: bind("tcp-address", &options.tcp_address).await?,
+            http: bind("http-address", &options.http_address).await?,
+        })
+    }
+
+    pub fn tcp_address(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    pub fn http_address(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+}
+
+/// Runs the broker until `shutdown` is cancelled, then closes every connection and waits
+/// for them, at most `--shutdown-timeout`.
+pub async fn run(
+    options: Options,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    set_log_level: Option<LogLevelSetter>,
+) -> Result<(), BrokerError> {
+    options.validate()?;
+    let data_error = |source| BrokerError::DataPath {
+        path: options.data_path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&options.data_path).map_err(data_error)?;
+    let local = |l: &TcpListener, flag| {
+        l.local_addr().map_err(|source| BrokerError::Bind {
+            flag,
+            address: String::new(),
+            source,
+        })
+    };
+    let tcp_address = local(&listeners.tcp, "tcp-address")?;
+    let http_address = local(&listeners.http, "http-address")?;
+
+    let (metrics, server_metrics) = metrics::Metrics::new()?;
+    let state = Arc::new(broker::Broker::new(
+        options,
+        tcp_address,
+        http_address,
+        server_metrics,
+    ));
+    metrics.register_queues(Arc::downgrade(&state))?;
+    tracing::info!(
+        node_id = state.options.node_id,
+        version = env!("CARGO_PKG_VERSION"),
+        "knsq-broker starting"
+    );
+    tracing::info!("TCP: listening on {tcp_address}");
+    tracing::info!("HTTP: listening on {http_address}");
+
+    let connections = TaskTracker::new();
+    let tcp = tokio::spawn(tcp::serve(
+        listeners.tcp,
+        state.clone(),
+        shutdown.clone(),
+        connections.clone(),
+    ));
+    let app = http::AppState {
+        broker: state.clone(),
+        metrics: Arc::new(metrics),
+        log_level: Arc::new(Mutex::new(state.options.log_level.clone())),
+        set_log_level,
+    };
+    let http = tokio::spawn(http::serve(listeners.http, app, shutdown.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: closing listeners and client connections");
+    state.close_clients();
+    connections.close();
+    let grace = state.options.shutdown_timeout;
+    let drained = tokio::time::timeout(grace, async {
+        let _ = tcp.await;
+        connections.wait().await;
+        let _ = http.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            "shutdown grace period over; exiting with work still open"
+        );
+    }
+    tracing::info!("knsq-broker stopped");
+    Ok(())
+}
+
+/// A broker running in this process: for tests and embedding.
+#[derive(Debug)]
+pub struct Server {
+    tcp_address: SocketAddr,
+    http_address: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), BrokerError>>,
+}
+
+impl Server {
+    /// Binds the configured addresses and starts serving.
+    pub async fn start(options: Options) -> Result<Server, BrokerError> {
+        options.validate()?;
+        let listeners = Listeners::bind(&options).await?;
+        let bound = |r: std::io::Result<SocketAddr>, flag| {
+            r.map_err(|source| BrokerError::Bind {
+                flag,
+                address: String::new(),
+                source,
+            })
+        };
+        let tcp_address = bound(listeners.tcp_address(), "tcp-address")?;
+        let http_address = bound(listeners.http_address(), "http-address")?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(options, listeners, shutdown.clone(), None));
+        Ok(Server {
+            tcp_address,
+            http_address,
+            shutdown,
+            task,
+        })
+    }
+
+    pub fn tcp_address(&self) -> SocketAddr {
+        self.tcp_address
+    }
+
+    pub fn http_address(&self) -> SocketAddr {
+        self.http_address
+    }
+
+    /// Shuts the broker down and waits for it.
+    pub async fn stop(self) -> Result<(), BrokerError> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}

@@ -545,10 +545,7 @@ impl Decoder {
         let Some(count) = read_len(src, body_start + 4) else {
             return Ok(Parsed::Incomplete);
         };
-        let max_count = lim.max_body_size.saturating_sub(4) / 5;
-        if count <= 0 || count as u64 > max_count {
-            return Err(bad_body(format!("MPUB invalid message count {count}")));
-        }
+        check_mpub_count(count, &lim)?;
         if self.mpub.next == 0 {
             self.mpub.next = body_start + 8;
             self.mpub.bodies.clear();
@@ -558,18 +555,7 @@ impl Decoder {
             let Some(msg_size) = read_len(src, self.mpub.next) else {
                 return Ok(Parsed::Incomplete);
             };
-            let bad = |t: String| ProtocolError::new(ErrorCode::BadMessage, t);
-            if msg_size <= 0 {
-                return Err(bad(format!(
-                    "MPUB invalid message({i}) body size {msg_size}"
-                )));
-            }
-            if msg_size as u64 > lim.max_msg_size {
-                return Err(bad(format!(
-                    "MPUB message too big {msg_size} > {}",
-                    lim.max_msg_size
-                )));
-            }
+            check_mpub_message_size(i, msg_size, &lim)?;
             let body = self.mpub.next + 4..self.mpub.next + 4 + msg_size as usize;
             if src.len() < body.end {
                 return Ok(Parsed::Incomplete);
@@ -579,6 +565,61 @@ impl Decoder {
         }
         Ok(Parsed::Done(self.mpub.next, Shape::Mpub(topic)))
     }
+}
+
+/// Splits a complete MPUB message list, `[4B count]([4B size][message])*`, as HTTP's binary
+/// `/mpub` receives it, with the TCP command's checks and errors.
+pub fn split_mpub_messages(body: &Bytes, limits: &Limits) -> Result<Vec<Bytes>, ProtocolError> {
+    let count = read_len(body, 0).ok_or_else(|| {
+        ProtocolError::new(ErrorCode::BadBody, "MPUB failed to read message count")
+    })?;
+    check_mpub_count(count, limits)?;
+    let mut at = 4;
+    let mut messages = Vec::with_capacity(count as usize);
+    for i in 0..count as usize {
+        let size = read_len(body, at).ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::BadMessage,
+                format!("MPUB failed to read message({i}) body size"),
+            )
+        })?;
+        check_mpub_message_size(i, size, limits)?;
+        let end = at + 4 + size as usize;
+        if body.len() < end {
+            return Err(ProtocolError::new(
+                ErrorCode::BadMessage,
+                "MPUB failed to read message body",
+            ));
+        }
+        messages.push(body.slice(at + 4..end));
+        at = end;
+    }
+    Ok(messages)
+}
+
+fn check_mpub_count(count: i32, limits: &Limits) -> Result<(), ProtocolError> {
+    let max_count = limits.max_body_size.saturating_sub(4) / 5;
+    if count <= 0 || count as u64 > max_count {
+        return Err(ProtocolError::new(
+            ErrorCode::BadBody,
+            format!("MPUB invalid message count {count}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_mpub_message_size(i: usize, size: i32, limits: &Limits) -> Result<(), ProtocolError> {
+    let bad = |t: String| Err(ProtocolError::new(ErrorCode::BadMessage, t));
+    if size <= 0 {
+        return bad(format!("MPUB invalid message({i}) body size {size}"));
+    }
+    if size as u64 > limits.max_msg_size {
+        return bad(format!(
+            "MPUB message too big {size} > {}",
+            limits.max_msg_size
+        ));
+    }
+    Ok(())
 }
 
 fn check_topic(what: &str, topic: &[u8], prefix: &str) -> Result<(), ProtocolError> {
@@ -865,6 +906,39 @@ mod tests {
         let line = vec![b'A'; MAX_LINE_LEN + 1];
         assert!(decode_all(&line).unwrap_err().is_fatal());
         assert_eq!(decode_all(&line[..MAX_LINE_LEN]).unwrap(), None);
+    }
+
+    #[test]
+    fn split_mpub_messages_checks_like_the_command() {
+        let lim = Limits::default();
+        let ok = Bytes::from_static(b"\x00\x00\x00\x02\x00\x00\x00\x01a\x00\x00\x00\x02bc");
+        assert_eq!(
+            split_mpub_messages(&ok, &lim).unwrap(),
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")]
+        );
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "E_BAD_BODY MPUB failed to read message count"),
+            (
+                b"\x00\x00\x00\x00",
+                "E_BAD_BODY MPUB invalid message count 0",
+            ),
+            (
+                b"\x00\x00\x00\x01",
+                "E_BAD_MESSAGE MPUB failed to read message(0) body size",
+            ),
+            (
+                b"\x00\x00\x00\x01\x00\x00\x00\x00",
+                "E_BAD_MESSAGE MPUB invalid message(0) body size 0",
+            ),
+            (
+                b"\x00\x00\x00\x01\x00\x00\x00\x05ab",
+                "E_BAD_MESSAGE MPUB failed to read message body",
+            ),
+        ];
+        for (body, want) in cases {
+            let got = split_mpub_messages(&Bytes::copy_from_slice(body), &lim).unwrap_err();
+            assert_eq!(&got.to_string(), want);
+        }
     }
 
     #[test]

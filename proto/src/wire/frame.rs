@@ -41,9 +41,15 @@ pub fn write_response(dst: &mut BytesMut, data: &[u8]) {
     dst.put_slice(data);
 }
 
-/// Appends an error frame carrying `"<CODE> <text>"`.
+/// Appends an error frame carrying `"<CODE> <text>"`, or just the code when there is no text
+/// (as nsqd's `E_BAD_PROTOCOL`).
 pub fn write_error(dst: &mut BytesMut, err: &ProtocolError) {
     let code = err.code.as_str();
+    if err.text.is_empty() {
+        put_header(dst, FrameType::Error, code.len());
+        dst.put_slice(code.as_bytes());
+        return;
+    }
     put_header(dst, FrameType::Error, code.len() + 1 + err.text.len());
     dst.put_slice(code.as_bytes());
     dst.put_u8(b' ');
@@ -142,6 +148,9 @@ mod tests {
         let mut buf = BytesMut::new();
         write_error(&mut buf, &ProtocolError::new(ErrorCode::Invalid, "x"));
         assert_eq!(&buf[..], b"\x00\x00\x00\x0f\x00\x00\x00\x01E_INVALID x");
+        let mut buf = BytesMut::new();
+        write_error(&mut buf, &ProtocolError::new(ErrorCode::BadProtocol, ""));
+        assert_eq!(&buf[..], b"\x00\x00\x00\x12\x00\x00\x00\x01E_BAD_PROTOCOL");
     }
 
     #[test]

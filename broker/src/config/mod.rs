@@ -1,0 +1,389 @@
+//! The broker's options: nsqd's flag names and defaults, each also settable from a
+//! `KNSQ_<FLAG>` environment variable, parsed with Go's flag syntax as well as GNU's.
+
+mod duration;
+mod go_flags;
+
+pub use duration::{format_go_duration, parse_go_duration};
+pub use go_flags::normalize_go_flags;
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The NSQ release whose behaviour knsq matches; reported where clients read nsqd's version.
+pub const NSQ_COMPAT_VERSION: &str = "1.3.0";
+
+/// An option value that makes no sense, named by its flag.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for --{flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "knsq-broker",
+    version,
+    about = "knsq-broker: an nsqd-compatible message broker",
+    after_help = "Flags take nsqd's names and Go's syntax too: -flag=value, -flag value, --flag, --flag=false."
+)]
+pub struct Options {
+    /// Unique id of this broker, in [0,1024): part of every message ID
+    #[arg(long, env = "KNSQ_NODE_ID", default_value_t = default_node_id())]
+    pub node_id: u16,
+
+    /// <addr>:<port> to listen on for TCP clients
+    #[arg(long, env = "KNSQ_TCP_ADDRESS", default_value = "0.0.0.0:4150")]
+    pub tcp_address: String,
+
+    /// <addr>:<port> to listen on for HTTP clients
+    #[arg(long, env = "KNSQ_HTTP_ADDRESS", default_value = "0.0.0.0:4151")]
+    pub http_address: String,
+
+    /// Address this broker tells clients and lookupds to use (default: the host name)
+    #[arg(long, env = "KNSQ_BROADCAST_ADDRESS", default_value_t = default_hostname())]
+    pub broadcast_address: String,
+
+    /// Directory for the broker's data
+    #[arg(long, env = "KNSQ_DATA_PATH", default_value = ".")]
+    pub data_path: PathBuf,
+
+    /// Messages kept in memory per topic and per channel
+    #[arg(long, env = "KNSQ_MEM_QUEUE_SIZE", default_value_t = 10000)]
+    pub mem_queue_size: u64,
+
+    /// Default time a message may be in flight before it is requeued
+    #[arg(long, env = "KNSQ_MSG_TIMEOUT", default_value = "60s", value_parser = parse_go_duration)]
+    pub msg_timeout: Duration,
+
+    /// Largest msg_timeout a client may ask for, and cap of TOUCH since delivery
+    #[arg(long, env = "KNSQ_MAX_MSG_TIMEOUT", default_value = "15m", value_parser = parse_go_duration)]
+    pub max_msg_timeout: Duration,
+
+    /// Largest message body, in bytes
+    #[arg(long, env = "KNSQ_MAX_MSG_SIZE", default_value_t = 1048576)]
+    pub max_msg_size: u64,
+
+    /// Largest MPUB, IDENTIFY or AUTH body, in bytes
+    #[arg(long, env = "KNSQ_MAX_BODY_SIZE", default_value_t = 5242880)]
+    pub max_body_size: u64,
+
+    /// Largest REQ and DPUB delay
+    #[arg(long, env = "KNSQ_MAX_REQ_TIMEOUT", default_value = "1h", value_parser = parse_go_duration)]
+    pub max_req_timeout: Duration,
+
+    /// Largest heartbeat interval a client may ask for
+    #[arg(long, env = "KNSQ_MAX_HEARTBEAT_INTERVAL", default_value = "60s", value_parser = parse_go_duration)]
+    pub max_heartbeat_interval: Duration,
+
+    /// Largest RDY count a client may set
+    #[arg(long, env = "KNSQ_MAX_RDY_COUNT", default_value_t = 2500)]
+    pub max_rdy_count: u64,
+
+    /// Largest output buffer a client may ask for, in bytes
+    #[arg(long, env = "KNSQ_MAX_OUTPUT_BUFFER_SIZE", default_value_t = 65536)]
+    pub max_output_buffer_size: u64,
+
+    /// Largest output buffer timeout a client may ask for
+    #[arg(long, env = "KNSQ_MAX_OUTPUT_BUFFER_TIMEOUT", default_value = "30s", value_parser = parse_go_duration)]
+    pub max_output_buffer_timeout: Duration,
+
+    /// Smallest output buffer timeout a client may ask for
+    #[arg(long, env = "KNSQ_MIN_OUTPUT_BUFFER_TIMEOUT", default_value = "25ms", value_parser = parse_go_duration)]
+    pub min_output_buffer_timeout: Duration,
+
+    /// Default output buffer timeout of a client
+    #[arg(long, env = "KNSQ_OUTPUT_BUFFER_TIMEOUT", default_value = "250ms", value_parser = parse_go_duration)]
+    pub output_buffer_timeout: Duration,
+
+    /// Most consumers of one channel (0 = no limit)
+    #[arg(long, env = "KNSQ_MAX_CHANNEL_CONSUMERS", default_value_t = 0)]
+    pub max_channel_consumers: u64,
+
+    /// End-to-end processing latency quantile to report, in (0,1]; repeatable or comma-separated
+    #[arg(long = "e2e-processing-latency-percentile", env = "KNSQ_E2E_PROCESSING_LATENCY_PERCENTILE",
+          value_delimiter = ',', value_parser = parse_quantile)]
+    pub e2e_processing_latency_percentiles: Vec<f64>,
+
+    /// Window over which the e2e latency quantiles are computed
+    #[arg(long, env = "KNSQ_E2E_PROCESSING_LATENCY_WINDOW_TIME", default_value = "10m", value_parser = parse_go_duration)]
+    pub e2e_processing_latency_window_time: Duration,
+
+    /// Log level: debug, info, warn, error or fatal
+    #[arg(long, env = "KNSQ_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
+    pub log_level: String,
+
+    /// Time allowed for a clean shutdown after SIGTERM before the broker exits anyway
+    #[arg(long, env = "KNSQ_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_go_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Deprecated in nsqd (use --log-level=debug); accepted and ignored
+    #[arg(long, env = "KNSQ_VERBOSE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
+    pub verbose: bool,
+}
+
+impl Options {
+    /// Parses a command line (nsqd's Go syntax included) and checks the values.
+    pub fn from_args<I, T>(args: I) -> Result<Options, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        Options::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+    }
+
+    /// Checks what a flag's type cannot: ranges and relations between flags.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |flag, reason: String| Err(ConfigError { flag, reason });
+        if self.node_id >= 1024 {
+            return fail("node-id", format!("{} is not in [0,1024)", self.node_id));
+        }
+        if self.max_msg_size == 0 {
+            return fail("max-msg-size", "must be at least 1".into());
+        }
+        if self.max_body_size < self.max_msg_size {
+            return fail(
+                "max-body-size",
+                format!(
+                    "{} is smaller than --max-msg-size {}",
+                    self.max_body_size, self.max_msg_size
+                ),
+            );
+        }
+        if self.max_rdy_count == 0 {
+            return fail("max-rdy-count", "must be at least 1".into());
+        }
+        if self.msg_timeout < Duration::from_millis(1) {
+            return fail("msg-timeout", "must be at least 1ms".into());
+        }
+        if self.max_msg_timeout < self.msg_timeout {
+            return fail(
+                "max-msg-timeout",
+                format!(
+                    "{} is shorter than --msg-timeout {}",
+                    format_go_duration(self.max_msg_timeout),
+                    format_go_duration(self.msg_timeout)
+                ),
+            );
+        }
+        if self.max_output_buffer_size < 64 {
+            return fail("max-output-buffer-size", "must be at least 64".into());
+        }
+        if self.min_output_buffer_timeout > self.max_output_buffer_timeout {
+            return fail(
+                "min-output-buffer-timeout",
+                "is longer than --max-output-buffer-timeout".into(),
+            );
+        }
+        if self.max_heartbeat_interval < Duration::from_secs(1) {
+            return fail("max-heartbeat-interval", "must be at least 1s".into());
+        }
+        if self.e2e_processing_latency_window_time < Duration::from_secs(1) {
+            return fail(
+                "e2e-processing-latency-window-time",
+                "must be at least 1s".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The decoder limits these options set.
+    pub fn wire_limits(&self) -> proto::wire::Limits {
+        proto::wire::Limits {
+            max_msg_size: self.max_msg_size,
+            max_body_size: self.max_body_size,
+            max_rdy_count: self.max_rdy_count,
+            max_req_timeout_ms: self.max_req_timeout.as_millis() as u64,
+        }
+    }
+
+    /// Options for tests and embedding: nsqd's defaults, listening on loopback port 0.
+    pub fn for_tests(data_path: impl Into<PathBuf>) -> Options {
+        let mut o = Options::from_args(["knsq-broker"]).unwrap_or_else(|e| panic!("{e}"));
+        o.tcp_address = "127.0.0.1:0".into();
+        o.http_address = "127.0.0.1:0".into();
+        o.broadcast_address = "127.0.0.1".into();
+        o.data_path = data_path.into();
+        o.node_id = 1;
+        o
+    }
+
+    /// Every option as nsqd names it in its config (`mem_queue_size`), for `GET /config/:opt`.
+    /// Durations are nanoseconds, as Go encodes them.
+    pub fn config_value(&self, name: &str) -> Option<serde_json::Value> {
+        use serde_json::json;
+        let ns = |d: Duration| json!(d.as_nanos() as u64);
+        Some(match name {
+            "node_id" => json!(self.node_id),
+            "tcp_address" => json!(self.tcp_address),
+            "http_address" => json!(self.http_address),
+            "broadcast_address" => json!(self.broadcast_address),
+            "data_path" => json!(self.data_path.display().to_string()),
+            "mem_queue_size" => json!(self.mem_queue_size),
+            "msg_timeout" => ns(self.msg_timeout),
+            "max_msg_timeout" => ns(self.max_msg_timeout),
+            "max_msg_size" => json!(self.max_msg_size),
+            "max_body_size" => json!(self.max_body_size),
+            "max_req_timeout" => ns(self.max_req_timeout),
+            "max_heartbeat_interval" => ns(self.max_heartbeat_interval),
+            "max_rdy_count" => json!(self.max_rdy_count),
+            "max_output_buffer_size" => json!(self.max_output_buffer_size),
+            "max_output_buffer_timeout" => ns(self.max_output_buffer_timeout),
+            "min_output_buffer_timeout" => ns(self.min_output_buffer_timeout),
+            "output_buffer_timeout" => ns(self.output_buffer_timeout),
+            "max_channel_consumers" => json!(self.max_channel_consumers),
+            "e2e_processing_latency_percentiles" => {
+                json!(self.e2e_processing_latency_percentiles)
+            }
+            "e2e_processing_latency_window_time" => ns(self.e2e_processing_latency_window_time),
+            "log_level" => json!(self.log_level),
+            "verbose" => json!(self.verbose),
+            _ => return None,
+        })
+    }
+}
+
+fn parse_quantile(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(q) if q > 0.0 && q <= 1.0 => Ok(q),
+        _ => Err(format!("{text:?} is not a quantile in (0,1]")),
+    }
+}
+
+fn parse_log_level(text: &str) -> Result<String, String> {
+    let level = text.to_ascii_lowercase();
+    match level.as_str() {
+        "debug" | "info" | "warn" | "error" | "fatal" => Ok(level),
+        _ => Err(format!(
+            "{text:?} is not one of debug, info, warn, error, fatal"
+        )),
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+pub fn parse_go_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{text:?} is not a boolean")),
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A stable node id from the host name (FNV-1a), as nsqd derives one from it; deployments
+/// should set `--node-id` explicitly (the operator uses the pod ordinal).
+fn default_node_id() -> u16 {
+    let hash = default_hostname()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    (hash % 1024) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
+        Options::from_args(std::iter::once("knsq-broker").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_nsqds() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.tcp_address, "0.0.0.0:4150");
+        assert_eq!(o.http_address, "0.0.0.0:4151");
+        assert_eq!(o.mem_queue_size, 10000);
+        assert_eq!(o.msg_timeout, Duration::from_secs(60));
+        assert_eq!(o.max_msg_timeout, Duration::from_secs(900));
+        assert_eq!(o.max_msg_size, 1048576);
+        assert_eq!(o.max_body_size, 5242880);
+        assert_eq!(o.max_req_timeout, Duration::from_secs(3600));
+        assert_eq!(o.max_heartbeat_interval, Duration::from_secs(60));
+        assert_eq!(o.max_rdy_count, 2500);
+        assert_eq!(o.max_output_buffer_size, 65536);
+        assert_eq!(o.max_output_buffer_timeout, Duration::from_secs(30));
+        assert_eq!(o.min_output_buffer_timeout, Duration::from_millis(25));
+        assert_eq!(o.output_buffer_timeout, Duration::from_millis(250));
+        assert_eq!(o.max_channel_consumers, 0);
+        assert!(o.e2e_processing_latency_percentiles.is_empty());
+        assert_eq!(
+            o.e2e_processing_latency_window_time,
+            Duration::from_secs(600)
+        );
+        assert!(o.node_id < 1024);
+        o.validate().unwrap();
+    }
+
+    #[test]
+    fn accepts_go_flag_syntax() {
+        let o = parse(&[
+            "-data-path=/tmp/x",
+            "--tcp-address",
+            "127.0.0.1:1",
+            "-mem-queue-size",
+            "5",
+            "--msg-timeout=2s",
+            "-verbose",
+            "--e2e-processing-latency-percentile=0.99,0.5",
+            "-e2e-processing-latency-percentile",
+            "1.0",
+        ])
+        .unwrap();
+        assert_eq!(o.data_path, PathBuf::from("/tmp/x"));
+        assert_eq!(o.tcp_address, "127.0.0.1:1");
+        assert_eq!(o.mem_queue_size, 5);
+        assert_eq!(o.msg_timeout, Duration::from_secs(2));
+        assert!(o.verbose);
+        assert_eq!(o.e2e_processing_latency_percentiles, vec![0.99, 0.5, 1.0]);
+        let o = parse(&["--verbose=false"]).unwrap();
+        assert!(!o.verbose);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let err = parse(&["--msg-timeout=abc"]).unwrap_err().to_string();
+        assert!(err.contains("--msg-timeout"), "{err}");
+        let err = parse(&["--e2e-processing-latency-percentile=1.5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("e2e-processing-latency-percentile"), "{err}");
+        let err = parse(&["--node-id=1024"]).unwrap().validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for --node-id: 1024 is not in [0,1024)"
+        );
+        let err = parse(&["--max-body-size=10", "--max-msg-size=20"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.flag, "max-body-size");
+        assert!(parse(&["--no-such-flag=1"]).is_err());
+    }
+
+    #[test]
+    fn config_values_use_nsqd_names_and_units() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(
+            o.config_value("msg_timeout"),
+            Some(serde_json::json!(60_000_000_000u64))
+        );
+        assert_eq!(
+            o.config_value("mem_queue_size"),
+            Some(serde_json::json!(10000))
+        );
+        assert_eq!(o.config_value("nope"), None);
+    }
+}

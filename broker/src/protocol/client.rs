@@ -1,0 +1,184 @@
+//! What the rest of the broker sees of a TCP client: its identity, counters and outbox.
+
+use crate::stats::{ClientStats, PubCount};
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Client states as nsqd numbers them in `/stats`.
+pub(crate) const STATE_INIT: i32 = 0;
+pub(crate) const STATE_SUBSCRIBED: i32 = 3;
+pub(crate) const STATE_CLOSING: i32 = 4;
+
+/// Settings a client negotiates with IDENTIFY.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    pub(crate) client_id: String,
+    pub(crate) hostname: String,
+    pub(crate) user_agent: String,
+    /// `None` when the client disabled heartbeats.
+    pub(crate) heartbeat_interval: Option<Duration>,
+    /// Bytes buffered before a flush; 1 means no buffering.
+    pub(crate) output_buffer_size: usize,
+    /// Longest time a message waits in the buffer; zero means no timed flush.
+    pub(crate) output_buffer_timeout: Duration,
+    pub(crate) msg_timeout: Duration,
+    pub(crate) sample_rate: u8,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) ready_count: AtomicU64,
+    pub(crate) in_flight_count: AtomicU64,
+    pub(crate) message_count: AtomicU64,
+    pub(crate) finish_count: AtomicU64,
+    pub(crate) requeue_count: AtomicU64,
+}
+
+/// Frames waiting to be written to a client. Whoever produces a frame appends it under the
+/// lock and wakes the connection's writer, which swaps the buffer out and writes it.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    pending: Mutex<Pending>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    pub(crate) buf: BytesMut,
+    /// Write without waiting for the buffer to fill or the flush timer.
+    pub(crate) flush_now: bool,
+    /// The client's IDENTIFY changed how the writer should buffer and beat.
+    pub(crate) settings_changed: bool,
+}
+
+impl Outbox {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub(crate) id: u64,
+    pub(crate) remote_address: SocketAddr,
+    pub(crate) connect_ts: i64,
+    pub(crate) outbox: Outbox,
+    /// Cancelled to close the connection (channel deleted, broker shutting down).
+    pub(crate) closed: CancellationToken,
+    pub(crate) counters: Counters,
+    pub(crate) state: AtomicI32,
+    identity: Mutex<Identity>,
+    /// Messages published per topic; nsqd reports the first topic only.
+    pub_counts: Mutex<Vec<PubCount>>,
+}
+
+impl Client {
+    pub(crate) fn new(
+        id: u64,
+        remote_address: SocketAddr,
+        identity: Identity,
+        closed: CancellationToken,
+    ) -> Client {
+        Client {
+            id,
+            remote_address,
+            connect_ts: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            outbox: Outbox::default(),
+            closed,
+            counters: Counters::default(),
+            state: AtomicI32::new(STATE_INIT),
+            identity: Mutex::new(identity),
+            pub_counts: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn identity(&self) -> Identity {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_identity(&self, identity: Identity) {
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity;
+    }
+
+    pub(crate) fn state(&self) -> i32 {
+        self.state.load(Relaxed)
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
+    }
+
+    pub(crate) fn count_published(&self, topic: &str, n: u64) {
+        let mut counts = self.pub_counts.lock().unwrap_or_else(|e| e.into_inner());
+        match counts.iter_mut().find(|c| c.topic == topic) {
+            Some(c) => c.count += n,
+            None => counts.push(PubCount {
+                topic: topic.to_string(),
+                count: n,
+            }),
+        }
+    }
+
+    pub(crate) fn has_published(&self) -> bool {
+        !self
+            .pub_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    pub(crate) fn stats(&self) -> ClientStats {
+        let id = self.identity();
+        let c = &self.counters;
+        let mut pub_counts = self
+            .pub_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // nsqd's stats loop stops after the first topic; knsq reports what nsqd reports.
+        pub_counts.truncate(1);
+        ClientStats {
+            client_id: id.client_id,
+            hostname: id.hostname,
+            version: "V2",
+            remote_address: self.remote_address.to_string(),
+            state: self.state(),
+            ready_count: c.ready_count.load(Relaxed),
+            in_flight_count: c.in_flight_count.load(Relaxed),
+            message_count: c.message_count.load(Relaxed),
+            finish_count: c.finish_count.load(Relaxed),
+            requeue_count: c.requeue_count.load(Relaxed),
+            connect_ts: self.connect_ts,
+            sample_rate: i32::from(id.sample_rate),
+            deflate: false,
+            snappy: false,
+            user_agent: id.user_agent,
+            topology_zone: String::new(),
+            topology_region: String::new(),
+            pub_counts,
+            tls: false,
+            tls_cipher_suite: String::new(),
+            tls_version: String::new(),
+            tls_negotiated_protocol: String::new(),
+            tls_negotiated_protocol_is_mutual: false,
+        }
+    }
+}

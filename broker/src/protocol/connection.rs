@@ -1,0 +1,396 @@
+//! One client connection: the magic, then commands read, checked and executed in order.
+//!
+//! The reader runs here; a [`writer`](super::writer) task owns the socket's write half.
+//! Consecutive FINs in one read are applied together under a single channel lock.
+
+use super::client::{Client, Identity, STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED};
+use super::identify::IdentifyRequest;
+use super::writer;
+use crate::broker::Broker;
+use crate::queue::{Channel, SubscribeError, Topic};
+use bytes::{Bytes, BytesMut};
+use proto::wire::frame::{write_error, write_response};
+use proto::wire::{Command, CommandName, Decoder, ErrorCode, MAGIC_V2, MessageId, ProtocolError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+/// nsqd's client timeout: the wait for the magic, and twice the default heartbeat.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The read buffer starts small (idle connections stay cheap) and doubles up to this size
+/// while reads keep filling it.
+const MIN_READ: usize = 1024;
+const MAX_READ: usize = 64 * 1024;
+
+pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: CancellationToken) {
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut write_half) = stream.into_split();
+    let mut magic = [0u8; 4];
+    match timeout(CLIENT_TIMEOUT, reader.read_exact(&mut magic)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    if &magic != MAGIC_V2 {
+        tracing::warn!(%peer, magic = ?String::from_utf8_lossy(&magic), "bad protocol magic");
+        let mut buf = BytesMut::new();
+        write_error(&mut buf, &ProtocolError::new(ErrorCode::BadProtocol, ""));
+        let _ = write_half.write_all(&buf).await;
+        let _ = write_half.shutdown().await;
+        return;
+    }
+
+    let o = &broker.options;
+    let host = peer.ip().to_string();
+    let identity = Identity {
+        client_id: host.clone(),
+        hostname: host,
+        user_agent: String::new(),
+        heartbeat_interval: Some(CLIENT_TIMEOUT / 2),
+        output_buffer_size: 16 * 1024,
+        output_buffer_timeout: o.output_buffer_timeout,
+        msg_timeout: o.msg_timeout,
+        sample_rate: 0,
+    };
+    let client = Arc::new(Client::new(
+        broker.next_client_id(),
+        peer,
+        identity,
+        shutdown.child_token(),
+    ));
+    broker.add_client(client.clone());
+    broker.metrics.connection_opened();
+    tracing::debug!(client = client.id, %peer, "new client");
+    let writer = tokio::spawn(writer::run(write_half, client.clone()));
+
+    let mut conn = Connection {
+        decoder: Decoder::new(o.wire_limits()),
+        broker: broker.clone(),
+        client: client.clone(),
+        read_buf: BytesMut::with_capacity(MIN_READ),
+        read_size: MIN_READ,
+        subscription: None,
+        fins: Vec::new(),
+        last_topic: None,
+    };
+    conn.read_loop(&mut reader).await;
+    conn.leave();
+    client.close();
+    let _ = writer.await;
+    broker.remove_client(client.id);
+    broker.metrics.connection_closed();
+    tracing::debug!(client = client.id, %peer, "client gone");
+}
+
+struct Connection {
+    broker: Arc<Broker>,
+    client: Arc<Client>,
+    decoder: Decoder,
+    read_buf: BytesMut,
+    read_size: usize,
+    subscription: Option<(Arc<Topic>, Arc<Channel>)>,
+    /// FINs read but not applied yet.
+    fins: Vec<MessageId>,
+    /// The topic last published to, saving a registry lookup per PUB.
+    last_topic: Option<Arc<Topic>>,
+}
+
+impl Connection {
+    async fn read_loop(&mut self, reader: &mut OwnedReadHalf) {
+        loop {
+            if !self.process_buffered() {
+                return;
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
+                self.read_buf.reserve(self.read_size);
+            }
+            let deadline = self.client.identity().heartbeat_interval.map(|hb| hb * 2);
+            let before = self.read_buf.len();
+            let read = async {
+                match deadline {
+                    Some(d) => timeout(d, reader.read_buf(&mut self.read_buf)).await,
+                    None => Ok(reader.read_buf(&mut self.read_buf).await),
+                }
+            };
+            let result = tokio::select! {
+                _ = self.client.closed.cancelled() => return,
+                r = read => r,
+            };
+            match result {
+                Ok(Ok(0)) => return,
+                Ok(Ok(n)) => {
+                    // Grow the buffer while reads fill it: a busy publisher gets big reads.
+                    if before + n >= self.read_buf.capacity() && self.read_size < MAX_READ {
+                        self.read_size *= 2;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(client = self.client.id, error = %e, "read failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(
+                        client = self.client.id,
+                        "no command within two heartbeats; closing"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Executes every whole command in the read buffer. Returns false when the connection
+    /// must close.
+    fn process_buffered(&mut self) -> bool {
+        loop {
+            let state = self.client.state();
+            let heartbeats = self.client.identity().heartbeat_interval.is_some();
+            let decoded = self.decoder.decode(&mut self.read_buf, |name| {
+                check_state(name, state, heartbeats)
+            });
+            let command = match decoded {
+                Ok(Some(command)) => command,
+                Ok(None) => break,
+                Err(e) => {
+                    self.apply_fins();
+                    self.send_error(&e);
+                    return false;
+                }
+            };
+            if let Command::Fin(id) = command {
+                self.fins.push(id);
+                continue;
+            }
+            self.apply_fins();
+            if let Err(e) = self.execute(command) {
+                self.send_error(&e);
+                if e.is_fatal() {
+                    return false;
+                }
+            }
+        }
+        self.apply_fins();
+        true
+    }
+
+    fn execute(&mut self, command: Command) -> Result<(), ProtocolError> {
+        match command {
+            Command::Nop => Ok(()),
+            Command::Identify(body) => self.identify(&body),
+            Command::Auth(_) => Err(ProtocolError::new(ErrorCode::AuthDisabled, "AUTH disabled")),
+            Command::Sub { topic, channel } => self.subscribe(topic.as_str(), channel.as_str()),
+            Command::Pub { topic, body } => {
+                self.publish(CommandName::Pub, topic.as_str(), &[body], Duration::ZERO)
+            }
+            Command::Mpub { topic, bodies } => {
+                self.publish(CommandName::Mpub, topic.as_str(), &bodies, Duration::ZERO)
+            }
+            Command::Dpub {
+                topic,
+                defer_ms,
+                body,
+            } => self.publish(
+                CommandName::Dpub,
+                topic.as_str(),
+                &[body],
+                Duration::from_millis(defer_ms),
+            ),
+            Command::Rdy(count) => {
+                if self.client.state() == STATE_SUBSCRIBED
+                    && let Some((_, channel)) = &self.subscription
+                {
+                    channel.set_ready(self.client.id, count);
+                }
+                Ok(())
+            }
+            Command::Fin(id) => {
+                self.fins.push(id);
+                self.apply_fins();
+                Ok(())
+            }
+            Command::Req { id, timeout_ms } => {
+                let max = self.broker.options.max_req_timeout;
+                let delay = Duration::from_millis(timeout_ms).min(max);
+                self.channel(CommandName::Req)?
+                    .requeue(self.client.id, &id, delay)
+                    .map_err(|e| {
+                        ProtocolError::new(
+                            ErrorCode::ReqFailed,
+                            format!("REQ {id} failed {}", e.as_str()),
+                        )
+                    })
+            }
+            Command::Touch(id) => self
+                .channel(CommandName::Touch)?
+                .touch(self.client.id, &id)
+                .map_err(|e| {
+                    ProtocolError::new(
+                        ErrorCode::TouchFailed,
+                        format!("TOUCH {id} failed {}", e.as_str()),
+                    )
+                }),
+            Command::Cls => {
+                self.client.state.store(STATE_CLOSING, Relaxed);
+                self.channel(CommandName::Cls)?.start_close(self.client.id);
+                self.send_response(proto::wire::CLOSE_WAIT);
+                Ok(())
+            }
+        }
+    }
+
+    fn identify(&mut self, body: &[u8]) -> Result<(), ProtocolError> {
+        let request = IdentifyRequest::parse(body)?;
+        let applied = request.apply(&self.client.identity(), &self.broker.options)?;
+        let response = request.response(&applied, &self.broker.options);
+        self.client.set_identity(applied);
+        self.client.outbox.lock().settings_changed = true;
+        self.send_response(&response);
+        Ok(())
+    }
+
+    fn subscribe(&mut self, topic_name: &str, channel_name: &str) -> Result<(), ProtocolError> {
+        let failed = |text: String| ProtocolError::new(ErrorCode::SubFailed, text);
+        // A topic being deleted at this moment is replaced on the second try, as nsqd retries.
+        for attempt in 0..2 {
+            let topic = self.broker.topic(topic_name);
+            match topic.subscribe(channel_name, &self.client) {
+                Ok(channel) => {
+                    self.client.state.store(STATE_SUBSCRIBED, Relaxed);
+                    self.subscription = Some((topic, channel));
+                    self.send_response(proto::wire::OK);
+                    return Ok(());
+                }
+                Err(SubscribeError::Exiting) if attempt == 0 => continue,
+                Err(SubscribeError::Exiting) => {
+                    return Err(failed("SUB failed to deleted topic/channel".into()));
+                }
+                Err(e) => return Err(failed(format!("SUB failed {e}"))),
+            }
+        }
+        Err(failed("SUB failed to deleted topic/channel".into()))
+    }
+
+    fn publish(
+        &mut self,
+        command: CommandName,
+        topic_name: &str,
+        bodies: &[Bytes],
+        defer: Duration,
+    ) -> Result<(), ProtocolError> {
+        let code = match command {
+            CommandName::Mpub => ErrorCode::MpubFailed,
+            CommandName::Dpub => ErrorCode::DpubFailed,
+            _ => ErrorCode::PubFailed,
+        };
+        let cached = self
+            .last_topic
+            .take()
+            .filter(|t| t.name == topic_name)
+            .map(|t| t.publish(bodies, defer).map(|()| t));
+        let result = match cached {
+            Some(Ok(topic)) => Ok(topic),
+            // A cached topic that was deleted since: look it up again.
+            _ => self.broker.publish(topic_name, bodies, defer),
+        };
+        match result {
+            Ok(topic) => {
+                self.last_topic = Some(topic);
+                self.client.count_published(topic_name, bodies.len() as u64);
+                self.send_response(proto::wire::OK);
+                Ok(())
+            }
+            Err(e) => Err(ProtocolError::new(
+                code,
+                format!("{} failed {e}", command.as_str()),
+            )),
+        }
+    }
+
+    /// The subscribed channel. The state checks admit FIN, REQ, TOUCH and CLS only after SUB,
+    /// so the error is a safety net, not an expected path.
+    fn channel(&self, command: CommandName) -> Result<&Arc<Channel>, ProtocolError> {
+        match &self.subscription {
+            Some((_, channel)) => Ok(channel),
+            None => Err(ProtocolError::invalid(format!(
+                "cannot {} in current state",
+                command.as_str()
+            ))),
+        }
+    }
+
+    fn apply_fins(&mut self) {
+        if self.fins.is_empty() {
+            return;
+        }
+        let fins = std::mem::take(&mut self.fins);
+        let mut failures = Vec::new();
+        match self.channel(CommandName::Fin) {
+            Ok(channel) => channel.finish(self.client.id, &fins, |id, e| failures.push((id, e))),
+            Err(e) => self.send_error(&e),
+        }
+        for (id, e) in failures {
+            self.send_error(&ProtocolError::new(
+                ErrorCode::FinFailed,
+                format!("FIN {id} failed {}", e.as_str()),
+            ));
+        }
+        self.fins = fins;
+        self.fins.clear();
+    }
+
+    fn send_response(&self, data: &[u8]) {
+        let mut out = self.client.outbox.lock();
+        write_response(&mut out.buf, data);
+        out.flush_now = true;
+        drop(out);
+        self.client.outbox.wake();
+    }
+
+    fn send_error(&self, err: &ProtocolError) {
+        if err.is_fatal() {
+            tracing::info!(client = self.client.id, error = %err, "closing client after error");
+        }
+        let mut out = self.client.outbox.lock();
+        write_error(&mut out.buf, err);
+        out.flush_now = true;
+        drop(out);
+        self.client.outbox.wake();
+    }
+
+    /// Leaves the channel; an ephemeral channel (and topic) without consumers goes away.
+    fn leave(&mut self) {
+        if let Some((topic, channel)) = self.subscription.take() {
+            let left = channel.unsubscribe(self.client.id);
+            if left == 0 && channel.ephemeral {
+                self.broker.consumer_left(&topic, &channel.name);
+            }
+        }
+    }
+}
+
+/// The state rules nsqd applies before reading a command's parameters and body.
+fn check_state(name: CommandName, state: i32, heartbeats: bool) -> Result<(), ProtocolError> {
+    let cannot = || ProtocolError::invalid(format!("cannot {} in current state", name.as_str()));
+    match name {
+        CommandName::Identify | CommandName::Auth if state != STATE_INIT => Err(cannot()),
+        CommandName::Sub if state != STATE_INIT => Err(cannot()),
+        CommandName::Sub if !heartbeats => Err(ProtocolError::invalid(
+            "cannot SUB with heartbeats disabled",
+        )),
+        CommandName::Rdy if state != STATE_SUBSCRIBED && state != STATE_CLOSING => Err(cannot()),
+        CommandName::Fin | CommandName::Req | CommandName::Touch
+            if state != STATE_SUBSCRIBED && state != STATE_CLOSING =>
+        {
+            Err(cannot())
+        }
+        CommandName::Cls if state != STATE_SUBSCRIBED => Err(cannot()),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,501 @@
+//! A channel: its queue, its consumers and the messages in flight and deferred.
+//!
+//! All state sits behind one mutex. Delivery happens under it, straight into each consumer's
+//! outbox (a buffer its connection's writer drains), a chunk of messages per lock of the
+//! outbox. A timer task per channel sleeps until the next in-flight deadline or deferred due
+//! time and is woken only when an earlier one appears.
+
+use super::deferred::Deferred;
+use super::e2e::{Histogram, LatencyWindow};
+use super::in_flight::{InFlight, InFlightError};
+use super::message::Msg;
+use super::{QueueSettings, unix_nanos};
+use crate::protocol::Client;
+use crate::stats::{ChannelStats, E2eStats};
+use proto::wire::MessageId;
+use proto::wire::frame::write_message;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Messages handed to one consumer per lock of its outbox; small enough to interleave
+/// consumers fairly, large enough to amortise the lock.
+const DISPATCH_CHUNK: u64 = 64;
+
+/// Why SUB cannot join a channel; texts as nsqd's.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SubscribeError {
+    #[error("consumers for {topic}:{channel} exceeds limit of {limit}")]
+    TooManyConsumers {
+        topic: String,
+        channel: String,
+        limit: usize,
+    },
+    #[error("channel is exiting")]
+    Exiting,
+}
+
+#[derive(Debug)]
+pub(crate) struct Channel {
+    pub(crate) topic_name: String,
+    pub(crate) name: String,
+    pub(crate) ephemeral: bool,
+    settings: Arc<QueueSettings>,
+    state: Mutex<State>,
+    timer: Notify,
+    message_count: AtomicU64,
+    requeue_count: AtomicU64,
+    timeout_count: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    queue: VecDeque<Msg>,
+    in_flight: InFlight,
+    deferred: Deferred,
+    consumers: Vec<Consumer>,
+    cursor: usize,
+    paused: bool,
+    deleted: bool,
+    /// When the timer task wakes next; `None` while it waits without a deadline.
+    timer_at: Option<Instant>,
+    e2e: Option<LatencyWindow>,
+}
+
+#[derive(Debug)]
+struct Consumer {
+    client: Arc<Client>,
+    rdy: u64,
+    in_flight: u64,
+    closing: bool,
+    msg_timeout: Duration,
+    sample_rate: u64,
+    rng: u64,
+}
+
+impl Consumer {
+    fn free(&self) -> u64 {
+        if self.closing {
+            0
+        } else {
+            self.rdy.saturating_sub(self.in_flight)
+        }
+    }
+
+    /// xorshift64: sampling needs speed, not quality.
+    fn next_percent(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % 100
+    }
+
+    fn publish_counts(&self) {
+        let c = &self.client.counters;
+        c.ready_count.store(self.rdy, Relaxed);
+        c.in_flight_count.store(self.in_flight, Relaxed);
+    }
+}
+
+impl Channel {
+    /// A new channel; the caller starts its timer task with [`Channel::run_timers`].
+    pub(crate) fn new(topic_name: &str, name: &str, settings: Arc<QueueSettings>) -> Arc<Self> {
+        let now = Instant::now();
+        let e2e = (!settings.e2e_quantiles.is_empty())
+            .then(|| LatencyWindow::new(settings.e2e_window, now));
+        Arc::new(Channel {
+            topic_name: topic_name.to_string(),
+            name: name.to_string(),
+            ephemeral: proto::wire::names::is_ephemeral(name),
+            settings,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                in_flight: InFlight::default(),
+                deferred: Deferred::default(),
+                consumers: Vec::new(),
+                cursor: 0,
+                paused: false,
+                deleted: false,
+                timer_at: None,
+                e2e,
+            }),
+            timer: Notify::new(),
+            message_count: AtomicU64::new(0),
+            requeue_count: AtomicU64::new(0),
+            timeout_count: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the queues half-updated in a way that
+        // matters more than stopping delivery would, so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requeues timed-out messages and releases due deferred ones, until the channel is
+    /// deleted.
+    pub(crate) async fn run_timers(self: Arc<Self>) {
+        loop {
+            let next = {
+                let mut st = self.lock();
+                if st.deleted {
+                    return;
+                }
+                let now = Instant::now();
+                self.expire(&mut st, now);
+                let next = st.next_deadline();
+                st.timer_at = next;
+                next
+            };
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = self.timer.notified() => {}
+                    }
+                }
+                None => self.timer.notified().await,
+            }
+        }
+    }
+
+    fn expire(&self, st: &mut State, now: Instant) {
+        let mut timed_out = 0;
+        while let Some(entry) = st.in_flight.pop_expired(now) {
+            timed_out += 1;
+            if let Some(c) = st.consumer_mut(entry.client_id) {
+                c.in_flight = c.in_flight.saturating_sub(1);
+                c.publish_counts();
+            }
+            st.queue.push_back(entry.msg);
+        }
+        if timed_out > 0 {
+            self.timeout_count.fetch_add(timed_out, Relaxed);
+        }
+        while let Some(msg) = st.deferred.pop_due(now) {
+            st.queue.push_back(msg);
+        }
+        self.dispatch(st, now);
+    }
+
+    /// Room left in the memory queue for new messages (deferred ones count too, so the
+    /// channel's memory stays bounded). Ephemeral channels always take messages and drop
+    /// what does not fit, as nsqd does.
+    pub(crate) fn room(&self) -> usize {
+        if self.ephemeral {
+            return usize::MAX;
+        }
+        let st = self.lock();
+        self.settings
+            .mem_queue_size
+            .saturating_sub(st.queue.len() + st.deferred.len())
+    }
+
+    /// Adds published messages; the topic has checked [`Channel::room`].
+    pub(crate) fn put(&self, msgs: &[Msg], due: Option<Instant>) {
+        let mut st = self.lock();
+        if st.deleted {
+            return;
+        }
+        let limit = self.settings.mem_queue_size;
+        let mut added = 0;
+        for msg in msgs {
+            if self.ephemeral && st.queue.len() + st.deferred.len() >= limit {
+                break;
+            }
+            match due {
+                Some(at) => st.deferred.push(msg.clone(), at),
+                None => st.queue.push_back(msg.clone()),
+            }
+            added += 1;
+        }
+        self.message_count.fetch_add(added, Relaxed);
+        if due.is_some() {
+            self.wake_timer_if_earlier(&mut st);
+        } else {
+            self.dispatch(&mut st, Instant::now());
+        }
+    }
+
+    /// Adds a consumer with RDY 0.
+    pub(crate) fn subscribe(&self, client: &Arc<Client>) -> Result<(), SubscribeError> {
+        let mut st = self.lock();
+        if st.deleted {
+            return Err(SubscribeError::Exiting);
+        }
+        let limit = self.settings.max_channel_consumers;
+        if limit > 0 && st.consumers.len() >= limit {
+            return Err(SubscribeError::TooManyConsumers {
+                topic: self.topic_name.clone(),
+                channel: self.name.clone(),
+                limit,
+            });
+        }
+        let identity = client.identity();
+        st.consumers.push(Consumer {
+            client: client.clone(),
+            rdy: 0,
+            in_flight: 0,
+            closing: false,
+            msg_timeout: identity.msg_timeout,
+            sample_rate: u64::from(identity.sample_rate),
+            rng: client.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+        });
+        Ok(())
+    }
+
+    /// Removes a consumer; its messages in flight stay so until they time out, as in nsqd.
+    /// Returns how many consumers are left.
+    pub(crate) fn unsubscribe(&self, client_id: u64) -> usize {
+        let mut st = self.lock();
+        st.consumers.retain(|c| c.client.id != client_id);
+        st.consumers.len()
+    }
+
+    pub(crate) fn consumer_count(&self) -> usize {
+        self.lock().consumers.len()
+    }
+
+    pub(crate) fn set_ready(&self, client_id: u64, count: u64) {
+        let mut st = self.lock();
+        if let Some(c) = st.consumer_mut(client_id) {
+            c.rdy = count;
+            c.publish_counts();
+        }
+        self.dispatch(&mut st, Instant::now());
+    }
+
+    /// CLS: the consumer gets no more messages but may still finish what it holds.
+    pub(crate) fn start_close(&self, client_id: u64) {
+        let mut st = self.lock();
+        if let Some(c) = st.consumer_mut(client_id) {
+            c.closing = true;
+            c.rdy = 0;
+            c.publish_counts();
+        }
+    }
+
+    /// FIN for a batch of IDs; `failed` hears of each one that was not in flight for this
+    /// client.
+    pub(crate) fn finish(
+        &self,
+        client_id: u64,
+        ids: &[MessageId],
+        mut failed: impl FnMut(MessageId, InFlightError),
+    ) {
+        let mut st = self.lock();
+        let now_ns = unix_nanos();
+        let now = Instant::now();
+        let mut done = 0;
+        for id in ids {
+            match st.in_flight.remove(id, client_id) {
+                Ok(entry) => {
+                    done += 1;
+                    if let Some(e2e) = st.e2e.as_mut() {
+                        let latency = now_ns.saturating_sub(entry.msg.timestamp).max(0);
+                        e2e.record(latency as u64, now);
+                    }
+                }
+                Err(e) => failed(*id, e),
+            }
+        }
+        if done > 0 {
+            if let Some(c) = st.consumer_mut(client_id) {
+                c.in_flight = c.in_flight.saturating_sub(done);
+                c.publish_counts();
+                c.client.counters.finish_count.fetch_add(done, Relaxed);
+            }
+            self.dispatch(&mut st, now);
+        }
+    }
+
+    /// REQ: back to the queue now, or after `delay`.
+    pub(crate) fn requeue(
+        &self,
+        client_id: u64,
+        id: &MessageId,
+        delay: Duration,
+    ) -> Result<(), InFlightError> {
+        let mut st = self.lock();
+        let entry = st.in_flight.remove(id, client_id)?;
+        self.requeue_count.fetch_add(1, Relaxed);
+        if let Some(c) = st.consumer_mut(client_id) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+            c.publish_counts();
+            c.client.counters.requeue_count.fetch_add(1, Relaxed);
+        }
+        let now = Instant::now();
+        if delay.is_zero() {
+            st.queue.push_back(entry.msg);
+        } else {
+            st.deferred.push(entry.msg, now + delay);
+            self.wake_timer_if_earlier(&mut st);
+        }
+        self.dispatch(&mut st, now);
+        Ok(())
+    }
+
+    /// TOUCH: the message gets the client's msg_timeout again, capped at --max-msg-timeout
+    /// since delivery.
+    pub(crate) fn touch(&self, client_id: u64, id: &MessageId) -> Result<(), InFlightError> {
+        let mut st = self.lock();
+        let timeout = st
+            .consumer_mut(client_id)
+            .map(|c| c.msg_timeout)
+            .ok_or(InFlightError::NotOwner)?;
+        st.in_flight.touch(
+            id,
+            client_id,
+            timeout,
+            self.settings.max_msg_timeout,
+            Instant::now(),
+        )
+    }
+
+    pub(crate) fn set_paused(&self, paused: bool) {
+        let mut st = self.lock();
+        st.paused = paused;
+        if !paused {
+            self.dispatch(&mut st, Instant::now());
+        }
+    }
+
+    /// Drops every queued, in-flight and deferred message; consumers' in-flight counts reset.
+    pub(crate) fn empty(&self) {
+        let mut st = self.lock();
+        st.queue.clear();
+        st.deferred.clear();
+        st.in_flight.drain().for_each(drop);
+        for c in &mut st.consumers {
+            c.in_flight = 0;
+            c.publish_counts();
+        }
+        self.dispatch(&mut st, Instant::now());
+    }
+
+    /// Deletes the channel: its consumers' connections are closed and its messages dropped.
+    pub(crate) fn delete(&self) {
+        let mut st = self.lock();
+        st.deleted = true;
+        st.queue.clear();
+        st.deferred.clear();
+        st.in_flight.drain().for_each(drop);
+        for c in st.consumers.drain(..) {
+            c.client.close();
+        }
+        drop(st);
+        self.timer.notify_one();
+    }
+
+    /// Adds this channel's e2e latency samples to `into`.
+    pub(crate) fn merge_e2e(&self, into: &mut Histogram) {
+        if let Some(e2e) = self.lock().e2e.as_mut() {
+            e2e.merge_into(into, Instant::now());
+        }
+    }
+
+    pub(crate) fn stats(&self, include_clients: bool) -> ChannelStats {
+        let mut st = self.lock();
+        let mut e2e = Histogram::default();
+        if let Some(w) = st.e2e.as_mut() {
+            w.merge_into(&mut e2e, Instant::now());
+        }
+        ChannelStats {
+            channel_name: self.name.clone(),
+            depth: st.queue.len() as i64,
+            backend_depth: 0,
+            in_flight_count: st.in_flight.len(),
+            deferred_count: st.deferred.len(),
+            message_count: self.message_count.load(Relaxed),
+            requeue_count: self.requeue_count.load(Relaxed),
+            timeout_count: self.timeout_count.load(Relaxed),
+            client_count: st.consumers.len(),
+            clients: include_clients
+                .then(|| st.consumers.iter().map(|c| c.client.stats()).collect()),
+            paused: st.paused,
+            e2e_processing_latency: E2eStats::new(&self.settings.e2e_quantiles, &e2e),
+        }
+    }
+
+    /// Hands queued messages to ready consumers in turn.
+    fn dispatch(&self, st: &mut State, now: Instant) {
+        if st.paused || st.consumers.is_empty() {
+            return;
+        }
+        let State {
+            queue,
+            in_flight,
+            consumers,
+            cursor,
+            ..
+        } = st;
+        let n = consumers.len();
+        let mut idle = 0;
+        while !queue.is_empty() && idle < n {
+            let c = &mut consumers[*cursor % n];
+            *cursor = cursor.wrapping_add(1);
+            let take = c.free().min(queue.len() as u64).min(DISPATCH_CHUNK);
+            if take == 0 {
+                idle += 1;
+                continue;
+            }
+            idle = 0;
+            let mut sent = 0;
+            let client = c.client.clone();
+            {
+                let mut out = client.outbox.lock();
+                for msg in queue.drain(..take as usize) {
+                    if c.sample_rate > 0 && c.next_percent() > c.sample_rate {
+                        continue;
+                    }
+                    let mut msg = msg;
+                    msg.attempts = msg.attempts.saturating_add(1);
+                    write_message(
+                        &mut out.buf,
+                        msg.timestamp,
+                        msg.attempts,
+                        &msg.id,
+                        &msg.body,
+                    );
+                    in_flight.insert(msg, client.id, c.msg_timeout, now);
+                    sent += 1;
+                }
+                c.in_flight += sent;
+                // nsqd flushes as soon as a client can take no more.
+                if c.free() == 0 {
+                    out.flush_now = true;
+                }
+            }
+            client.outbox.wake();
+            client.counters.message_count.fetch_add(sent, Relaxed);
+            c.publish_counts();
+        }
+        self.wake_timer_if_earlier(st);
+    }
+
+    fn wake_timer_if_earlier(&self, st: &mut State) {
+        let Some(next) = st.next_deadline() else {
+            return;
+        };
+        if st.timer_at.is_none_or(|at| next < at) {
+            st.timer_at = Some(next);
+            self.timer.notify_one();
+        }
+    }
+}
+
+impl State {
+    fn consumer_mut(&mut self, client_id: u64) -> Option<&mut Consumer> {
+        self.consumers.iter_mut().find(|c| c.client.id == client_id)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        match (self.in_flight.next_deadline(), self.deferred.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}

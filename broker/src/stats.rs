@@ -1,0 +1,155 @@
+//! `/stats` shapes, field for field as nsqd 1.3 serializes them.
+
+use crate::queue::e2e::Histogram;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub(crate) struct NodeStats {
+    pub(crate) version: &'static str,
+    pub(crate) health: String,
+    pub(crate) start_time: i64,
+    /// `null` when a `topic` filter matches nothing, as in nsqd.
+    pub(crate) topics: Option<Vec<TopicStats>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) memory: Option<MemoryStats>,
+    pub(crate) producers: Option<Vec<ClientStats>>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct TopicStats {
+    pub(crate) topic_name: String,
+    pub(crate) channels: Vec<ChannelStats>,
+    pub(crate) depth: i64,
+    pub(crate) backend_depth: i64,
+    pub(crate) message_count: u64,
+    pub(crate) message_bytes: u64,
+    pub(crate) paused: bool,
+    pub(crate) e2e_processing_latency: E2eStats,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ChannelStats {
+    pub(crate) channel_name: String,
+    pub(crate) depth: i64,
+    pub(crate) backend_depth: i64,
+    pub(crate) in_flight_count: usize,
+    pub(crate) deferred_count: usize,
+    pub(crate) message_count: u64,
+    pub(crate) requeue_count: u64,
+    pub(crate) timeout_count: u64,
+    pub(crate) client_count: usize,
+    pub(crate) clients: Option<Vec<ClientStats>>,
+    pub(crate) paused: bool,
+    pub(crate) e2e_processing_latency: E2eStats,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ClientStats {
+    pub(crate) client_id: String,
+    pub(crate) hostname: String,
+    pub(crate) version: &'static str,
+    pub(crate) remote_address: String,
+    pub(crate) state: i32,
+    pub(crate) ready_count: u64,
+    pub(crate) in_flight_count: u64,
+    pub(crate) message_count: u64,
+    pub(crate) finish_count: u64,
+    pub(crate) requeue_count: u64,
+    pub(crate) connect_ts: i64,
+    pub(crate) sample_rate: i32,
+    pub(crate) deflate: bool,
+    pub(crate) snappy: bool,
+    pub(crate) user_agent: String,
+    pub(crate) topology_zone: String,
+    pub(crate) topology_region: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) pub_counts: Vec<PubCount>,
+    pub(crate) tls: bool,
+    pub(crate) tls_cipher_suite: String,
+    pub(crate) tls_version: String,
+    pub(crate) tls_negotiated_protocol: String,
+    pub(crate) tls_negotiated_protocol_is_mutual: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PubCount {
+    pub(crate) topic: String,
+    pub(crate) count: u64,
+}
+
+/// nsqd's `quantile.Result`: `{"count":0,"percentiles":null}` when e2e tracking is off.
+#[derive(Debug, Serialize)]
+pub(crate) struct E2eStats {
+    pub(crate) count: u64,
+    pub(crate) percentiles: Option<Vec<Percentile>>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Percentile {
+    pub(crate) quantile: f64,
+    /// Nanoseconds.
+    pub(crate) value: u64,
+}
+
+impl E2eStats {
+    pub(crate) fn new(quantiles: &[f64], samples: &Histogram) -> E2eStats {
+        if quantiles.is_empty() {
+            return E2eStats {
+                count: 0,
+                percentiles: None,
+            };
+        }
+        E2eStats {
+            count: samples.count(),
+            percentiles: Some(
+                quantiles
+                    .iter()
+                    .map(|&q| Percentile {
+                        quantile: q,
+                        value: samples.quantile(q),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// nsqd reports Go runtime memory figures; knsq reports the process's own under the same
+/// keys: resident memory as `heap_in_use_bytes`, and zero for the garbage-collector figures
+/// (Rust has no collector).
+#[derive(Debug, Serialize)]
+pub(crate) struct MemoryStats {
+    pub(crate) heap_objects: u64,
+    pub(crate) heap_idle_bytes: u64,
+    pub(crate) heap_in_use_bytes: u64,
+    pub(crate) heap_released_bytes: u64,
+    pub(crate) gc_pause_usec_100: u64,
+    pub(crate) gc_pause_usec_99: u64,
+    pub(crate) gc_pause_usec_95: u64,
+    pub(crate) next_gc_bytes: u64,
+    pub(crate) gc_total_runs: u64,
+}
+
+impl MemoryStats {
+    pub(crate) fn current() -> MemoryStats {
+        MemoryStats {
+            heap_objects: 0,
+            heap_idle_bytes: 0,
+            heap_in_use_bytes: resident_bytes(),
+            heap_released_bytes: 0,
+            gc_pause_usec_100: 0,
+            gc_pause_usec_99: 0,
+            gc_pause_usec_95: 0,
+            next_gc_bytes: 0,
+            gc_total_runs: 0,
+        }
+    }
+}
+
+/// Resident set size from `/proc/self/statm` (0 where there is no procfs).
+pub(crate) fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
