@@ -1,11 +1,12 @@
 //! What the rest of the broker sees of a TCP client: its identity, counters and outbox.
 
+use super::outbox::Outbox;
 use crate::stats::{ClientStats, PubCount};
-use bytes::BytesMut;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -39,37 +40,6 @@ pub(crate) struct Counters {
     pub(crate) requeue_count: AtomicU64,
 }
 
-/// Frames waiting to be written to a client. Whoever produces a frame appends it under the
-/// lock and wakes the connection's writer, which swaps the buffer out and writes it.
-#[derive(Debug, Default)]
-pub(crate) struct Outbox {
-    pending: Mutex<Pending>,
-    wake: Notify,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Pending {
-    pub(crate) buf: BytesMut,
-    /// Write without waiting for the buffer to fill or the flush timer.
-    pub(crate) flush_now: bool,
-    /// The client's IDENTIFY changed how the writer should buffer and beat.
-    pub(crate) settings_changed: bool,
-}
-
-impl Outbox {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    pub(crate) async fn woken(&self) {
-        self.wake.notified().await;
-    }
-}
-
 #[derive(Debug)]
 pub(crate) struct Client {
     pub(crate) id: u64,
@@ -78,6 +48,8 @@ pub(crate) struct Client {
     pub(crate) outbox: Outbox,
     /// Cancelled to close the connection (channel deleted, broker shutting down).
     pub(crate) closed: CancellationToken,
+    /// IDENTIFY changed how the writer should buffer and beat.
+    pub(crate) settings_changed: Notify,
     pub(crate) counters: Counters,
     pub(crate) state: AtomicI32,
     identity: Mutex<Identity>,
@@ -90,6 +62,7 @@ impl Client {
         id: u64,
         remote_address: SocketAddr,
         identity: Identity,
+        socket: OwnedWriteHalf,
         closed: CancellationToken,
     ) -> Client {
         Client {
@@ -98,7 +71,8 @@ impl Client {
             connect_ts: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
-            outbox: Outbox::default(),
+            outbox: Outbox::new(socket, identity.output_buffer_size, closed.clone()),
+            settings_changed: Notify::new(),
             closed,
             counters: Counters::default(),
             state: AtomicI32::new(STATE_INIT),

@@ -63,12 +63,13 @@ pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: Canc
         broker.next_client_id(),
         peer,
         identity,
+        write_half,
         shutdown.child_token(),
     ));
     broker.add_client(client.clone());
     broker.metrics.connection_opened();
     tracing::debug!(client = client.id, %peer, "new client");
-    let writer = tokio::spawn(writer::run(write_half, client.clone()));
+    let writer = tokio::spawn(writer::run(client.clone()));
 
     let mut conn = Connection {
         decoder: Decoder::new(o.wire_limits()),
@@ -250,7 +251,7 @@ impl Connection {
         let applied = request.apply(&self.client.identity(), &self.broker.options)?;
         let response = request.response(&applied, &self.broker.options);
         self.client.set_identity(applied);
-        self.client.outbox.lock().settings_changed = true;
+        self.client.settings_changed.notify_one();
         self.send_response(&response);
         Ok(())
     }
@@ -346,22 +347,16 @@ impl Connection {
     }
 
     fn send_response(&self, data: &[u8]) {
-        let mut out = self.client.outbox.lock();
-        write_response(&mut out.buf, data);
-        out.flush_now = true;
-        drop(out);
-        self.client.outbox.wake();
+        self.client
+            .outbox
+            .push(true, |buf| write_response(buf, data));
     }
 
     fn send_error(&self, err: &ProtocolError) {
         if err.is_fatal() {
             tracing::info!(client = self.client.id, error = %err, "closing client after error");
         }
-        let mut out = self.client.outbox.lock();
-        write_error(&mut out.buf, err);
-        out.flush_now = true;
-        drop(out);
-        self.client.outbox.wake();
+        self.client.outbox.push(true, |buf| write_error(buf, err));
     }
 
     /// Leaves the channel; an ephemeral channel (and topic) without consumers goes away.

@@ -1,10 +1,11 @@
 //! The NSQ TCP protocol V2 server side: one connection's state machine ([`connection`]), its
-//! buffered writer ([`writer`]), IDENTIFY negotiation ([`identify`]) and the client as the
+//! outbox and writer task ([`outbox`], [`writer`]), IDENTIFY negotiation ([`identify`]) and the client as the
 //! queues see it ([`client`]).
 
 mod client;
 mod connection;
 mod identify;
+mod outbox;
 mod writer;
 
 pub(crate) use client::Client;

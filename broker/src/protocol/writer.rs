@@ -1,41 +1,37 @@
-//! A connection's writer task: drains the client's outbox to the socket.
+//! A connection's writer task: the timers, and the socket when it is full.
 //!
-//! Responses and errors are written at once; messages wait until the buffer holds
-//! `output_buffer_size` bytes, the client can take no more (RDY reached), or the
-//! `output_buffer_timeout` ticker fires, as nsqd buffers them. Heartbeats go out every
-//! `heartbeat_interval`. Whatever is pending when the connection closes is still written.
+//! Frames are written by whoever produces them (see [`Outbox`](super::outbox::Outbox)). This
+//! task sends a heartbeat every `heartbeat_interval`, flushes buffered messages every
+//! `output_buffer_timeout` as nsqd's ticker does, waits for a full socket to drain (closing
+//! the connection if it does not within the heartbeat interval, nsqd's write deadline), and
+//! writes what is left when the connection closes.
 
 use super::client::{Client, Identity};
-use bytes::BytesMut;
 use proto::wire::frame::write_response;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at, timeout};
 
-/// How long the final flush of a closing connection may take.
+/// How long the last frames of a closing connection may take to leave.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
-struct Settings {
+struct Timers {
     heartbeat: Option<Interval>,
     flush: Option<Interval>,
-    buffer_size: usize,
     write_timeout: Option<Duration>,
 }
 
-impl Settings {
-    fn new(identity: &Identity) -> Settings {
+impl Timers {
+    fn new(identity: &Identity) -> Timers {
         let ticker = |period: Duration| {
             let mut i = interval_at(Instant::now() + period, period);
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
         };
-        Settings {
+        Timers {
             heartbeat: identity.heartbeat_interval.map(ticker),
             flush: (!identity.output_buffer_timeout.is_zero())
                 .then(|| ticker(identity.output_buffer_timeout)),
-            buffer_size: identity.output_buffer_size.max(1),
             write_timeout: identity.heartbeat_interval,
         }
     }
@@ -50,49 +46,58 @@ async fn tick(interval: &mut Option<Interval>) {
     }
 }
 
-pub(super) async fn run(mut socket: OwnedWriteHalf, client: Arc<Client>) {
-    let mut settings = Settings::new(&client.identity());
-    let mut writing = BytesMut::new();
+/// Waits for a full socket to take the buffered frames. False when it did not drain within
+/// `limit`; true when it drained or the connection is closing anyway.
+async fn drain(client: &Client, limit: Option<Duration>) -> bool {
+    let out = &client.outbox;
+    while out.is_stalled() {
+        let writable = async {
+            match limit {
+                Some(limit) => timeout(limit, out.writable()).await.ok(),
+                None => Some(out.writable().await),
+            }
+        };
+        let drained = tokio::select! {
+            _ = client.closed.cancelled() => return true,
+            drained = writable => drained,
+        };
+        if !matches!(drained, Some(Ok(()))) {
+            return false;
+        }
+        out.flush();
+    }
+    true
+}
+
+pub(super) async fn run(client: Arc<Client>) {
+    let out = &client.outbox;
+    let mut timers = Timers::new(&client.identity());
     loop {
-        let mut force = false;
         tokio::select! {
             _ = client.closed.cancelled() => break,
-            _ = client.outbox.woken() => {}
-            _ = tick(&mut settings.heartbeat) => {
-                let mut out = client.outbox.lock();
-                write_response(&mut out.buf, proto::wire::HEARTBEAT);
-                force = true;
+            _ = client.settings_changed.notified() => {
+                let identity = client.identity();
+                out.set_buffer_size(identity.output_buffer_size);
+                timers = Timers::new(&identity);
             }
-            _ = tick(&mut settings.flush) => force = true,
-        }
-        {
-            let mut out = client.outbox.lock();
-            if out.settings_changed {
-                out.settings_changed = false;
-                settings = Settings::new(&client.identity());
+            _ = tick(&mut timers.heartbeat) => {
+                out.push(true, |buf| write_response(buf, proto::wire::HEARTBEAT));
             }
-            let due = force || out.flush_now || out.buf.len() >= settings.buffer_size;
-            if out.buf.is_empty() || !due {
-                continue;
+            _ = tick(&mut timers.flush) => out.flush(),
+            _ = out.stall() => {
+                if !drain(&client, timers.write_timeout).await {
+                    tracing::info!(client = client.id, "client stopped reading; closing");
+                    client.close();
+                }
             }
-            out.flush_now = false;
-            std::mem::swap(&mut out.buf, &mut writing);
-        }
-        let written = match settings.write_timeout {
-            Some(limit) => timeout(limit, socket.write_all(&writing)).await.ok(),
-            None => Some(socket.write_all(&writing).await),
-        };
-        writing.clear();
-        if !matches!(written, Some(Ok(()))) {
-            tracing::debug!(client = client.id, "write failed or timed out; closing");
-            client.close();
-            return;
         }
     }
-    let rest = std::mem::take(&mut client.outbox.lock().buf);
     let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
-        socket.write_all(&rest).await?;
-        socket.shutdown().await
+        out.flush();
+        while out.is_stalled() && out.writable().await.is_ok() {
+            out.flush();
+        }
     })
     .await;
+    out.shutdown();
 }

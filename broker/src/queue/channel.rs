@@ -1,8 +1,8 @@
 //! A channel: its queue, its consumers and the messages in flight and deferred.
 //!
 //! All state sits behind one mutex. Delivery happens under it, straight into each consumer's
-//! outbox (a buffer its connection's writer drains), a chunk of messages per lock of the
-//! outbox. A timer task per channel sleeps until the next in-flight deadline or deferred due
+//! outbox (which writes to the consumer's socket when a flush is due), a chunk of messages
+//! per lock of the outbox. A timer task per channel sleeps until the next in-flight deadline or deferred due
 //! time and is woken only when an earlier one appears.
 
 use super::deferred::Deferred;
@@ -443,33 +443,23 @@ impl Channel {
                 continue;
             }
             idle = 0;
-            let mut sent = 0;
             let client = c.client.clone();
-            {
-                let mut out = client.outbox.lock();
-                for msg in queue.drain(..take as usize) {
+            // nsqd flushes as soon as a client can take no more.
+            let flush = take >= c.free();
+            let sent = client.outbox.push(flush, |buf| {
+                let mut sent = 0;
+                for mut msg in queue.drain(..take as usize) {
                     if c.sample_rate > 0 && c.next_percent() > c.sample_rate {
                         continue;
                     }
-                    let mut msg = msg;
                     msg.attempts = msg.attempts.saturating_add(1);
-                    write_message(
-                        &mut out.buf,
-                        msg.timestamp,
-                        msg.attempts,
-                        &msg.id,
-                        &msg.body,
-                    );
+                    write_message(buf, msg.timestamp, msg.attempts, &msg.id, &msg.body);
                     in_flight.insert(msg, client.id, c.msg_timeout, now);
                     sent += 1;
                 }
-                c.in_flight += sent;
-                // nsqd flushes as soon as a client can take no more.
-                if c.free() == 0 {
-                    out.flush_now = true;
-                }
-            }
-            client.outbox.wake();
+                sent
+            });
+            c.in_flight += sent;
             client.counters.message_count.fetch_add(sent, Relaxed);
             c.publish_counts();
         }
