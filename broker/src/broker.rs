@@ -147,7 +147,8 @@ impl Broker {
         }
     }
 
-    fn producers(&self) -> Vec<ClientStats> {
+    /// TCP clients that have published; `None` when there are none, as nsqd's nil list.
+    fn producers(&self, topic: Option<&str>) -> Option<Vec<ClientStats>> {
         let clients: Vec<Arc<Client>> = {
             let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
             clients.values().cloned().collect()
@@ -155,10 +156,10 @@ impl Broker {
         let mut producers: Vec<ClientStats> = clients
             .iter()
             .filter(|c| c.has_published())
-            .map(|c| c.stats())
+            .map(|c| c.stats(topic))
             .collect();
         producers.sort_by(|a, b| a.remote_address.cmp(&b.remote_address));
-        producers
+        (!producers.is_empty()).then_some(producers)
     }
 
     /// `/stats`: filtered like nsqd's (an unknown topic gives `null` topics).
@@ -173,10 +174,11 @@ impl Broker {
             None => Some(self.topics()),
             Some(name) => self.existing_topic(name).map(|t| vec![t]),
         };
+        let found = topics.is_some();
         let topics = topics.map(|ts| {
             ts.iter()
                 .filter(|t| channel.is_none_or(|c| t.existing_channel(c).is_some()))
-                .map(|t| t.stats(channel, include_clients))
+                .map(|t| t.stats(channel, include_clients, topic))
                 .collect()
         });
         NodeStats {
@@ -185,7 +187,10 @@ impl Broker {
             start_time: self.start_time,
             topics,
             memory: include_mem.then(MemoryStats::current),
-            producers: include_clients.then(|| self.producers()),
+            // nsqd returns before listing producers when the topic filter matches nothing.
+            producers: (include_clients && found)
+                .then(|| self.producers(topic))
+                .flatten(),
         }
     }
 }

@@ -5,11 +5,11 @@
 //! Prometheus conventions (`nsq_topic_messages_total`, …).
 
 use crate::broker::Broker;
+use crate::stats::E2eStats;
 use prometheus::core::{Collector, Desc, MetricVec, MetricVecBuilder};
-use prometheus::proto::MetricFamily;
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
 use prometheus::{
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::{Mutex, Weak};
 
@@ -98,7 +98,6 @@ struct Families {
     topic_messages: IntCounterVec,
     topic_message_bytes: IntCounterVec,
     topic_paused: IntGaugeVec,
-    topic_e2e: GaugeVec,
     channel_depth: IntGaugeVec,
     channel_backend_depth: IntGaugeVec,
     channel_in_flight: IntGaugeVec,
@@ -108,7 +107,6 @@ struct Families {
     channel_timed_out: IntCounterVec,
     channel_clients: IntGaugeVec,
     channel_paused: IntGaugeVec,
-    channel_e2e: GaugeVec,
 }
 
 /// A labelled metric family that can drop all its children between scrapes.
@@ -133,15 +131,6 @@ impl Families {
         let ic = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels)
         };
-        let e2e = |name: &str, labels: &[&str]| {
-            GaugeVec::new(
-                Opts::new(
-                    name,
-                    "End-to-end processing latency (publish to FIN) at a quantile, over --e2e-processing-latency-window-time",
-                ),
-                labels,
-            )
-        };
         Ok(Families {
             topic_depth: ig(
                 "nsq_topic_depth",
@@ -164,10 +153,6 @@ impl Families {
                 TOPIC,
             )?,
             topic_paused: ig("nsq_topic_paused", "1 when the topic is paused", TOPIC)?,
-            topic_e2e: e2e(
-                "nsq_topic_e2e_processing_latency_seconds",
-                &["topic", "quantile"],
-            )?,
             channel_depth: ig(
                 "nsq_channel_depth",
                 "Messages queued in the channel (memory and disk)",
@@ -213,21 +198,16 @@ impl Families {
                 "1 when the channel is paused",
                 CHANNEL,
             )?,
-            channel_e2e: e2e(
-                "nsq_channel_e2e_processing_latency_seconds",
-                &["topic", "channel", "quantile"],
-            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Family; 16] {
+    fn collectors(&self) -> [&dyn Family; 14] {
         [
             &self.topic_depth,
             &self.topic_backend_depth,
             &self.topic_messages,
             &self.topic_message_bytes,
             &self.topic_paused,
-            &self.topic_e2e,
             &self.channel_depth,
             &self.channel_backend_depth,
             &self.channel_in_flight,
@@ -237,16 +217,19 @@ impl Families {
             &self.channel_timed_out,
             &self.channel_clients,
             &self.channel_paused,
-            &self.channel_e2e,
         ]
     }
 
-    fn fill(&self, broker: &Broker) {
+    /// Sets every family from the broker's current state; returns the e2e latency summaries,
+    /// which the prometheus crate has no vector type for.
+    fn fill(&self, broker: &Broker) -> Vec<MetricFamily> {
+        let mut topic_e2e = Summaries::new(TOPIC_E2E, TOPIC);
+        let mut channel_e2e = Summaries::new(CHANNEL_E2E, CHANNEL);
         for family in self.collectors() {
             family.clear();
         }
         for topic in broker.topics() {
-            let t = topic.stats(None, false);
+            let t = topic.stats(None, false, None);
             let tl = [t.topic_name.as_str()];
             self.topic_depth.with_label_values(&tl).set(t.depth);
             self.topic_backend_depth
@@ -261,12 +244,7 @@ impl Families {
             self.topic_paused
                 .with_label_values(&tl)
                 .set(i64::from(t.paused));
-            for p in t.e2e_processing_latency.percentiles.iter().flatten() {
-                let q = p.quantile.to_string();
-                self.topic_e2e
-                    .with_label_values(&[t.topic_name.as_str(), q.as_str()])
-                    .set(p.value as f64 / 1e9);
-            }
+            topic_e2e.add(&tl, &t.e2e_processing_latency);
             for c in &t.channels {
                 let cl = [t.topic_name.as_str(), c.channel_name.as_str()];
                 self.channel_depth.with_label_values(&cl).set(c.depth);
@@ -294,25 +272,103 @@ impl Families {
                 self.channel_paused
                     .with_label_values(&cl)
                     .set(i64::from(c.paused));
-                for p in c.e2e_processing_latency.percentiles.iter().flatten() {
-                    let q = p.quantile.to_string();
-                    self.channel_e2e
-                        .with_label_values(&[cl[0], cl[1], q.as_str()])
-                        .set(p.value as f64 / 1e9);
-                }
+                channel_e2e.add(&cl, &c.e2e_processing_latency);
             }
         }
+        [topic_e2e, channel_e2e]
+            .into_iter()
+            .filter_map(Summaries::into_family)
+            .collect()
+    }
+}
+
+const TOPIC_E2E: &str = "nsq_topic_e2e_processing_latency_seconds";
+const CHANNEL_E2E: &str = "nsq_channel_e2e_processing_latency_seconds";
+const E2E_HELP: &str =
+    "End-to-end processing latency (publish to FIN) over --e2e-processing-latency-window-time";
+
+/// One e2e latency summary family being built for a scrape.
+struct Summaries {
+    name: &'static str,
+    labels: &'static [&'static str],
+    metrics: Vec<Metric>,
+}
+
+impl Summaries {
+    fn new(name: &'static str, labels: &'static [&'static str]) -> Summaries {
+        Summaries {
+            name,
+            labels,
+            metrics: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, values: &[&str], e2e: &E2eStats) {
+        let Some(percentiles) = &e2e.percentiles else {
+            return;
+        };
+        let mut summary = Summary::default();
+        summary.set_sample_count(e2e.count);
+        summary.set_sample_sum(e2e.sum_seconds);
+        summary.set_quantile(
+            percentiles
+                .iter()
+                .map(|p| {
+                    let mut q = Quantile::default();
+                    q.set_quantile(p.quantile);
+                    q.set_value(p.value as f64 / 1e9);
+                    q
+                })
+                .collect(),
+        );
+        let labels = self
+            .labels
+            .iter()
+            .zip(values)
+            .map(|(name, value)| {
+                let mut pair = LabelPair::default();
+                pair.set_name(name.to_string());
+                pair.set_value(value.to_string());
+                pair
+            })
+            .collect();
+        let mut metric = Metric::from_label(labels);
+        metric.set_summary(summary);
+        self.metrics.push(metric);
+    }
+
+    fn into_family(self) -> Option<MetricFamily> {
+        if self.metrics.is_empty() {
+            return None;
+        }
+        let mut family = MetricFamily::default();
+        family.set_name(self.name.to_string());
+        family.set_help(E2E_HELP.to_string());
+        family.set_field_type(MetricType::SUMMARY);
+        family.set_metric(self.metrics);
+        Some(family)
+    }
+
+    fn desc(name: &str, labels: &[&str]) -> Result<Desc, prometheus::Error> {
+        Desc::new(
+            name.to_string(),
+            E2E_HELP.to_string(),
+            labels.iter().map(|l| l.to_string()).collect(),
+            Default::default(),
+        )
     }
 }
 
 impl QueueCollector {
     fn new(broker: Weak<Broker>) -> Result<QueueCollector, prometheus::Error> {
         let families = Families::new()?;
-        let descs = families
+        let mut descs: Vec<Desc> = families
             .collectors()
             .iter()
             .flat_map(|c| c.desc().into_iter().cloned())
             .collect();
+        descs.push(Summaries::desc(TOPIC_E2E, TOPIC)?);
+        descs.push(Summaries::desc(CHANNEL_E2E, CHANNEL)?);
         Ok(QueueCollector {
             broker,
             families: Mutex::new(families),
@@ -331,11 +387,12 @@ impl Collector for QueueCollector {
             return Vec::new();
         };
         let families = self.families.lock().unwrap_or_else(|e| e.into_inner());
-        families.fill(&broker);
+        let summaries = families.fill(&broker);
         families
             .collectors()
             .iter()
             .flat_map(|c| c.collect())
+            .chain(summaries)
             .collect()
     }
 }

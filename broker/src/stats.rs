@@ -82,6 +82,9 @@ pub(crate) struct PubCount {
 pub(crate) struct E2eStats {
     pub(crate) count: u64,
     pub(crate) percentiles: Option<Vec<Percentile>>,
+    /// For Prometheus; nsqd's JSON has no such field.
+    #[serde(skip)]
+    pub(crate) sum_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,10 +100,12 @@ impl E2eStats {
             return E2eStats {
                 count: 0,
                 percentiles: None,
+                sum_seconds: 0.0,
             };
         }
         E2eStats {
             count: samples.count(),
+            sum_seconds: samples.sum_seconds(),
             percentiles: Some(
                 quantiles
                     .iter()

@@ -42,13 +42,10 @@ fn topic_param(params: &Params) -> Result<&str, ApiError> {
     Ok(topic)
 }
 
+/// nsqd answers every refused put with 503 `EXITING`; the reason is logged.
 fn publish_failed(e: PublishError) -> ApiError {
-    match e {
-        PublishError::Exiting => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "EXITING"),
-        PublishError::QueueFull { .. } => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "PUB_FAILED")
-        }
-    }
+    tracing::warn!(error = %e, "HTTP publish refused");
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "EXITING")
 }
 
 pub(super) async fn publish(

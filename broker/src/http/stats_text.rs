@@ -1,7 +1,9 @@
 //! `/stats` as text, laid out like nsqd's `printStats` for people and `watch`.
 
+use crate::config::format_go_duration;
 use crate::stats::{ClientStats, E2eStats, NodeStats};
 use std::fmt::Write;
+use std::time::Duration;
 
 pub(super) fn render_stats(stats: &NodeStats) -> String {
     let mut w = String::new();
@@ -10,12 +12,13 @@ pub(super) fn render_stats(stats: &NodeStats) -> String {
         .map_or(0, |d| d.as_secs() as i64);
     let _ = writeln!(
         w,
-        "knsq-broker v{} (nsqd {} compatible)",
-        env!("CARGO_PKG_VERSION"),
-        stats.version
+        "nsqd v{} (built w/knsq-broker {})",
+        stats.version,
+        env!("CARGO_PKG_VERSION")
     );
-    let _ = writeln!(w, "start_time {}", stats.start_time);
-    let _ = writeln!(w, "uptime {}s", now - stats.start_time);
+    let _ = writeln!(w, "start_time {}", rfc3339(stats.start_time));
+    let uptime = Duration::from_secs(u64::try_from(now - stats.start_time).unwrap_or(0));
+    let _ = writeln!(w, "uptime {}", format_go_duration(uptime));
     let _ = writeln!(w, "\nHealth: {}", stats.health);
     if let Some(m) = &stats.memory {
         let _ = writeln!(w, "\nMemory:");
@@ -125,4 +128,38 @@ fn client_line(c: &ClientStats, now: i64) -> String {
         c.message_count,
         connected
     )
+}
+
+/// Unix seconds as RFC 3339 in UTC (`2026-11-22T18:33:45Z`), as Go's `time.RFC3339` prints.
+fn rfc3339(unix: i64) -> String {
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian), era by era of 400 years.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_372_425), "2026-11-22T18:33:45Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+    }
 }

@@ -119,16 +119,18 @@ impl Client {
             .is_empty()
     }
 
-    pub(crate) fn stats(&self) -> ClientStats {
+    /// With a `/stats` topic filter, `pub_counts` holds that topic's count; without one, the
+    /// first topic published to (nsqd's loop stops after one entry).
+    pub(crate) fn stats(&self, topic: Option<&str>) -> ClientStats {
         let id = self.identity();
         let c = &self.counters;
-        let mut pub_counts = self
-            .pub_counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        // nsqd's stats loop stops after the first topic; knsq reports what nsqd reports.
-        pub_counts.truncate(1);
+        let pub_counts: Vec<PubCount> = {
+            let counts = self.pub_counts.lock().unwrap_or_else(|e| e.into_inner());
+            match topic {
+                Some(t) => counts.iter().filter(|p| p.topic == t).cloned().collect(),
+                None => counts.iter().take(1).cloned().collect(),
+            }
+        };
         ClientStats {
             client_id: id.client_id,
             hostname: id.hostname,

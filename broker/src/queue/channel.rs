@@ -397,7 +397,7 @@ impl Channel {
         }
     }
 
-    pub(crate) fn stats(&self, include_clients: bool) -> ChannelStats {
+    pub(crate) fn stats(&self, include_clients: bool, pub_topic: Option<&str>) -> ChannelStats {
         let mut st = self.lock();
         let mut e2e = Histogram::default();
         if let Some(w) = st.e2e.as_mut() {
@@ -413,8 +413,12 @@ impl Channel {
             requeue_count: self.requeue_count.load(Relaxed),
             timeout_count: self.timeout_count.load(Relaxed),
             client_count: st.consumers.len(),
-            clients: include_clients
-                .then(|| st.consumers.iter().map(|c| c.client.stats()).collect()),
+            clients: include_clients.then(|| {
+                st.consumers
+                    .iter()
+                    .map(|c| c.client.stats(pub_topic))
+                    .collect()
+            }),
             paused: st.paused,
             e2e_processing_latency: E2eStats::new(&self.settings.e2e_quantiles, &e2e),
         }

@@ -16,6 +16,8 @@ const BUCKETS: usize = 64 * SUBS;
 pub(crate) struct Histogram {
     counts: Box<[u32]>,
     total: u64,
+    /// Sum of all samples in nanoseconds, for a Prometheus summary's `_sum`.
+    sum: u128,
 }
 
 impl Default for Histogram {
@@ -23,6 +25,7 @@ impl Default for Histogram {
         Histogram {
             counts: vec![0; BUCKETS].into_boxed_slice(),
             total: 0,
+            sum: 0,
         }
     }
 }
@@ -32,6 +35,7 @@ impl Histogram {
         let i = bucket_of(value);
         self.counts[i] = self.counts[i].saturating_add(1);
         self.total += 1;
+        self.sum += u128::from(value);
     }
 
     pub(crate) fn merge(&mut self, other: &Histogram) {
@@ -39,10 +43,15 @@ impl Histogram {
             *a = a.saturating_add(*b);
         }
         self.total += other.total;
+        self.sum += other.sum;
     }
 
     pub(crate) fn count(&self) -> u64 {
         self.total
+    }
+
+    pub(crate) fn sum_seconds(&self) -> f64 {
+        self.sum as f64 / 1e9
     }
 
     /// The value at quantile `q` in (0,1]; 0 when empty.

@@ -240,7 +240,13 @@ impl Topic {
         self.release_pending(&mut st);
     }
 
-    pub(crate) fn stats(&self, channel_filter: Option<&str>, include_clients: bool) -> TopicStats {
+    /// `pub_topic` is the `/stats` topic filter, which decides the clients' `pub_counts`.
+    pub(crate) fn stats(
+        &self,
+        channel_filter: Option<&str>,
+        include_clients: bool,
+        pub_topic: Option<&str>,
+    ) -> TopicStats {
         let (channels, depth, paused) = {
             let st = self.lock();
             let channels: Vec<Arc<Channel>> = st
@@ -256,7 +262,7 @@ impl Topic {
             .iter()
             .map(|c| {
                 c.merge_e2e(&mut e2e);
-                c.stats(include_clients)
+                c.stats(include_clients, pub_topic)
             })
             .collect();
         TopicStats {

@@ -1,0 +1,334 @@
+'use strict'
+// Test harness for the nsqjs compatibility suite: starts a real knsq-broker on loopback port 0
+// with a temporary data directory, creates nsqjs Readers/Writers bound to it, and closes
+// everything when a test ends. Every wait is bounded, so no test can hang.
+
+const assert = require('node:assert/strict')
+const {spawn} = require('node:child_process')
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
+const {test} = require('node:test')
+const nsq = require('nsqjs')
+
+const REPO = path.resolve(__dirname, '..', '..')
+const BROKER_BIN =
+  process.env.KNSQ_BROKER_BIN || path.join(REPO, 'target', 'debug', 'knsq-broker')
+
+const STARTUP_TIMEOUT_MS = 30000
+const STOP_TIMEOUT_MS = 10000
+const TEST_TIMEOUT_MS = 30000
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+/** Rejects with `what` if `promise` has not settled within `ms`. */
+function within(ms, promise, what) {
+  let timer
+  const timeout = new Promise((resolve, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms)
+  })
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
+}
+
+class Broker {
+  constructor(args) {
+    this.args = args
+    this.dataPath = fs.mkdtempSync(path.join(os.tmpdir(), 'knsq-compat-node-'))
+    this.log = []
+    this.addresses = {}
+  }
+
+  async start() {
+    const argv = [
+      '--tcp-address=127.0.0.1:0',
+      '--http-address=127.0.0.1:0',
+      `--data-path=${this.dataPath}`,
+      ...this.args,
+    ]
+    this.log.push(`$ ${BROKER_BIN} ${argv.join(' ')}`)
+    this.proc = spawn(BROKER_BIN, argv, {stdio: ['ignore', 'pipe', 'pipe']})
+    this.exited = new Promise((resolve) => {
+      this.proc.on('exit', (code, signal) => resolve({code, signal}))
+      this.proc.on('error', (err) => {
+        this.log.push(`spawn error: ${err.message}`)
+        resolve({code: null, signal: null, error: err})
+      })
+    })
+    const listening = new Promise((resolve) => {
+      const patterns = {tcp: /TCP: listening on (\S+)/, http: /HTTP: listening on (\S+)/}
+      const onLine = (line) => {
+        this.log.push(line)
+        for (const [kind, re] of Object.entries(patterns)) {
+          const m = re.exec(line)
+          if (m && !this.addresses[kind]) this.addresses[kind] = m[1]
+        }
+        if (this.addresses.tcp && this.addresses.http) resolve()
+      }
+      for (const stream of [this.proc.stdout, this.proc.stderr]) {
+        let pending = ''
+        stream.setEncoding('utf8')
+        stream.on('data', (chunk) => {
+          pending += chunk
+          const lines = pending.split('\n')
+          pending = lines.pop()
+          lines.forEach(onLine)
+        })
+      }
+    })
+    const exitedEarly = this.exited.then(({code, signal}) => {
+      throw new Error(`knsq-broker exited before listening (code ${code}, signal ${signal})`)
+    })
+    try {
+      await within(STARTUP_TIMEOUT_MS, Promise.race([listening, exitedEarly]), 'knsq-broker listening lines')
+    } catch (err) {
+      await this.stop()
+      err.message += `\n--- broker log ---\n${this.logText()}`
+      throw err
+    }
+    exitedEarly.catch(() => {}) // it will settle (rejected) when the broker stops
+    return this
+  }
+
+  get tcpAddress() {
+    return this.addresses.tcp
+  }
+
+  get tcpHostPort() {
+    const i = this.addresses.tcp.lastIndexOf(':')
+    return [this.addresses.tcp.slice(0, i), Number(this.addresses.tcp.slice(i + 1))]
+  }
+
+  logText() {
+    return this.log.slice(-300).join('\n')
+  }
+
+  /**
+   * SIGTERM, then SIGKILL after STOP_TIMEOUT_MS. Resolves with a description of why the stop
+   * was not clean (null when the broker exited with code 0 on SIGTERM).
+   */
+  async stop() {
+    let problem = null
+    if (!this.proc) return problem
+    if (this.proc.exitCode !== null || this.proc.signalCode !== null) {
+      problem = `it had already exited (code ${this.proc.exitCode}, signal ${this.proc.signalCode}) before SIGTERM`
+    } else {
+      this.proc.kill('SIGTERM')
+      try {
+        const {code, signal} = await within(STOP_TIMEOUT_MS, this.exited, 'knsq-broker exit after SIGTERM')
+        if (code !== 0) problem = `it exited with code ${code} (signal ${signal}) on SIGTERM`
+      } catch {
+        this.proc.kill('SIGKILL')
+        await this.exited
+        problem = `it was still running ${STOP_TIMEOUT_MS} ms after SIGTERM and was killed`
+      }
+    }
+    fs.rmSync(this.dataPath, {recursive: true, force: true})
+    return problem
+  }
+
+  // --- HTTP API ---
+
+  async http(method, pathAndQuery, body) {
+    const res = await fetch(`http://${this.addresses.http}${pathAndQuery}`, {
+      method,
+      body,
+      signal: AbortSignal.timeout(10000),
+    })
+    return {status: res.status, text: await res.text()}
+  }
+
+  async stats(topic) {
+    const query = topic ? `&topic=${encodeURIComponent(topic)}` : ''
+    const {status, text} = await this.http('GET', `/stats?format=json${query}`)
+    assert.equal(status, 200, `/stats answered ${status}: ${text}`)
+    return JSON.parse(text)
+  }
+
+  async topicStats(topic) {
+    const topics = (await this.stats(topic)).topics || []
+    return topics.find((t) => t.topic_name === topic) || null
+  }
+
+  async channelStats(topic, channel) {
+    const t = await this.topicStats(topic)
+    return ((t && t.channels) || []).find((c) => c.channel_name === channel) || null
+  }
+
+  /** Polls /stats until predicate(channelStatsOrNull) holds; returns the last channel stats. */
+  async waitForChannel(topic, channel, predicate, what, timeoutMs = 10000) {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      const chan = await this.channelStats(topic, channel)
+      if (predicate(chan)) return chan
+      if (Date.now() > deadline) {
+        throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last channel stats: ${JSON.stringify(chan)}`)
+      }
+      await sleep(50)
+    }
+  }
+
+  /** Waits until `count` clients are subscribed to the channel, each with RDY > 0. */
+  waitForConsumers(topic, channel, count) {
+    return this.waitForChannel(
+      topic,
+      channel,
+      (chan) => {
+        const clients = (chan && chan.clients) || []
+        return clients.length === count && clients.every((c) => c.ready_count > 0)
+      },
+      `${count} ready consumer(s) on ${topic}/${channel}`
+    )
+  }
+}
+
+/** Collects deliveries ({message, at, reader}) and lets a test await a count of them. */
+class Deliveries {
+  constructor() {
+    this.items = []
+    this.waiters = []
+  }
+
+  add(message, reader) {
+    this.items.push({message, reader, at: performance.now(), attempts: message.attempts, id: message.id, body: message.body.toString()})
+    this.waiters = this.waiters.filter((w) => !w())
+  }
+
+  async waitCount(count, timeoutMs = 10000) {
+    if (this.items.length < count) {
+      const reached = new Promise((resolve) => {
+        this.waiters.push(() => this.items.length >= count && (resolve(), true))
+      })
+      await within(timeoutMs, reached, `${count} deliveries (got ${this.items.length}: ${JSON.stringify(this.summary())})`).catch((err) => {
+        err.message = `expected ${count} deliveries within ${timeoutMs} ms, got ${this.items.length}: ${JSON.stringify(this.summary())}`
+        throw err
+      })
+    }
+    return this.items
+  }
+
+  bodies() {
+    return this.items.map((d) => d.body)
+  }
+
+  summary() {
+    return this.items.map((d) => [d.body, d.attempts])
+  }
+}
+
+/** nsqjs Reader that counts the NOPs it sends, i.e. the heartbeats it has answered. */
+class Reader extends nsq.Reader {
+  registerConnectionListeners(conn) {
+    super.registerConnectionListeners(conn)
+    this.heartbeatsAnswered = this.heartbeatsAnswered || 0
+    const write = conn.write.bind(conn)
+    conn.write = (data) => {
+      if (String(data) === 'NOP\n') this.heartbeatsAnswered += 1
+      return write(data)
+    }
+  }
+}
+
+/** Creates nsqjs clients bound to one broker and closes them all at the end of a test. */
+class Clients {
+  constructor(broker) {
+    this.broker = broker
+    this.readers = []
+    this.writers = []
+    this.errors = []
+  }
+
+  async writer(options = {}) {
+    const [host, port] = this.broker.tcpHostPort
+    const writer = new nsq.Writer(host, port, options)
+    this.writers.push(writer)
+    writer.on('error', (err) => this.errors.push(err))
+    writer.closed = new Promise((resolve) => writer.on('closed', resolve))
+    const ready = new Promise((resolve, reject) => {
+      writer.once('ready', resolve)
+      writer.once('closed', () => reject(new Error('writer connection closed before ready')))
+    })
+    writer.connect()
+    await within(10000, ready, 'nsqjs Writer ready')
+    return writer
+  }
+
+  /** Promisified Writer.publish: resolves when the broker answered OK. */
+  publish(writer, topic, msgs) {
+    return within(10000, new Promise((resolve, reject) => {
+      writer.publish(topic, msgs, (err) => (err ? reject(err) : resolve()))
+    }), `publish to ${topic}`)
+  }
+
+  /** Promisified Writer.deferPublish. */
+  deferPublish(writer, topic, msg, delayMs) {
+    return within(10000, new Promise((resolve, reject) => {
+      writer.deferPublish(topic, msg, delayMs, (err) => (err ? reject(err) : resolve()))
+    }), `deferPublish to ${topic}`)
+  }
+
+  /** A connected nsqjs Reader; `onMessage(message, reader)` handles each delivery. */
+  reader(topic, channel, onMessage, options = {}) {
+    const reader = new Reader(topic, channel, {
+      nsqdTCPAddresses: [this.broker.tcpAddress],
+      maxInFlight: 1,
+      maxBackoffDuration: 1,
+      lookupdPollInterval: 60,
+      ...options,
+    })
+    this.readers.push(reader)
+    reader.on('error', (err) => this.errors.push(err))
+    reader.on('message', (message) => onMessage(message, reader))
+    reader.connect()
+    return reader
+  }
+
+  /** A reader that records every delivery in `deliveries` and finishes it. */
+  collectingReader(topic, channel, deliveries, options = {}) {
+    return this.reader(topic, channel, (message, reader) => {
+      deliveries.add(message, reader)
+      message.finish()
+    }, options)
+  }
+
+  assertNoErrors() {
+    assert.deepEqual(this.errors.map(String), [], 'nsqjs reported errors (error frames or connection errors)')
+  }
+
+  close() {
+    for (const reader of this.readers) reader.close()
+    for (const writer of this.writers) {
+      if (writer.conn) writer.close()
+    }
+  }
+}
+
+/**
+ * Declares a node:test test that gets a fresh broker (started with `brokerArgs`) and a Clients
+ * factory. The body is bounded by TEST_TIMEOUT_MS; clients and broker are always torn down, and
+ * a failure carries the tail of the broker's log.
+ */
+function brokerTest(name, {brokerArgs = [], timeoutMs = TEST_TIMEOUT_MS} = {}, body) {
+  test(name, {timeout: timeoutMs + STARTUP_TIMEOUT_MS + 2 * STOP_TIMEOUT_MS}, async () => {
+    if (!fs.existsSync(BROKER_BIN)) {
+      assert.fail(`broker binary ${BROKER_BIN} not found: run \`cargo build -p broker\` or set KNSQ_BROKER_BIN`)
+    }
+    const broker = await new Broker(brokerArgs).start()
+    const clients = new Clients(broker)
+    let failure = null
+    try {
+      await within(timeoutMs, body({broker, clients}), `test body of "${name}"`)
+    } catch (err) {
+      failure = err
+    }
+    clients.close()
+    await sleep(50) // let the closes reach the broker
+    const stopProblem = await broker.stop()
+    if (!failure && stopProblem) failure = new Error(`knsq-broker did not stop cleanly: ${stopProblem}`)
+    if (failure) {
+      failure.message += `\n--- broker log (tail) ---\n${broker.logText()}`
+      throw failure
+    }
+  })
+}
+
+module.exports = {brokerTest, Deliveries, sleep, within}

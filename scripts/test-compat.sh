@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Client-compatibility tests: drives the real pynsq and nsqjs client libraries against the real
+# knsq-broker binary. Installs what they need on a fresh machine (a Python virtualenv at .venv,
+# compat/node/node_modules, a debug build of the broker); a second run reinstalls nothing.
+# Runs both suites even if the first fails; exits non-zero if anything failed.
+#
+# KNSQ_BROKER_BIN=/path/to/knsq-broker skips the cargo build and tests that binary instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec </dev/null
+
+export CI="${CI:-true}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_NO_INPUT=1
+export npm_config_fund=false npm_config_audit=false npm_config_update_notifier=false
+
+stamp_matches() { # stamp_matches <stamp-file> <input-file>...
+  [[ -f "$1" ]] && [[ "$(cat "$1")" == "$(cat "${@:2}" | sha256sum)" ]]
+}
+write_stamp() { # write_stamp <stamp-file> <input-file>...
+  cat "${@:2}" | sha256sum >"$1"
+}
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "python: .venv with compat/python/requirements.txt"
+if ! .venv/bin/python -c 'import sys' 2>/dev/null; then
+  rm -rf .venv
+  python3 -m venv .venv
+fi
+if ! stamp_matches .venv/.compat-requirements.sha256 compat/python/requirements.txt; then
+  .venv/bin/python -m pip install --quiet -r compat/python/requirements.txt
+  write_stamp .venv/.compat-requirements.sha256 compat/python/requirements.txt
+else
+  echo "up to date"
+fi
+
+step "node: npm ci in compat/node"
+if ! stamp_matches compat/node/node_modules/.compat-lock.sha256 compat/node/package-lock.json; then
+  (cd compat/node && npm ci --no-audit --no-fund)
+  write_stamp compat/node/node_modules/.compat-lock.sha256 compat/node/package-lock.json
+else
+  echo "up to date"
+fi
+
+if [[ -z "${KNSQ_BROKER_BIN:-}" ]]; then
+  step "broker: cargo build -p broker"
+  cargo build -p broker --locked
+fi
+
+status=0
+step "pynsq suite: pytest compat/python"
+.venv/bin/python -m pytest compat/python || status=1
+
+step "nsqjs suite: node --test compat/node/"
+node --test compat/node/ || status=1
+
+if [[ $status -ne 0 ]]; then
+  echo "test-compat: FAILED" >&2
+fi
+exit $status
