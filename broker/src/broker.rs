@@ -1,10 +1,15 @@
 //! The broker's shared state: its topics, its clients, and what every server reads.
+//!
+//! Creating, deleting and pausing topics and channels goes through here, so the metadata file
+//! is rewritten after every such change.
 
 use crate::config::{NSQ_COMPAT_VERSION, Options};
 use crate::metrics::ServerMetrics;
+use crate::persist::{Metadata, PersistError};
 use crate::protocol::Client;
-use crate::queue::{PublishError, QueueSettings, Topic};
+use crate::queue::{Channel, PublishError, QueueSettings, SubscribeError, Topic};
 use crate::stats::{ClientStats, MemoryStats, NodeStats};
+use crate::storage::StorageError;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -23,17 +28,20 @@ pub(crate) struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_client_id: AtomicU64,
+    /// Serializes rewrites of the metadata file.
+    metadata: Mutex<()>,
 }
 
 impl Broker {
     pub(crate) fn new(
         options: Options,
+        settings: QueueSettings,
         tcp_address: SocketAddr,
         http_address: SocketAddr,
         metrics: ServerMetrics,
     ) -> Broker {
         Broker {
-            settings: Arc::new(QueueSettings::from_options(&options)),
+            settings: Arc::new(settings),
             options,
             start_time: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -44,22 +52,58 @@ impl Broker {
             topics: RwLock::new(BTreeMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client_id: AtomicU64::new(1),
+            metadata: Mutex::new(()),
         }
     }
 
-    /// The topic, created if needed.
-    pub(crate) fn topic(&self, name: &str) -> Arc<Topic> {
-        if let Some(t) = self.existing_topic(name) {
-            return t;
+    /// Recreates the topics and channels of the metadata file, with their paused flags and
+    /// whatever their disk queues hold.
+    pub(crate) fn restore(&self) -> Result<(), PersistError> {
+        let meta = Metadata::load(&self.options.data_path)?;
+        for t in &meta.topics {
+            if !proto::wire::names::is_valid_topic_name(t.name.as_bytes()) {
+                tracing::warn!(topic = %t.name, "skipping invalid topic name in metadata");
+                continue;
+            }
+            let topic = self.open_topic(&t.name)?;
+            topic.set_paused(t.paused);
+            for c in &t.channels {
+                if !proto::wire::names::is_valid_channel_name(c.name.as_bytes()) {
+                    continue;
+                }
+                if let Some((channel, _)) = topic.channel(&c.name)? {
+                    channel.set_paused(c.paused);
+                }
+            }
         }
+        if !meta.topics.is_empty() {
+            tracing::info!(
+                topics = meta.topics.len(),
+                "restored topics and channels from metadata"
+            );
+        }
+        Ok(())
+    }
+
+    /// The topic, created (and recorded in the metadata) if needed.
+    pub(crate) fn topic(&self, name: &str) -> Result<Arc<Topic>, StorageError> {
+        if let Some(t) = self.existing_topic(name) {
+            return Ok(t);
+        }
+        let topic = self.open_topic(name)?;
+        self.save_metadata();
+        Ok(topic)
+    }
+
+    fn open_topic(&self, name: &str) -> Result<Arc<Topic>, StorageError> {
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        topics
-            .entry(name.to_string())
-            .or_insert_with(|| {
-                tracing::info!(topic = %name, "new topic");
-                Topic::new(name, self.settings.clone())
-            })
-            .clone()
+        if let Some(t) = topics.get(name) {
+            return Ok(t.clone());
+        }
+        let topic = Topic::open(name, self.settings.clone())?;
+        topics.insert(name.to_string(), topic.clone());
+        tracing::info!(topic = %name, "new topic");
+        Ok(topic)
     }
 
     pub(crate) fn existing_topic(&self, name: &str) -> Option<Arc<Topic>> {
@@ -80,10 +124,10 @@ impl Broker {
         bodies: &[Bytes],
         defer: Duration,
     ) -> Result<Arc<Topic>, PublishError> {
-        let mut t = self.topic(topic);
+        let mut t = self.topic(topic)?;
         match t.publish(bodies, defer) {
             Err(PublishError::Exiting) => {
-                t = self.topic(topic);
+                t = self.topic(topic)?;
                 t.publish(bodies, defer)?;
             }
             other => other?,
@@ -91,19 +135,67 @@ impl Broker {
         Ok(t)
     }
 
+    /// Subscribes a client, creating the topic and channel as needed.
+    pub(crate) fn subscribe(
+        &self,
+        topic: &str,
+        channel: &str,
+        client: &Arc<Client>,
+    ) -> Result<(Arc<Topic>, Arc<Channel>), SubscribeError> {
+        let t = self.topic(topic)?;
+        let (c, created) = t.subscribe(channel, client)?;
+        if created {
+            self.save_metadata();
+        }
+        Ok((t, c))
+    }
+
+    /// Creates a channel of an existing topic; `None` when the topic is being deleted.
+    pub(crate) fn create_channel(
+        &self,
+        topic: &Topic,
+        channel: &str,
+    ) -> Result<Option<Arc<Channel>>, StorageError> {
+        let created = topic.channel(channel)?;
+        if created.as_ref().is_some_and(|(_, new)| *new) {
+            self.save_metadata();
+        }
+        Ok(created.map(|(c, _)| c))
+    }
+
     pub(crate) fn delete_topic(&self, name: &str) -> bool {
         let removed = {
             let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
             topics.remove(name)
         };
-        match removed {
-            Some(topic) => {
-                topic.delete();
-                tracing::info!(topic = %name, "deleted topic");
-                true
-            }
-            None => false,
+        let Some(topic) = removed else {
+            return false;
+        };
+        topic.delete();
+        tracing::info!(topic = %name, "deleted topic");
+        self.save_metadata();
+        true
+    }
+
+    pub(crate) fn delete_channel(&self, topic: &Topic, channel: &str) -> bool {
+        let deleted = topic.delete_channel(channel);
+        if deleted {
+            self.save_metadata();
         }
+        deleted
+    }
+
+    pub(crate) fn set_topic_paused(&self, topic: &Topic, paused: bool) {
+        topic.set_paused(paused);
+        self.save_metadata();
+    }
+
+    pub(crate) fn set_channel_paused(&self, topic: &Topic, channel: &str, paused: bool) -> bool {
+        let found = topic.set_channel_paused(channel, paused);
+        if found {
+            self.save_metadata();
+        }
+        found
     }
 
     /// After a consumer of an ephemeral channel left: deletes the channel if it is unused,
@@ -123,6 +215,49 @@ impl Broker {
             topic.delete();
             tracing::info!(topic = %topic.name, "deleted ephemeral topic");
         }
+    }
+
+    /// Rewrites the metadata file; a failure is logged and marks the broker unhealthy, the
+    /// next change tries again.
+    pub(crate) fn save_metadata(&self) {
+        let _guard = self.metadata.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = Metadata {
+            topics: self.topics().iter().filter_map(|t| t.meta()).collect(),
+            version: NSQ_COMPAT_VERSION.to_string(),
+        };
+        match meta.save(&self.options.data_path) {
+            Ok(()) => self.settings.health.write_succeeded(),
+            Err(e) => self.settings.health.write_failed(&e),
+        }
+    }
+
+    /// Clean shutdown: every topic's and channel's memory to disk, synced; then the metadata.
+    pub(crate) fn persist(&self) {
+        for topic in self.topics() {
+            if let Err(e) = topic.persist() {
+                tracing::error!(topic = %topic.name, error = %e, "writing queues to disk at shutdown failed");
+            }
+        }
+        self.save_metadata();
+    }
+
+    /// Fsyncs every disk queue that changed; false when any fsync failed.
+    pub(crate) fn sync_disks(&self) -> bool {
+        let mut ok = true;
+        for topic in self.topics() {
+            ok &= topic.sync();
+        }
+        ok
+    }
+
+    /// In `--sync-publish` mode, waits until what was just published is fsynced; false when
+    /// that fsync failed. Returns at once otherwise.
+    pub(crate) async fn published_durably(&self) -> bool {
+        if !self.settings.sync_publish {
+            return true;
+        }
+        let ticket = self.settings.commits.ticket();
+        self.settings.commits.wait(ticket).await
     }
 
     pub(crate) fn next_client_id(&self) -> u64 {
@@ -183,7 +318,7 @@ impl Broker {
         });
         NodeStats {
             version: NSQ_COMPAT_VERSION,
-            health: "OK".into(),
+            health: self.settings.health.status(),
             start_time: self.start_time,
             topics,
             memory: include_mem.then(MemoryStats::current),

@@ -9,17 +9,26 @@
 //! [`Server`] wraps both for tests and embedding.
 
 pub mod config;
+pub mod signals;
 
 mod broker;
+mod health;
 mod http;
 mod metrics;
+mod persist;
 mod protocol;
 mod queue;
 mod stats;
+mod storage;
 mod tcp;
 
 pub use config::Options;
 pub use http::LogLevelSetter;
+/// nsqd's HTTP API conventions, shared with knsq-lookupd: the `{"message": …}` error, V1
+/// responses with `X-NSQ-Content-Type`, and Go's strict query parsing.
+pub use http::{
+    ApiError, NSQ_CONTENT_TYPE, NSQ_V1, Params, json_response, metrics_response, text_response,
+};
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -45,6 +54,8 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("broker task failed: {0}")]
@@ -101,6 +112,7 @@ pub async fn run(
         source,
     };
     std::fs::create_dir_all(&options.data_path).map_err(data_error)?;
+    let _lock = persist::DataDirLock::acquire(&options.data_path)?;
     let local = |l: &TcpListener, flag| {
         l.local_addr().map_err(|source| BrokerError::Bind {
             flag,
@@ -112,13 +124,33 @@ pub async fn run(
     let http_address = local(&listeners.http, "http-address")?;
 
     let (metrics, server_metrics) = metrics::Metrics::new()?;
+    let health = health::Health::new(
+        server_metrics.healthy.clone(),
+        server_metrics.disk_write_errors.clone(),
+    );
+    let disk = storage::DiskQueueOptions {
+        max_bytes_per_file: options.max_bytes_per_file,
+        sync_every: options.sync_every,
+        max_msg_size: options.max_msg_size,
+        faults: storage::FaultSwitch::default(),
+    };
+    let settings = queue::QueueSettings::new(
+        &options,
+        disk,
+        health,
+        server_metrics.corrupt_segments.clone(),
+    );
     let state = Arc::new(broker::Broker::new(
         options,
+        settings,
         tcp_address,
         http_address,
         server_metrics,
     ));
     metrics.register_queues(Arc::downgrade(&state))?;
+    state.restore()?;
+    state.save_metadata();
+    let syncer = tokio::spawn(sync_disks(state.clone(), shutdown.clone()));
     tracing::info!(
         node_id = state.options.node_id,
         version = env!("CARGO_PKG_VERSION"),
@@ -156,11 +188,37 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!(
             ?grace,
-            "shutdown grace period over; exiting with work still open"
+            "shutdown grace period over; closing connections that are still open"
         );
     }
+    let _ = syncer.await;
+    // Messages in memory, in flight and deferred go to disk; nothing acknowledged is lost.
+    let persisting = state.clone();
+    tokio::task::spawn_blocking(move || persisting.persist()).await?;
     tracing::info!("knsq-broker stopped");
     Ok(())
+}
+
+/// Fsyncs changed disk queues every `--sync-timeout`, sooner when one has done `--sync-every`
+/// operations or a `--sync-publish` publisher waits; off the async runtime, since fsync
+/// blocks.
+async fn sync_disks(broker: Arc<broker::Broker>, shutdown: CancellationToken) {
+    let every = broker.options.sync_timeout;
+    let commits = &broker.settings.commits;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+            _ = commits.wanted.notified() => {}
+        }
+        // Writes made before this read are covered by the pass below (group commit).
+        let newest = commits.newest();
+        let syncing = broker.clone();
+        let ok = tokio::task::spawn_blocking(move || syncing.sync_disks())
+            .await
+            .unwrap_or(false);
+        commits.pass_done(newest, ok);
+    }
 }
 
 /// A broker running in this process: for tests and embedding.

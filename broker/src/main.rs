@@ -1,10 +1,10 @@
 //! `knsq-broker`: parse flags, set up logging and signals, run the broker.
 
+use broker::signals::watch_signals;
 use broker::{Listeners, LogLevelSetter, Options};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*, reload};
 
@@ -46,29 +46,6 @@ async fn serve(options: Options, set_log_level: LogLevelSetter) -> anyhow::Resul
     tokio::spawn(watch_signals(shutdown.clone()));
     broker::run(options, listeners, shutdown, Some(set_log_level)).await?;
     Ok(())
-}
-
-/// The first SIGTERM or SIGINT starts a clean shutdown; a second one exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for signals; stop the broker with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("signal received; shutting down (send another to exit at once)");
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::warn!("second signal; exiting now");
-    std::process::exit(1);
 }
 
 /// nsqd's levels on tracing's; `fatal` logs errors only.

@@ -29,6 +29,10 @@ impl std::fmt::Debug for Metrics {
 pub(crate) struct ServerMetrics {
     connections: IntGauge,
     connections_total: IntCounter,
+    /// 1 while disk writes succeed, 0 after one failed (nsqd's health).
+    pub(crate) healthy: IntGauge,
+    pub(crate) disk_write_errors: IntCounter,
+    pub(crate) corrupt_segments: IntCounter,
 }
 
 impl ServerMetrics {
@@ -51,9 +55,24 @@ impl Metrics {
                 "knsq_tcp_connections_total",
                 "NSQ TCP connections accepted",
             )?,
+            healthy: IntGauge::new(
+                "knsq_healthy",
+                "1 while disk writes succeed; 0 after a write failed, until one succeeds",
+            )?,
+            disk_write_errors: IntCounter::new(
+                "knsq_disk_write_errors_total",
+                "Failed writes and fsyncs of disk queues and metadata",
+            )?,
+            corrupt_segments: IntCounter::new(
+                "knsq_disk_corrupt_segments_total",
+                "Disk queue segments found corrupt, skipped and moved aside as .bad",
+            )?,
         };
         registry.register(Box::new(server.connections.clone()))?;
         registry.register(Box::new(server.connections_total.clone()))?;
+        registry.register(Box::new(server.healthy.clone()))?;
+        registry.register(Box::new(server.disk_write_errors.clone()))?;
+        registry.register(Box::new(server.corrupt_segments.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new(
                 "knsq_build_info",

@@ -2,6 +2,8 @@
 //! this process ([`TestBroker`]) or as the real binary ([`BrokerProcess`]), and a raw NSQ
 //! connection ([`NsqConn`]) for byte-level protocol tests.
 
+pub mod lookupd;
+
 use anyhow::{Context, Result, anyhow, bail};
 use broker::{Options, Server};
 use bytes::{BufMut, BytesMut};

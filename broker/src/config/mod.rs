@@ -102,6 +102,24 @@ pub struct Options {
     #[arg(long, env = "KNSQ_MAX_CHANNEL_CONSUMERS", default_value_t = 0)]
     pub max_channel_consumers: u64,
 
+    /// Size at which a disk queue starts a new segment file, in bytes
+    #[arg(long, env = "KNSQ_MAX_BYTES_PER_FILE", default_value_t = 104857600)]
+    pub max_bytes_per_file: u64,
+
+    /// Disk queue reads and writes between fsyncs
+    #[arg(long, env = "KNSQ_SYNC_EVERY", default_value_t = 2500)]
+    pub sync_every: u64,
+
+    /// Answer a publish only after its messages are on disk and fsynced (group commit);
+    /// every acknowledged message then survives a crash
+    #[arg(long, env = "KNSQ_SYNC_PUBLISH", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
+    pub sync_publish: bool,
+
+    /// Longest time between fsyncs of a disk queue that has changed
+    #[arg(long, env = "KNSQ_SYNC_TIMEOUT", default_value = "2s", value_parser = parse_go_duration)]
+    pub sync_timeout: Duration,
+
     /// End-to-end processing latency quantile to report, in (0,1]; repeatable or comma-separated
     #[arg(long = "e2e-processing-latency-percentile", env = "KNSQ_E2E_PROCESSING_LATENCY_PERCENTILE",
           value_delimiter = ',', value_parser = parse_quantile)]
@@ -152,6 +170,15 @@ impl Options {
                     self.max_body_size, self.max_msg_size
                 ),
             );
+        }
+        if self.sync_every == 0 {
+            return fail("sync-every", "must be at least 1".into());
+        }
+        if self.sync_timeout.is_zero() {
+            return fail("sync-timeout", "must be longer than 0s".into());
+        }
+        if self.max_bytes_per_file < 1024 {
+            return fail("max-bytes-per-file", "must be at least 1024".into());
         }
         if self.max_rdy_count == 0 {
             return fail("max-rdy-count", "must be at least 1".into());
@@ -235,6 +262,10 @@ impl Options {
             "min_output_buffer_timeout" => ns(self.min_output_buffer_timeout),
             "output_buffer_timeout" => ns(self.output_buffer_timeout),
             "max_channel_consumers" => json!(self.max_channel_consumers),
+            "max_bytes_per_file" => json!(self.max_bytes_per_file),
+            "sync_every" => json!(self.sync_every),
+            "sync_timeout" => ns(self.sync_timeout),
+            "sync_publish" => json!(self.sync_publish),
             "e2e_processing_latency_percentiles" => {
                 json!(self.e2e_processing_latency_percentiles)
             }
@@ -253,7 +284,8 @@ fn parse_quantile(text: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_log_level(text: &str) -> Result<String, String> {
+/// nsqd's `--log-level` values, lower-cased.
+pub fn parse_log_level(text: &str) -> Result<String, String> {
     let level = text.to_ascii_lowercase();
     match level.as_str() {
         "debug" | "info" | "warn" | "error" | "fatal" => Ok(level),
@@ -272,7 +304,8 @@ pub fn parse_go_bool(text: &str) -> Result<bool, String> {
     }
 }
 
-fn default_hostname() -> String {
+/// The host name, as nsqd uses it for `--broadcast-address` and `hostname` fields.
+pub fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
@@ -318,6 +351,9 @@ mod tests {
         assert_eq!(o.min_output_buffer_timeout, Duration::from_millis(25));
         assert_eq!(o.output_buffer_timeout, Duration::from_millis(250));
         assert_eq!(o.max_channel_consumers, 0);
+        assert_eq!(o.max_bytes_per_file, 104857600);
+        assert_eq!(o.sync_every, 2500);
+        assert_eq!(o.sync_timeout, Duration::from_secs(2));
         assert!(o.e2e_processing_latency_percentiles.is_empty());
         assert_eq!(
             o.e2e_processing_latency_window_time,

@@ -5,8 +5,9 @@ use super::error::{ApiError, text_response};
 use super::params::Params;
 use crate::queue::{Channel, Topic};
 use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
 use axum::response::Response;
-use proto::wire::names::{is_valid_channel_name, is_valid_topic_name};
+use proto::wire::names::is_valid_topic_name;
 use std::sync::Arc;
 
 type Reply = Result<Response, ApiError>;
@@ -39,18 +40,7 @@ fn topic_and_channel(
     query: &Option<String>,
 ) -> Result<(Arc<Topic>, String), ApiError> {
     let params = Params::parse(query.as_deref())?;
-    let topic = params
-        .get("topic")
-        .ok_or(ApiError::bad_request("MISSING_ARG_TOPIC"))?;
-    if !is_valid_topic_name(topic.as_bytes()) {
-        return Err(ApiError::bad_request("INVALID_ARG_TOPIC"));
-    }
-    let channel = params
-        .get("channel")
-        .ok_or(ApiError::bad_request("MISSING_ARG_CHANNEL"))?;
-    if !is_valid_channel_name(channel.as_bytes()) {
-        return Err(ApiError::bad_request("INVALID_ARG_CHANNEL"));
-    }
+    let (topic, channel) = params.topic_and_channel()?;
     Ok((existing_topic(s, topic)?, channel.to_string()))
 }
 
@@ -61,8 +51,13 @@ fn existing_channel(s: &AppState, query: &Option<String>) -> Result<Arc<Channel>
         .ok_or(ApiError::not_found("CHANNEL_NOT_FOUND"))
 }
 
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "admin request failed");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR")
+}
+
 pub(super) async fn topic_create(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
-    s.broker.topic(&topic_arg(&q, true)?);
+    s.broker.topic(&topic_arg(&q, true)?).map_err(internal)?;
     done()
 }
 
@@ -74,47 +69,58 @@ pub(super) async fn topic_delete(State(s): State<AppState>, RawQuery(q): RawQuer
 }
 
 pub(super) async fn topic_empty(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
-    existing_topic(&s, &topic_arg(&q, true)?)?.empty();
+    existing_topic(&s, &topic_arg(&q, true)?)?
+        .empty()
+        .map_err(internal)?;
     done()
 }
 
 pub(super) async fn topic_pause(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
-    existing_topic(&s, &topic_arg(&q, false)?)?.set_paused(true);
+    let topic = existing_topic(&s, &topic_arg(&q, false)?)?;
+    s.broker.set_topic_paused(&topic, true);
     done()
 }
 
 pub(super) async fn topic_unpause(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
-    existing_topic(&s, &topic_arg(&q, false)?)?.set_paused(false);
+    let topic = existing_topic(&s, &topic_arg(&q, false)?)?;
+    s.broker.set_topic_paused(&topic, false);
     done()
 }
 
 pub(super) async fn channel_create(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
     let (topic, channel) = topic_and_channel(&s, &q)?;
-    topic
-        .channel(&channel)
+    s.broker
+        .create_channel(&topic, &channel)
+        .map_err(internal)?
         .ok_or(ApiError::not_found("TOPIC_NOT_FOUND"))?;
     done()
 }
 
 pub(super) async fn channel_delete(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
     let (topic, channel) = topic_and_channel(&s, &q)?;
-    if !topic.delete_channel(&channel) {
+    if !s.broker.delete_channel(&topic, &channel) {
         return Err(ApiError::not_found("CHANNEL_NOT_FOUND"));
     }
     done()
 }
 
 pub(super) async fn channel_empty(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
-    existing_channel(&s, &q)?.empty();
+    existing_channel(&s, &q)?.empty().map_err(internal)?;
     done()
 }
 
 pub(super) async fn channel_pause(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
-    existing_channel(&s, &q)?.set_paused(true);
-    done()
+    set_channel_paused(&s, &q, true)
 }
 
 pub(super) async fn channel_unpause(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
-    existing_channel(&s, &q)?.set_paused(false);
+    set_channel_paused(&s, &q, false)
+}
+
+fn set_channel_paused(s: &AppState, q: &Option<String>, paused: bool) -> Reply {
+    let (topic, channel) = topic_and_channel(s, q)?;
+    if !s.broker.set_channel_paused(&topic, &channel, paused) {
+        return Err(ApiError::not_found("CHANNEL_NOT_FOUND"));
+    }
     done()
 }

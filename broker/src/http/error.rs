@@ -4,26 +4,26 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 /// The header nsqd sets on every V1 API response; go-nsq unwraps bodies only when it is there.
-pub(crate) const NSQ_CONTENT_TYPE: &str = "x-nsq-content-type";
-pub(crate) const NSQ_V1: &str = "nsq; version=1.0";
+pub const NSQ_CONTENT_TYPE: &str = "x-nsq-content-type";
+pub const NSQ_V1: &str = "nsq; version=1.0";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{status} {message}")]
-pub(crate) struct ApiError {
-    pub(crate) status: StatusCode,
-    pub(crate) message: &'static str,
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: &'static str,
 }
 
 impl ApiError {
-    pub(crate) const fn new(status: StatusCode, message: &'static str) -> ApiError {
+    pub const fn new(status: StatusCode, message: &'static str) -> ApiError {
         ApiError { status, message }
     }
 
-    pub(crate) const fn bad_request(message: &'static str) -> ApiError {
+    pub const fn bad_request(message: &'static str) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
-    pub(crate) const fn not_found(message: &'static str) -> ApiError {
+    pub const fn not_found(message: &'static str) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
 }
@@ -36,7 +36,7 @@ impl IntoResponse for ApiError {
 }
 
 /// A V1 JSON response.
-pub(crate) fn json_response(status: StatusCode, body: String) -> Response {
+pub fn json_response(status: StatusCode, body: String) -> Response {
     let mut resp = (status, body).into_response();
     let headers = resp.headers_mut();
     headers.insert(
@@ -48,10 +48,28 @@ pub(crate) fn json_response(status: StatusCode, body: String) -> Response {
 }
 
 /// A V1 text (or empty) success response: the body as is, with the V1 header.
-pub(crate) fn text_response(body: impl Into<String>) -> Response {
+pub fn text_response(body: impl Into<String>) -> Response {
     let mut resp = (StatusCode::OK, body.into()).into_response();
     resp.headers_mut().remove(header::CONTENT_TYPE);
     resp.headers_mut()
         .insert(NSQ_CONTENT_TYPE, HeaderValue::from_static(NSQ_V1));
     resp
+}
+
+/// `/metrics`: the Prometheus text exposition, or a bare 500 when rendering failed.
+pub fn metrics_response(rendered: Result<String, prometheus::Error>) -> Response {
+    match rendered {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "rendering metrics failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }

@@ -10,7 +10,10 @@ mod params;
 mod publish;
 mod stats_text;
 
-pub(crate) use error::ApiError;
+pub use error::{
+    ApiError, NSQ_CONTENT_TYPE, NSQ_V1, json_response, metrics_response, text_response,
+};
+pub use params::Params;
 
 use crate::broker::Broker;
 use crate::metrics::Metrics;

@@ -1,18 +1,24 @@
 //! `/ping`, `/info`, `/stats`, `/config/:opt` and `/metrics`.
 
 use super::AppState;
-use super::error::{ApiError, json_response, text_response};
+use super::error::{ApiError, json_response, metrics_response, text_response};
 use super::params::Params;
 use super::stats_text::render_stats;
 use crate::config::NSQ_COMPAT_VERSION;
 use axum::body::{Body, to_bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-pub(super) async fn ping() -> &'static str {
-    "OK"
+/// `OK`, or 500 `NOK - <reason>` while disk writes fail, as nsqd.
+pub(super) async fn ping(State(s): State<AppState>) -> Response {
+    match s.broker.settings.health.problem() {
+        None => "OK".into_response(),
+        Some(reason) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("NOK - {reason}")).into_response()
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -142,18 +148,5 @@ pub(super) async fn put_config(
 }
 
 pub(super) async fn metrics(State(s): State<AppState>) -> Response {
-    match s.metrics.render() {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "rendering metrics failed");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
+    metrics_response(s.metrics.render())
 }

@@ -2,12 +2,13 @@
 //! `INVALID_REQUEST` rather than being silently repaired.
 
 use super::error::ApiError;
+use proto::wire::names::{is_valid_channel_name, is_valid_topic_name};
 
 #[derive(Debug, Default)]
-pub(crate) struct Params(Vec<(String, String)>);
+pub struct Params(Vec<(String, String)>);
 
 impl Params {
-    pub(crate) fn parse(query: Option<&str>) -> Result<Params, ApiError> {
+    pub fn parse(query: Option<&str>) -> Result<Params, ApiError> {
         let invalid = || ApiError::bad_request("INVALID_REQUEST");
         let mut pairs = Vec::new();
         for part in query.unwrap_or("").split('&') {
@@ -26,8 +27,26 @@ impl Params {
         Ok(Params(pairs))
     }
 
+    /// `topic` and `channel`, both present and valid, checked in nsqd's order
+    /// (`http_api.GetTopicChannelArgs`, shared by nsqd and nsqlookupd).
+    pub fn topic_and_channel(&self) -> Result<(&str, &str), ApiError> {
+        let topic = self
+            .get("topic")
+            .ok_or(ApiError::bad_request("MISSING_ARG_TOPIC"))?;
+        if !is_valid_topic_name(topic.as_bytes()) {
+            return Err(ApiError::bad_request("INVALID_ARG_TOPIC"));
+        }
+        let channel = self
+            .get("channel")
+            .ok_or(ApiError::bad_request("MISSING_ARG_CHANNEL"))?;
+        if !is_valid_channel_name(channel.as_bytes()) {
+            return Err(ApiError::bad_request("INVALID_ARG_CHANNEL"));
+        }
+        Ok((topic, channel))
+    }
+
     /// The first value given for `key`.
-    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+    pub fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == key)
@@ -71,6 +90,25 @@ mod tests {
         assert_eq!(p.get("x"), Some("a b"));
         assert_eq!(p.get("nope"), None);
         assert!(Params::parse(None).unwrap().get("topic").is_none());
+    }
+
+    #[test]
+    fn topic_and_channel_are_checked_in_nsqds_order() {
+        for (query, want) in [
+            ("channel=c", "MISSING_ARG_TOPIC"),
+            ("topic=a$b", "INVALID_ARG_TOPIC"),
+            ("topic=t", "MISSING_ARG_CHANNEL"),
+            ("topic=t&channel=", "INVALID_ARG_CHANNEL"),
+        ] {
+            let params = Params::parse(Some(query)).unwrap();
+            assert_eq!(
+                params.topic_and_channel().unwrap_err().message,
+                want,
+                "{query}"
+            );
+        }
+        let params = Params::parse(Some("topic=t&channel=c%23ephemeral")).unwrap();
+        assert_eq!(params.topic_and_channel(), Ok(("t", "c#ephemeral")));
     }
 
     #[test]

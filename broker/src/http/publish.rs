@@ -42,10 +42,15 @@ fn topic_param(params: &Params) -> Result<&str, ApiError> {
     Ok(topic)
 }
 
-/// nsqd answers every refused put with 503 `EXITING`; the reason is logged.
+/// 503 `EXITING` while the topic goes away, as nsqd; 500 when the disk write failed.
 fn publish_failed(e: PublishError) -> ApiError {
     tracing::warn!(error = %e, "HTTP publish refused");
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "EXITING")
+    match e {
+        PublishError::Exiting => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "EXITING"),
+        PublishError::Storage(_) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR")
+        }
+    }
 }
 
 pub(super) async fn publish(
@@ -75,7 +80,7 @@ pub(super) async fn publish(
     s.broker
         .publish(topic, &[body], defer)
         .map_err(publish_failed)?;
-    Ok(text_response("OK"))
+    durable(&s).await
 }
 
 pub(super) async fn multi_publish(
@@ -115,6 +120,17 @@ pub(super) async fn multi_publish(
     s.broker
         .publish(topic, &messages, Duration::ZERO)
         .map_err(publish_failed)?;
+    durable(&s).await
+}
+
+/// `OK` once the publish is durable (at once unless `--sync-publish`).
+async fn durable(s: &AppState) -> Result<Response, ApiError> {
+    if !s.broker.published_durably().await {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+        ));
+    }
     Ok(text_response("OK"))
 }
 

@@ -7,7 +7,7 @@ use super::client::{Client, Identity, STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBE
 use super::identify::IdentifyRequest;
 use super::writer;
 use crate::broker::Broker;
-use crate::queue::{Channel, SubscribeError, Topic};
+use crate::queue::{Channel, PublishError, SubscribeError, Topic};
 use bytes::{Bytes, BytesMut};
 use proto::wire::frame::{write_error, write_response};
 use proto::wire::{Command, CommandName, Decoder, ErrorCode, MAGIC_V2, MessageId, ProtocolError};
@@ -80,6 +80,7 @@ pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: Canc
         subscription: None,
         fins: Vec::new(),
         last_topic: None,
+        held: None,
     };
     conn.read_loop(&mut reader).await;
     conn.leave();
@@ -101,12 +102,27 @@ struct Connection {
     fins: Vec<MessageId>,
     /// The topic last published to, saving a registry lookup per PUB.
     last_topic: Option<Arc<Topic>>,
+    /// With `--sync-publish`: responses held back until the publishes before them are fsynced.
+    held: Option<Held>,
+}
+
+struct Held {
+    /// Covers every publish held so far.
+    ticket: u64,
+    frames: Vec<HeldFrame>,
+}
+
+enum HeldFrame {
+    /// `OK` once durable; the publish's error if the fsync failed.
+    Published(CommandName),
+    Encoded(BytesMut),
 }
 
 impl Connection {
     async fn read_loop(&mut self, reader: &mut OwnedReadHalf) {
         loop {
-            if !self.process_buffered() {
+            let open = self.process_buffered();
+            if !self.release_held().await || !open {
                 return;
             }
             if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
@@ -260,18 +276,18 @@ impl Connection {
         let failed = |text: String| ProtocolError::new(ErrorCode::SubFailed, text);
         // A topic being deleted at this moment is replaced on the second try, as nsqd retries.
         for attempt in 0..2 {
-            let topic = self.broker.topic(topic_name);
-            match topic.subscribe(channel_name, &self.client) {
-                Ok(channel) => {
+            match self
+                .broker
+                .subscribe(topic_name, channel_name, &self.client)
+            {
+                Ok(subscription) => {
                     self.client.state.store(STATE_SUBSCRIBED, Relaxed);
-                    self.subscription = Some((topic, channel));
+                    self.subscription = Some(subscription);
                     self.send_response(proto::wire::OK);
                     return Ok(());
                 }
                 Err(SubscribeError::Exiting) if attempt == 0 => continue,
-                Err(SubscribeError::Exiting) => {
-                    return Err(failed("SUB failed to deleted topic/channel".into()));
-                }
+                Err(SubscribeError::Exiting) => break,
                 Err(e) => return Err(failed(format!("SUB failed {e}"))),
             }
         }
@@ -285,26 +301,34 @@ impl Connection {
         bodies: &[Bytes],
         defer: Duration,
     ) -> Result<(), ProtocolError> {
-        let code = match command {
-            CommandName::Mpub => ErrorCode::MpubFailed,
-            CommandName::Dpub => ErrorCode::DpubFailed,
-            _ => ErrorCode::PubFailed,
-        };
+        let code = publish_error_code(command);
         let cached = self
             .last_topic
             .take()
             .filter(|t| t.name == topic_name)
             .map(|t| t.publish(bodies, defer).map(|()| t));
         let result = match cached {
-            Some(Ok(topic)) => Ok(topic),
             // A cached topic that was deleted since: look it up again.
-            _ => self.broker.publish(topic_name, bodies, defer),
+            None | Some(Err(PublishError::Exiting)) => {
+                self.broker.publish(topic_name, bodies, defer)
+            }
+            Some(result) => result,
         };
         match result {
             Ok(topic) => {
                 self.last_topic = Some(topic);
                 self.client.count_published(topic_name, bodies.len() as u64);
-                self.send_response(proto::wire::OK);
+                if self.broker.settings.sync_publish {
+                    let ticket = self.broker.settings.commits.ticket();
+                    let held = self.held.get_or_insert_with(|| Held {
+                        ticket,
+                        frames: Vec::new(),
+                    });
+                    held.ticket = ticket;
+                    held.frames.push(HeldFrame::Published(command));
+                } else {
+                    self.send_response(proto::wire::OK);
+                }
                 Ok(())
             }
             Err(e) => Err(ProtocolError::new(
@@ -346,17 +370,55 @@ impl Connection {
         self.fins.clear();
     }
 
-    fn send_response(&self, data: &[u8]) {
-        self.client
-            .outbox
-            .push(true, |buf| write_response(buf, data));
+    fn send_response(&mut self, data: &[u8]) {
+        self.send_frame(|buf| write_response(buf, data));
     }
 
-    fn send_error(&self, err: &ProtocolError) {
+    fn send_error(&mut self, err: &ProtocolError) {
         if err.is_fatal() {
             tracing::info!(client = self.client.id, error = %err, "closing client after error");
         }
-        self.client.outbox.push(true, |buf| write_error(buf, err));
+        self.send_frame(|buf| write_error(buf, err));
+    }
+
+    /// Writes a response or error frame now, or behind held publishes.
+    fn send_frame(&mut self, encode: impl FnOnce(&mut BytesMut)) {
+        match &mut self.held {
+            Some(held) => {
+                let mut frame = BytesMut::new();
+                encode(&mut frame);
+                held.frames.push(HeldFrame::Encoded(frame));
+            }
+            None => self.client.outbox.push(true, encode),
+        }
+    }
+
+    /// Waits for the fsync covering held publishes, then sends what was held: `OK`s, or the
+    /// publish error (fatal) if the fsync failed. False when the connection must close.
+    async fn release_held(&mut self) -> bool {
+        let Some(held) = self.held.take() else {
+            return true;
+        };
+        let durable = tokio::select! {
+            durable = self.broker.settings.commits.wait(held.ticket) => durable,
+            _ = self.client.closed.cancelled() => return false,
+        };
+        for frame in held.frames {
+            match frame {
+                HeldFrame::Encoded(bytes) => {
+                    self.client
+                        .outbox
+                        .push(true, |buf| buf.extend_from_slice(&bytes));
+                }
+                HeldFrame::Published(_) if durable => self.send_response(proto::wire::OK),
+                HeldFrame::Published(command) => {
+                    let text = format!("{} failed fsync failed", command.as_str());
+                    self.send_error(&ProtocolError::new(publish_error_code(command), text));
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Leaves the channel; an ephemeral channel (and topic) without consumers goes away.
@@ -367,6 +429,14 @@ impl Connection {
                 self.broker.consumer_left(&topic, &channel.name);
             }
         }
+    }
+}
+
+fn publish_error_code(command: CommandName) -> ErrorCode {
+    match command {
+        CommandName::Mpub => ErrorCode::MpubFailed,
+        CommandName::Dpub => ErrorCode::DpubFailed,
+        _ => ErrorCode::PubFailed,
     }
 }
 

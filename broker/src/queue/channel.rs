@@ -3,15 +3,17 @@
 //! All state sits behind one mutex. Delivery happens under it, straight into each consumer's
 //! outbox (which writes to the consumer's socket when a flush is due), a chunk of messages
 //! per lock of the outbox. A timer task per channel sleeps until the next in-flight deadline or deferred due
-//! time and is woken only when an earlier one appears.
+//! time and is woken only when an earlier one appears. Messages beyond the memory queue wait in
+//! the channel's disk queue and are read back as consumers have room for them.
 
 use super::deferred::Deferred;
 use super::e2e::{Histogram, LatencyWindow};
 use super::in_flight::{InFlight, InFlightError};
 use super::message::Msg;
-use super::{QueueSettings, unix_nanos};
+use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::protocol::Client;
 use crate::stats::{ChannelStats, E2eStats};
+use crate::storage::{DiskQueue, DiskRecord, StorageError};
 use proto::wire::MessageId;
 use proto::wire::frame::write_message;
 use std::collections::VecDeque;
@@ -36,6 +38,8 @@ pub(crate) enum SubscribeError {
     },
     #[error("channel is exiting")]
     Exiting,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 #[derive(Debug)]
@@ -53,7 +57,12 @@ pub(crate) struct Channel {
 
 #[derive(Debug)]
 struct State {
+    /// Messages in memory, all older than those on disk.
     queue: VecDeque<Msg>,
+    /// The rest, for channels that are not ephemeral.
+    disk: Option<DiskQueue>,
+    /// Reused buffer for records read from disk.
+    read: Vec<DiskRecord>,
     in_flight: InFlight,
     deferred: Deferred,
     consumers: Vec<Consumer>,
@@ -101,18 +110,30 @@ impl Consumer {
 }
 
 impl Channel {
-    /// A new channel; the caller starts its timer task with [`Channel::run_timers`].
-    pub(crate) fn new(topic_name: &str, name: &str, settings: Arc<QueueSettings>) -> Arc<Self> {
+    /// A channel with its disk queue opened (none when ephemeral); the caller starts its
+    /// timer task with [`Channel::run_timers`].
+    pub(crate) fn open(
+        topic_name: &str,
+        name: &str,
+        settings: Arc<QueueSettings>,
+    ) -> Result<Arc<Self>, StorageError> {
         let now = Instant::now();
         let e2e = (!settings.e2e_quantiles.is_empty())
             .then(|| LatencyWindow::new(settings.e2e_window, now));
-        Arc::new(Channel {
+        let ephemeral = proto::wire::names::is_ephemeral(name);
+        let disk = match ephemeral {
+            true => None,
+            false => Some(settings.open_disk(&format!("{topic_name}:{name}"))?),
+        };
+        Ok(Arc::new(Channel {
             topic_name: topic_name.to_string(),
             name: name.to_string(),
-            ephemeral: proto::wire::names::is_ephemeral(name),
+            ephemeral,
             settings,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
+                disk,
+                read: Vec::new(),
                 in_flight: InFlight::default(),
                 deferred: Deferred::default(),
                 consumers: Vec::new(),
@@ -126,7 +147,7 @@ impl Channel {
             message_count: AtomicU64::new(0),
             requeue_count: AtomicU64::new(0),
             timeout_count: AtomicU64::new(0),
-        })
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -181,42 +202,72 @@ impl Channel {
         self.dispatch(st, now);
     }
 
-    /// Room left in the memory queue for new messages (deferred ones count too, so the
-    /// channel's memory stays bounded). Ephemeral channels always take messages and drop
-    /// what does not fit, as nsqd does.
-    pub(crate) fn room(&self) -> usize {
-        if self.ephemeral {
-            return usize::MAX;
-        }
-        let st = self.lock();
-        self.settings
-            .mem_queue_size
-            .saturating_sub(st.queue.len() + st.deferred.len())
-    }
-
-    /// Adds published messages; the topic has checked [`Channel::room`].
-    pub(crate) fn put(&self, msgs: &[Msg], due: Option<Instant>) {
+    /// Adds published messages: deferred ones wait in memory (on disk with --sync-publish);
+    /// the others fill the memory queue and go to disk beyond it. Fails, storing nothing, when
+    /// the disk write fails.
+    pub(crate) fn put(&self, msgs: &[Msg], due: Option<Instant>) -> Result<(), StorageError> {
         let mut st = self.lock();
         if st.deleted {
-            return;
+            return Ok(());
         }
         let limit = self.settings.mem_queue_size;
-        let mut added = 0;
-        for msg in msgs {
-            if self.ephemeral && st.queue.len() + st.deferred.len() >= limit {
-                break;
+        let mut added = msgs.len();
+        // With --sync-publish deferred messages are stored too, to survive a crash.
+        let deferred_on_disk = self.settings.sync_publish && st.disk.is_some();
+        match due {
+            Some(at) if !deferred_on_disk => {
+                for msg in msgs {
+                    st.deferred.push(msg.clone(), at);
+                }
+                self.wake_timer_if_earlier(&mut st);
             }
-            match due {
-                Some(at) => st.deferred.push(msg.clone(), at),
-                None => st.queue.push_back(msg.clone()),
+            _ => {
+                let on_disk = st.disk.as_ref().map_or(0, DiskQueue::depth);
+                let room = match st.disk {
+                    Some(_) => self
+                        .settings
+                        .memory_room(st.queue.len(), on_disk, msgs.len()),
+                    None => limit.saturating_sub(st.queue.len()).min(msgs.len()),
+                };
+                let (memory, spill) = msgs.split_at(room);
+                match st.disk.as_mut() {
+                    Some(disk) if !spill.is_empty() => {
+                        let due_ms = due.map_or(0, |d| due_unix_ms(d, Instant::now()));
+                        let records: Vec<DiskRecord> =
+                            spill.iter().map(|m| m.to_record(due_ms)).collect();
+                        self.settings.append(disk, &records)?;
+                    }
+                    // Ephemeral: what does not fit is dropped, as in nsqd.
+                    _ => added = memory.len(),
+                }
+                st.queue.extend(memory.iter().cloned());
             }
-            added += 1;
         }
-        self.message_count.fetch_add(added, Relaxed);
-        if due.is_some() {
-            self.wake_timer_if_earlier(&mut st);
-        } else {
-            self.dispatch(&mut st, Instant::now());
+        self.message_count.fetch_add(added as u64, Relaxed);
+        self.dispatch(&mut st, Instant::now());
+        Ok(())
+    }
+
+    /// Moves records from disk into memory for delivery: up to `want`, deferred ones to the
+    /// deferred queue until due.
+    fn read_disk(&self, st: &mut State, want: usize, now: Instant) {
+        let State {
+            disk,
+            read,
+            queue,
+            deferred,
+            ..
+        } = st;
+        let Some(disk) = disk.as_mut().filter(|d| d.depth() > 0) else {
+            return;
+        };
+        self.settings.pop(disk, &self.name, want, read);
+        for record in read.drain(..) {
+            let (msg, due) = Msg::from_record(record);
+            match due_instant(due, now) {
+                Some(at) => deferred.push(msg, at),
+                None => queue.push_back(msg),
+            }
         }
     }
 
@@ -363,9 +414,16 @@ impl Channel {
         }
     }
 
+    pub(crate) fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
     /// Drops every queued, in-flight and deferred message; consumers' in-flight counts reset.
-    pub(crate) fn empty(&self) {
+    pub(crate) fn empty(&self) -> Result<(), StorageError> {
         let mut st = self.lock();
+        if let Some(disk) = st.disk.as_mut() {
+            disk.empty()?;
+        }
         st.queue.clear();
         st.deferred.clear();
         st.in_flight.drain().for_each(drop);
@@ -374,6 +432,7 @@ impl Channel {
             c.publish_counts();
         }
         self.dispatch(&mut st, Instant::now());
+        Ok(())
     }
 
     /// Deletes the channel: its consumers' connections are closed and its messages dropped.
@@ -386,8 +445,53 @@ impl Channel {
         for c in st.consumers.drain(..) {
             c.client.close();
         }
+        let disk = st.disk.take();
         drop(st);
         self.timer.notify_one();
+        if let Some(disk) = disk
+            && let Err(e) = disk.delete()
+        {
+            tracing::error!(topic = %self.topic_name, channel = %self.name, error = %e, "deleting the disk queue failed");
+        }
+    }
+
+    /// Clean shutdown: every message in memory (queued, in flight, deferred with its due
+    /// time) goes to the disk queue, which is then synced. In-flight messages are delivered
+    /// again after the restart.
+    pub(crate) fn persist(&self) -> Result<(), StorageError> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let State {
+            disk,
+            queue,
+            in_flight,
+            deferred,
+            ..
+        } = &mut *st;
+        let Some(disk) = disk.as_mut() else {
+            return Ok(());
+        };
+        let mut records: Vec<DiskRecord> = in_flight.drain().map(|e| e.msg.to_record(0)).collect();
+        records.extend(queue.drain(..).map(|m| m.to_record(0)));
+        records.extend(
+            deferred
+                .drain()
+                .map(|(due, m)| m.to_record(due_unix_ms(due, now))),
+        );
+        if !records.is_empty() {
+            self.settings.append(disk, &records)?;
+        }
+        disk.sync()
+    }
+
+    /// Fsyncs the disk queue (the syncer calls this off the async runtime); false when the
+    /// fsync failed.
+    pub(crate) fn sync(&self) -> bool {
+        let mut st = self.lock();
+        match st.disk.as_mut() {
+            Some(disk) => self.settings.sync(disk, &self.name),
+            None => true,
+        }
     }
 
     /// Adds this channel's e2e latency samples to `into`.
@@ -403,10 +507,11 @@ impl Channel {
         if let Some(w) = st.e2e.as_mut() {
             w.merge_into(&mut e2e, Instant::now());
         }
+        let on_disk = st.disk.as_ref().map_or(0, DiskQueue::depth) as i64;
         ChannelStats {
             channel_name: self.name.clone(),
-            depth: st.queue.len() as i64,
-            backend_depth: 0,
+            depth: st.queue.len() as i64 + on_disk,
+            backend_depth: on_disk,
             in_flight_count: st.in_flight.len(),
             deferred_count: st.deferred.len(),
             message_count: self.message_count.load(Relaxed),
@@ -429,16 +534,25 @@ impl Channel {
         if st.paused || st.consumers.is_empty() {
             return;
         }
-        let State {
-            queue,
-            in_flight,
-            consumers,
-            cursor,
-            ..
-        } = st;
-        let n = consumers.len();
+        let n = st.consumers.len();
         let mut idle = 0;
-        while !queue.is_empty() && idle < n {
+        while idle < n {
+            if st.queue.is_empty() {
+                if st.consumers.iter().all(|c| c.free() == 0) {
+                    break;
+                }
+                self.read_disk(st, DISPATCH_CHUNK as usize, now);
+                if st.queue.is_empty() {
+                    break;
+                }
+            }
+            let State {
+                queue,
+                in_flight,
+                consumers,
+                cursor,
+                ..
+            } = &mut *st;
             let c = &mut consumers[*cursor % n];
             *cursor = cursor.wrapping_add(1);
             let take = c.free().min(queue.len() as u64).min(DISPATCH_CHUNK);

@@ -65,6 +65,11 @@ impl Deferred {
     pub(crate) fn clear(&mut self) {
         self.heap.clear();
     }
+
+    /// Removes everything, with due times, in no particular order.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (Instant, Msg)> + '_ {
+        self.heap.drain().map(|Reverse(item)| (item.due, item.msg))
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! A queued message: one per channel, sharing its body with every other channel's copy.
 
+use crate::storage::DiskRecord;
 use bytes::Bytes;
 use proto::wire::MessageId;
 
@@ -11,4 +12,28 @@ pub(crate) struct Msg {
     /// Deliveries so far.
     pub(crate) attempts: u16,
     pub(crate) body: Bytes,
+}
+
+impl Msg {
+    /// The message as the disk queue stores it; `due_unix_ms` is 0 unless deferred.
+    pub(crate) fn to_record(&self, due_unix_ms: i64) -> DiskRecord {
+        DiskRecord {
+            id: self.id,
+            timestamp: self.timestamp,
+            attempts: self.attempts,
+            due_unix_ms,
+            body: self.body.clone(),
+        }
+    }
+
+    /// A message read back from disk, with its due time (0 when not deferred).
+    pub(crate) fn from_record(record: DiskRecord) -> (Msg, i64) {
+        let msg = Msg {
+            id: record.id,
+            timestamp: record.timestamp,
+            attempts: record.attempts,
+            body: record.body,
+        };
+        (msg, record.due_unix_ms)
+    }
 }

@@ -2,10 +2,13 @@
 //!
 //! A [`Topic`] fans every published message out to all its channels; the body is one
 //! `Bytes` shared by every copy. A [`Channel`] hands its messages to its consumers by their
-//! RDY counts and tracks what is in flight, deferred and queued. Memory queues are bounded by
-//! `--mem-queue-size`; a publish that would overflow one is refused, never dropped.
+//! RDY counts and tracks what is in flight, deferred and queued. Each topic and channel keeps
+//! up to `--mem-queue-size` messages in memory and the rest in its disk queue; whenever the
+//! disk queue holds anything, new messages go behind it, so a queue stays first in, first out.
+//! Ephemeral topics and channels have no disk queue and drop what does not fit, as in nsqd.
 
 mod channel;
+mod commits;
 mod deferred;
 pub(crate) mod e2e;
 mod guid;
@@ -14,12 +17,18 @@ mod message;
 mod topic;
 
 pub(crate) use channel::{Channel, SubscribeError};
+pub(crate) use commits::Commits;
 pub(crate) use topic::{PublishError, Topic};
 
+use crate::health::Health;
+use crate::storage::{DiskQueue, DiskQueueOptions, DiskRecord, StorageError};
+use prometheus::IntCounter;
+use std::path::PathBuf;
 use std::time::Duration;
+use tokio::time::Instant;
 
-/// The options every topic and channel reads.
-#[derive(Debug, Clone)]
+/// What every topic and channel reads and reports to.
+#[derive(Debug)]
 pub(crate) struct QueueSettings {
     pub(crate) node_id: u16,
     pub(crate) mem_queue_size: usize,
@@ -28,10 +37,24 @@ pub(crate) struct QueueSettings {
     /// Quantiles to report for e2e latency; none disables its tracking.
     pub(crate) e2e_quantiles: Vec<f64>,
     pub(crate) e2e_window: Duration,
+    pub(crate) data_path: PathBuf,
+    pub(crate) disk: DiskQueueOptions,
+    pub(crate) health: Health,
+    /// Corrupt disk segments skipped and moved aside.
+    pub(crate) corrupt_segments: IntCounter,
+    /// `--sync-publish`: every message goes through disk, and publishes wait for an fsync.
+    pub(crate) sync_publish: bool,
+    /// Publishers waiting for fsyncs; also wakes the syncer at `--sync-every` operations.
+    pub(crate) commits: Commits,
 }
 
 impl QueueSettings {
-    pub(crate) fn from_options(o: &crate::config::Options) -> Self {
+    pub(crate) fn new(
+        o: &crate::config::Options,
+        disk: DiskQueueOptions,
+        health: Health,
+        corrupt_segments: IntCounter,
+    ) -> Self {
         QueueSettings {
             node_id: o.node_id,
             mem_queue_size: usize::try_from(o.mem_queue_size).unwrap_or(usize::MAX),
@@ -39,7 +62,82 @@ impl QueueSettings {
             max_channel_consumers: usize::try_from(o.max_channel_consumers).unwrap_or(usize::MAX),
             e2e_quantiles: o.e2e_processing_latency_percentiles.clone(),
             e2e_window: o.e2e_processing_latency_window_time,
+            data_path: o.data_path.clone(),
+            disk,
+            health,
+            corrupt_segments,
+            sync_publish: o.sync_publish,
+            commits: Commits::default(),
         }
+    }
+
+    /// Opens (or creates) the disk queue `name`, logging what it repaired.
+    fn open_disk(&self, name: &str) -> Result<DiskQueue, StorageError> {
+        let (disk, report) = DiskQueue::open(&self.data_path, name, self.disk.clone())?;
+        if disk.depth() > 0 {
+            tracing::info!(queue = %name, depth = disk.depth(), ?report, "disk queue opened");
+        }
+        Ok(disk)
+    }
+
+    /// Appends records to a disk queue, keeping health and the fsync schedule up to date.
+    fn append(&self, disk: &mut DiskQueue, records: &[DiskRecord]) -> Result<(), StorageError> {
+        match disk.append(records) {
+            Ok(()) => {
+                self.health.write_succeeded();
+                self.note_ops(disk);
+                Ok(())
+            }
+            Err(e) => {
+                self.health.write_failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes up to `max` records off the front of a disk queue, counting corrupt segments
+    /// it had to skip. A read error is logged and leaves the queue as it was.
+    fn pop(&self, disk: &mut DiskQueue, name: &str, max: usize, out: &mut Vec<DiskRecord>) {
+        let corrupt_before = disk.corrupt_segments();
+        if let Err(e) = disk.pop(max, out) {
+            tracing::error!(queue = %name, error = %e, "reading the disk queue failed");
+        }
+        let corrupt = disk.corrupt_segments() - corrupt_before;
+        if corrupt > 0 {
+            self.corrupt_segments.inc_by(corrupt);
+        }
+        self.note_ops(disk);
+    }
+
+    /// Asks the syncer for an fsync once the queue has done `--sync-every` operations.
+    fn note_ops(&self, disk: &DiskQueue) {
+        if disk.sync_due() {
+            self.commits.wanted.notify_one();
+        }
+    }
+
+    /// Fsyncs a disk queue, keeping health up to date; false when it failed.
+    fn sync(&self, disk: &mut DiskQueue, name: &str) -> bool {
+        match disk.sync() {
+            Ok(()) => {
+                self.health.write_succeeded();
+                true
+            }
+            Err(e) => {
+                tracing::error!(queue = %name, error = %e, "disk queue sync failed");
+                self.health.write_failed(&e);
+                false
+            }
+        }
+    }
+
+    /// Messages that may stay in memory when `in_memory` are queued and nothing waits on
+    /// disk: none in `--sync-publish` mode, where every message goes through disk.
+    fn memory_room(&self, in_memory: usize, on_disk: u64, wanted: usize) -> usize {
+        if self.sync_publish || on_disk > 0 {
+            return 0;
+        }
+        self.mem_queue_size.saturating_sub(in_memory).min(wanted)
     }
 }
 
@@ -49,4 +147,15 @@ pub(crate) fn unix_nanos() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
+}
+
+/// A due time as the disk stores it: milliseconds since the Unix epoch.
+fn due_unix_ms(due: Instant, now: Instant) -> i64 {
+    unix_nanos() / 1_000_000 + due.saturating_duration_since(now).as_millis() as i64
+}
+
+/// A stored due time as an instant; `None` when it has passed.
+fn due_instant(due_unix_ms: i64, now: Instant) -> Option<Instant> {
+    let left = due_unix_ms - unix_nanos() / 1_000_000;
+    (left > 0).then(|| now + Duration::from_millis(left as u64))
 }

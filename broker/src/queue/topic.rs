@@ -1,16 +1,19 @@
 //! A topic: where publishes land and are fanned out to every channel.
 //!
 //! Fan-out happens on the publisher's task, under the topic lock, a batch at a time: no pump
-//! task, no per-message hand-off. Messages wait in the topic itself while it has no channel or
-//! is paused, and go to the channels existing when they are released, as in nsqd.
+//! task, no per-message hand-off. Messages wait in the topic itself (memory, then its disk
+//! queue) while it has no channel or is paused, and go to the channels existing when they are
+//! released, as in nsqd.
 
 use super::channel::{Channel, SubscribeError};
 use super::e2e::Histogram;
 use super::guid::IdGenerator;
 use super::message::Msg;
-use super::{QueueSettings, unix_nanos};
+use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
+use crate::persist::{ChannelMeta, TopicMeta};
 use crate::protocol::Client;
 use crate::stats::{E2eStats, TopicStats};
+use crate::storage::{DiskQueue, DiskRecord, StorageError};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,13 +21,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Why a publish was refused. Nothing of a refused publish is stored.
+/// Records moved from the topic's disk queue to its channels per step.
+const RELEASE_BATCH: usize = 1024;
+
+/// Why a publish was refused.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PublishError {
     #[error("exiting")]
     Exiting,
-    #[error("memory queue of {name} is full ({limit} messages)")]
-    QueueFull { name: String, limit: usize },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 #[derive(Debug)]
@@ -40,8 +46,10 @@ pub(crate) struct Topic {
 #[derive(Debug)]
 struct State {
     channels: BTreeMap<String, Arc<Channel>>,
-    /// Messages waiting for a channel or for the topic to be unpaused.
+    /// Messages waiting for a channel or for the topic to be unpaused; older than those in
+    /// `disk`.
     pending: VecDeque<Pending>,
+    disk: Option<DiskQueue>,
     paused: bool,
     deleted: bool,
     ids: IdGenerator,
@@ -53,14 +61,34 @@ struct Pending {
     due: Option<Instant>,
 }
 
+impl State {
+    fn on_disk(&self) -> u64 {
+        self.disk.as_ref().map_or(0, DiskQueue::depth)
+    }
+
+    fn holds_messages(&self) -> bool {
+        !self.pending.is_empty() || self.on_disk() > 0
+    }
+}
+
 impl Topic {
-    pub(crate) fn new(name: &str, settings: Arc<QueueSettings>) -> Arc<Topic> {
-        Arc::new(Topic {
+    /// A topic with its disk queue opened (none when ephemeral).
+    pub(crate) fn open(
+        name: &str,
+        settings: Arc<QueueSettings>,
+    ) -> Result<Arc<Topic>, StorageError> {
+        let ephemeral = proto::wire::names::is_ephemeral(name);
+        let disk = match ephemeral {
+            true => None,
+            false => Some(settings.open_disk(name)?),
+        };
+        Ok(Arc::new(Topic {
             name: name.to_string(),
-            ephemeral: proto::wire::names::is_ephemeral(name),
+            ephemeral,
             state: Mutex::new(State {
                 channels: BTreeMap::new(),
                 pending: VecDeque::new(),
+                disk,
                 paused: false,
                 deleted: false,
                 ids: IdGenerator::new(settings.node_id),
@@ -68,116 +96,147 @@ impl Topic {
             settings,
             message_count: AtomicU64::new(0),
             message_bytes: AtomicU64::new(0),
-        })
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Publishes a batch atomically: all of it is accepted, or none. `defer` delays delivery.
+    /// Publishes a batch. `defer` delays delivery. When a disk write fails, the publish fails;
+    /// channels that took the batch before the failure keep it (at least once, never lost).
     pub(crate) fn publish(&self, bodies: &[Bytes], defer: Duration) -> Result<(), PublishError> {
         let mut st = self.lock();
         if st.deleted {
             return Err(PublishError::Exiting);
         }
-        self.release_pending(&mut st);
+        self.release(&mut st);
         let now_ns = unix_nanos();
         let due = (!defer.is_zero()).then(|| Instant::now() + defer);
-        let n = bodies.len();
-        if st.paused || st.channels.is_empty() || !st.pending.is_empty() {
-            let limit = self.settings.mem_queue_size;
-            if st.pending.len() + n > limit && !self.ephemeral {
-                return Err(PublishError::QueueFull {
-                    name: self.name.clone(),
-                    limit,
-                });
-            }
-            let room = limit.saturating_sub(st.pending.len());
-            for body in bodies.iter().take(room) {
-                let msg = new_msg(&mut st.ids, now_ns, body);
-                st.pending.push_back(Pending { msg, due });
-            }
+        let msgs: Vec<Msg> = bodies
+            .iter()
+            .map(|body| new_msg(&mut st.ids, now_ns, body))
+            .collect();
+        if st.paused || st.channels.is_empty() || st.holds_messages() {
+            self.hold(&mut st, msgs, due)?;
         } else {
-            if let Some(full) = st.channels.values().find(|c| c.room() < n) {
-                return Err(PublishError::QueueFull {
-                    name: format!("{}:{}", self.name, full.name),
-                    limit: self.settings.mem_queue_size,
-                });
-            }
-            let msgs: Vec<Msg> = bodies
-                .iter()
-                .map(|body| new_msg(&mut st.ids, now_ns, body))
-                .collect();
             for channel in st.channels.values() {
-                channel.put(&msgs, due);
+                channel.put(&msgs, due)?;
             }
         }
-        self.message_count.fetch_add(n as u64, Relaxed);
+        self.message_count.fetch_add(bodies.len() as u64, Relaxed);
         let bytes: usize = bodies.iter().map(Bytes::len).sum();
         self.message_bytes.fetch_add(bytes as u64, Relaxed);
         Ok(())
     }
 
-    /// Moves waiting messages to the channels, as many as all of them have room for.
-    fn release_pending(&self, st: &mut State) {
-        if st.paused || st.channels.is_empty() || st.pending.is_empty() {
+    /// Keeps messages in the topic: in memory while it has room and nothing waits on disk,
+    /// else on disk (ephemeral topics drop what does not fit).
+    fn hold(
+        &self,
+        st: &mut State,
+        msgs: Vec<Msg>,
+        due: Option<Instant>,
+    ) -> Result<(), StorageError> {
+        let room = match st.disk {
+            Some(_) => self
+                .settings
+                .memory_room(st.pending.len(), st.on_disk(), msgs.len()),
+            None => self
+                .settings
+                .mem_queue_size
+                .saturating_sub(st.pending.len())
+                .min(msgs.len()),
+        };
+        if let Some(disk) = st.disk.as_mut()
+            && room < msgs.len()
+        {
+            let due_ms = due.map_or(0, |d| due_unix_ms(d, Instant::now()));
+            let records: Vec<DiskRecord> =
+                msgs[room..].iter().map(|m| m.to_record(due_ms)).collect();
+            self.settings.append(disk, &records)?;
+        }
+        let held = msgs.into_iter().take(room).map(|msg| Pending { msg, due });
+        st.pending.extend(held);
+        Ok(())
+    }
+
+    /// Moves waiting messages to the channels: memory first, then disk.
+    fn release(&self, st: &mut State) {
+        if st.paused || st.channels.is_empty() {
             return;
         }
-        let room = st.channels.values().map(|c| c.room()).min().unwrap_or(0);
-        let take = room.min(st.pending.len());
-        if take == 0 {
-            return;
-        }
-        let released: Vec<Pending> = st.pending.drain(..take).collect();
         let now = Instant::now();
-        for channel in st.channels.values() {
-            let (ready, later): (Vec<&Pending>, Vec<&Pending>) = released
-                .iter()
-                .partition(|p| p.due.is_none_or(|d| d <= now));
-            let ready: Vec<Msg> = ready.into_iter().map(|p| p.msg.clone()).collect();
-            channel.put(&ready, None);
-            for p in later {
-                channel.put(std::slice::from_ref(&p.msg), p.due);
+        loop {
+            if st.pending.is_empty() {
+                let Some(disk) = st.disk.as_mut().filter(|d| d.depth() > 0) else {
+                    return;
+                };
+                let mut read = Vec::with_capacity(RELEASE_BATCH);
+                self.settings
+                    .pop(disk, &self.name, RELEASE_BATCH, &mut read);
+                if read.is_empty() {
+                    return;
+                }
+                st.pending.extend(read.into_iter().map(|record| {
+                    let (msg, due) = Msg::from_record(record);
+                    Pending {
+                        msg,
+                        due: due_instant(due, now),
+                    }
+                }));
+            }
+            let batch: Vec<Pending> = st.pending.drain(..).collect();
+            if let Err(e) = deliver(&st.channels, &batch) {
+                tracing::error!(topic = %self.name, error = %e, "moving messages to channels failed; will retry");
+                for p in batch.into_iter().rev() {
+                    st.pending.push_front(p);
+                }
+                return;
             }
         }
     }
 
-    /// The channel, created (with its timer task) if needed. `None` when the topic is being
-    /// deleted.
-    pub(crate) fn channel(&self, name: &str) -> Option<Arc<Channel>> {
+    /// The channel, created (with its timer task) if needed, and whether it was created.
+    /// `None` when the topic is being deleted.
+    pub(crate) fn channel(&self, name: &str) -> Result<Option<(Arc<Channel>, bool)>, StorageError> {
         let mut st = self.lock();
         if st.deleted {
-            return None;
+            return Ok(None);
         }
-        Some(self.channel_locked(&mut st, name))
+        self.channel_locked(&mut st, name).map(Some)
     }
 
-    fn channel_locked(&self, st: &mut State, name: &str) -> Arc<Channel> {
+    fn channel_locked(
+        &self,
+        st: &mut State,
+        name: &str,
+    ) -> Result<(Arc<Channel>, bool), StorageError> {
         if let Some(c) = st.channels.get(name) {
-            return c.clone();
+            return Ok((c.clone(), false));
         }
-        let channel = Channel::new(&self.name, name, self.settings.clone());
+        let channel = Channel::open(&self.name, name, self.settings.clone())?;
         tokio::spawn(channel.clone().run_timers());
         st.channels.insert(name.to_string(), channel.clone());
         tracing::info!(topic = %self.name, channel = %name, "new channel");
-        self.release_pending(st);
-        channel
+        self.release(st);
+        Ok((channel, true))
     }
 
-    /// Subscribes `client` to the channel `name`, creating it if needed.
+    /// Subscribes `client` to the channel `name`, creating it if needed; says whether it was
+    /// created.
     pub(crate) fn subscribe(
         &self,
         name: &str,
         client: &Arc<Client>,
-    ) -> Result<Arc<Channel>, SubscribeError> {
+    ) -> Result<(Arc<Channel>, bool), SubscribeError> {
         let mut st = self.lock();
         if st.deleted {
             return Err(SubscribeError::Exiting);
         }
-        let channel = self.channel_locked(&mut st, name);
+        let (channel, created) = self.channel_locked(&mut st, name)?;
         channel.subscribe(client)?;
-        Ok(channel)
+        Ok((channel, created))
     }
 
     pub(crate) fn existing_channel(&self, name: &str) -> Option<Arc<Channel>> {
@@ -216,28 +275,110 @@ impl Topic {
         self.ephemeral && self.lock().channels.is_empty()
     }
 
-    /// Marks the topic deleted and deletes its channels.
+    /// Marks the topic deleted, deletes its channels and its disk queue.
     pub(crate) fn delete(&self) {
-        let channels = {
+        let (channels, disk) = {
             let mut st = self.lock();
             st.deleted = true;
             st.pending.clear();
-            std::mem::take(&mut st.channels)
+            (std::mem::take(&mut st.channels), st.disk.take())
         };
         for channel in channels.values() {
             channel.delete();
         }
+        if let Some(disk) = disk
+            && let Err(e) = disk.delete()
+        {
+            tracing::error!(topic = %self.name, error = %e, "deleting the disk queue failed");
+        }
     }
 
     /// Drops the messages waiting in the topic (not those already in its channels).
-    pub(crate) fn empty(&self) {
-        self.lock().pending.clear();
+    pub(crate) fn empty(&self) -> Result<(), StorageError> {
+        let mut st = self.lock();
+        st.pending.clear();
+        match st.disk.as_mut() {
+            Some(disk) => disk.empty(),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn set_paused(&self, paused: bool) {
         let mut st = self.lock();
         st.paused = paused;
-        self.release_pending(&mut st);
+        self.release(&mut st);
+    }
+
+    /// Sets the channel's paused flag; false when there is no such channel.
+    pub(crate) fn set_channel_paused(&self, name: &str, paused: bool) -> bool {
+        match self.existing_channel(name) {
+            Some(channel) => {
+                channel.set_paused(paused);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Clean shutdown: writes the topic's and its channels' memory to their disk queues.
+    pub(crate) fn persist(&self) -> Result<(), StorageError> {
+        let channels: Vec<Arc<Channel>> = {
+            let mut st = self.lock();
+            let now = Instant::now();
+            let State { pending, disk, .. } = &mut *st;
+            if let Some(disk) = disk.as_mut() {
+                let records: Vec<DiskRecord> = pending
+                    .drain(..)
+                    .map(|p| p.msg.to_record(p.due.map_or(0, |d| due_unix_ms(d, now))))
+                    .collect();
+                if !records.is_empty() {
+                    self.settings.append(disk, &records)?;
+                }
+                disk.sync()?;
+            }
+            st.channels.values().cloned().collect()
+        };
+        channels.iter().try_for_each(|c| c.persist())
+    }
+
+    /// Fsyncs the topic's and its channels' disk queues; false when any fsync failed.
+    pub(crate) fn sync(&self) -> bool {
+        let (mut ok, channels) = {
+            let mut st = self.lock();
+            let ok = match st.disk.as_mut() {
+                Some(disk) => self.settings.sync(disk, &self.name),
+                None => true,
+            };
+            (
+                ok,
+                st.channels.values().cloned().collect::<Vec<Arc<Channel>>>(),
+            )
+        };
+        for channel in channels {
+            ok &= channel.sync();
+        }
+        ok
+    }
+
+    /// What the metadata file records of this topic; `None` for an ephemeral one.
+    pub(crate) fn meta(&self) -> Option<TopicMeta> {
+        if self.ephemeral {
+            return None;
+        }
+        let st = self.lock();
+        Some(TopicMeta {
+            name: self.name.clone(),
+            paused: st.paused,
+            channels: st
+                .channels
+                .values()
+                .filter(|c| !c.ephemeral)
+                .map(|c| ChannelMeta {
+                    name: c.name.clone(),
+                    paused: c.is_paused(),
+                })
+                .collect(),
+        })
     }
 
     /// `pub_topic` is the `/stats` topic filter, which decides the clients' `pub_counts`.
@@ -247,7 +388,7 @@ impl Topic {
         include_clients: bool,
         pub_topic: Option<&str>,
     ) -> TopicStats {
-        let (channels, depth, paused) = {
+        let (channels, memory, on_disk, paused) = {
             let st = self.lock();
             let channels: Vec<Arc<Channel>> = st
                 .channels
@@ -255,7 +396,12 @@ impl Topic {
                 .filter(|c| channel_filter.is_none_or(|f| f == c.name))
                 .cloned()
                 .collect();
-            (channels, st.pending.len() as i64, st.paused)
+            (
+                channels,
+                st.pending.len() as i64,
+                st.on_disk() as i64,
+                st.paused,
+            )
         };
         let mut e2e = Histogram::default();
         let channels = channels
@@ -268,14 +414,34 @@ impl Topic {
         TopicStats {
             topic_name: self.name.clone(),
             channels,
-            depth,
-            backend_depth: 0,
+            depth: memory + on_disk,
+            backend_depth: on_disk,
             message_count: self.message_count.load(Relaxed),
             message_bytes: self.message_bytes.load(Relaxed),
             paused,
             e2e_processing_latency: E2eStats::new(&self.settings.e2e_quantiles, &e2e),
         }
     }
+}
+
+/// Puts released messages into every channel: the ready ones as a batch, deferred ones with
+/// their due time.
+fn deliver(
+    channels: &BTreeMap<String, Arc<Channel>>,
+    batch: &[Pending],
+) -> Result<(), StorageError> {
+    let ready: Vec<Msg> = batch
+        .iter()
+        .filter(|p| p.due.is_none())
+        .map(|p| p.msg.clone())
+        .collect();
+    for channel in channels.values() {
+        channel.put(&ready, None)?;
+        for p in batch.iter().filter(|p| p.due.is_some()) {
+            channel.put(std::slice::from_ref(&p.msg), p.due)?;
+        }
+    }
+    Ok(())
 }
 
 fn new_msg(ids: &mut IdGenerator, now_ns: i64, body: &Bytes) -> Msg {

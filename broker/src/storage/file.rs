@@ -1,0 +1,310 @@
+//! The files under a disk queue: their names, and the one place where the queue touches them,
+//! with the fault switch that tests use to make writes and fsyncs fail on demand.
+
+use super::StorageError;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Makes every write and fsync of the queues that share it fail with an I/O error while it is on.
+///
+/// A write under the switch really writes the first half of its bytes and then fails, as a disk
+/// that fills up mid-write does, so the queue's clean-up of partial writes is exercised too.
+/// Reads, truncation, renames and removals are not affected. The switch costs one relaxed
+/// atomic load per write or fsync; clones share the same state.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FaultSwitch(Arc<AtomicBool>);
+
+impl FaultSwitch {
+    /// Turns the injected faults on (`true`) or off again (`false`).
+    #[cfg(test)]
+    pub(crate) fn set_failing(&self, failing: bool) {
+        self.0.store(failing, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_failing(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.is_failing() {
+            return Err(injected());
+        }
+        Ok(())
+    }
+}
+
+fn injected() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::StorageFull,
+        "injected fault: the storage fault switch is on",
+    )
+}
+
+/// What a file name in the queue's directory is, for queue `name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FileKind {
+    Segment(u64),
+    /// A segment part moved aside as corrupt.
+    Bad,
+    Meta,
+    MetaTemp,
+}
+
+/// The queue's own file names: `<name>.diskqueue.<n, 6 digits or more>.dat` for segments,
+/// `<name>.diskqueue.meta` for the metadata.
+#[derive(Debug, Clone)]
+pub(super) struct Names {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Names {
+    pub(super) fn new(dir: &Path, name: &str) -> Names {
+        Names {
+            dir: dir.to_path_buf(),
+            prefix: format!("{name}.diskqueue."),
+        }
+    }
+
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(super) fn segment(&self, n: u64) -> PathBuf {
+        self.dir.join(format!("{}{n:06}.dat", self.prefix))
+    }
+
+    pub(super) fn meta(&self) -> PathBuf {
+        self.dir.join(format!("{}meta", self.prefix))
+    }
+
+    pub(super) fn meta_temp(&self) -> PathBuf {
+        self.dir.join(format!("{}meta.tmp", self.prefix))
+    }
+
+    /// A free name to move the corrupt part of segment `n` to: `<segment>.bad`, or
+    /// `<segment>.<k>.bad` when an earlier one is still there.
+    pub(super) fn bad(&self, n: u64) -> PathBuf {
+        let segment = format!("{}{n:06}.dat", self.prefix);
+        let first = self.dir.join(format!("{segment}.bad"));
+        if !first.exists() {
+            return first;
+        }
+        (1u32..)
+            .map(|k| self.dir.join(format!("{segment}.{k}.bad")))
+            .find(|p| !p.exists())
+            .unwrap_or(first)
+    }
+
+    pub(super) fn classify(&self, file_name: &str) -> Option<FileKind> {
+        let rest = file_name.strip_prefix(&self.prefix)?;
+        match rest {
+            "meta" => return Some(FileKind::Meta),
+            "meta.tmp" => return Some(FileKind::MetaTemp),
+            _ => {}
+        }
+        let digits_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (digits, tail) = rest.split_at(digits_end);
+        if digits.is_empty() {
+            return None;
+        }
+        match tail {
+            ".dat" => digits.parse().ok().map(FileKind::Segment),
+            t if t.starts_with(".dat.") && t.ends_with(".bad") => Some(FileKind::Bad),
+            _ => None,
+        }
+    }
+}
+
+/// An open file of the queue: positional reads and writes, with the path for errors and the
+/// fault switch for tests.
+#[derive(Debug)]
+pub(super) struct QueueFile {
+    file: File,
+    path: PathBuf,
+    faults: FaultSwitch,
+}
+
+impl QueueFile {
+    pub(super) fn open_read(
+        path: PathBuf,
+        faults: &FaultSwitch,
+    ) -> Result<QueueFile, StorageError> {
+        match File::open(&path) {
+            Ok(file) => Ok(QueueFile {
+                file,
+                path,
+                faults: faults.clone(),
+            }),
+            Err(source) => Err(StorageError::Open { path, source }),
+        }
+    }
+
+    /// Opens `path` for writing, creating it if needed; `truncate` empties it.
+    pub(super) fn open_write(
+        path: PathBuf,
+        truncate: bool,
+        faults: &FaultSwitch,
+    ) -> Result<QueueFile, StorageError> {
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(truncate)
+            .open(&path);
+        match opened {
+            Ok(file) => Ok(QueueFile {
+                file,
+                path,
+                faults: faults.clone(),
+            }),
+            Err(source) => Err(StorageError::Open { path, source }),
+        }
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes all of `buf` at `offset`, normally with one `pwrite`.
+    pub(super) fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<(), StorageError> {
+        let result = if self.faults.is_failing() {
+            let half = &buf[..buf.len() / 2];
+            self.file
+                .write_all_at(half, offset)
+                .and_then(|()| Err(injected()))
+        } else {
+            self.file.write_all_at(buf, offset)
+        };
+        result.map_err(|source| StorageError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Reads into `buf` at `offset`; fewer bytes than asked only at the end of the file.
+    pub(super) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, StorageError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(StorageError::Read {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// `fdatasync`: the data and the file length reach the disk.
+    pub(super) fn sync(&self) -> Result<(), StorageError> {
+        self.faults
+            .check()
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| StorageError::Sync {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    pub(super) fn truncate(&self, len: u64) -> Result<(), StorageError> {
+        self.file
+            .set_len(len)
+            .map_err(|source| StorageError::Truncate {
+                path: self.path.clone(),
+                len,
+                source,
+            })
+    }
+
+    pub(super) fn len(&self) -> Result<u64, StorageError> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|source| StorageError::Read {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// fsyncs directory `dir`, so that file creations, renames and removals in it are durable.
+pub(super) fn sync_dir(dir: &Path, faults: &FaultSwitch) -> Result<(), StorageError> {
+    faults
+        .check()
+        .and_then(|()| File::open(dir))
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StorageError::Sync {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Removes `path`; a file already gone is fine.
+pub(super) fn remove_if_present(path: &Path) -> Result<(), StorageError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StorageError::Remove {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+pub(super) fn rename(from: &Path, to: &Path) -> Result<(), StorageError> {
+    std::fs::rename(from, to).map_err(|source| StorageError::Rename {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_classified() {
+        let names = Names::new(Path::new("/d"), "t:c");
+        assert_eq!(
+            names.segment(7),
+            Path::new("/d/t:c.diskqueue.000007.dat").to_path_buf()
+        );
+        assert_eq!(
+            names.classify("t:c.diskqueue.000007.dat"),
+            Some(FileKind::Segment(7))
+        );
+        assert_eq!(
+            names.classify("t:c.diskqueue.1234567.dat"),
+            Some(FileKind::Segment(1_234_567))
+        );
+        assert_eq!(
+            names.classify("t:c.diskqueue.000007.dat.bad"),
+            Some(FileKind::Bad)
+        );
+        assert_eq!(
+            names.classify("t:c.diskqueue.000007.dat.2.bad"),
+            Some(FileKind::Bad)
+        );
+        assert_eq!(names.classify("t:c.diskqueue.meta"), Some(FileKind::Meta));
+        assert_eq!(
+            names.classify("t:c.diskqueue.meta.tmp"),
+            Some(FileKind::MetaTemp)
+        );
+        assert_eq!(names.classify("t.diskqueue.000007.dat"), None);
+        assert_eq!(names.classify("t:c.diskqueue..dat"), None);
+        assert_eq!(names.classify("t:c.diskqueue.000007.dat.tmp"), None);
+    }
+}

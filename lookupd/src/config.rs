@@ -1,0 +1,185 @@
+//! The lookupd's options: nsqlookupd's flag names and defaults, each also settable from a
+//! `KNSQ_LOOKUPD_<FLAG>` environment variable, parsed with Go's flag syntax as well as GNU's.
+
+use crate::registry::Lifetimes;
+use broker::config::{
+    default_hostname, normalize_go_flags, parse_go_bool, parse_go_duration, parse_log_level,
+};
+use clap::Parser;
+use std::time::Duration;
+
+/// An option value that makes no sense, named by its flag.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for --{flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "knsq-lookupd",
+    version,
+    about = "knsq-lookupd: an nsqlookupd-compatible directory of knsq brokers",
+    after_help = "Flags take nsqlookupd's names and Go's syntax too: -flag=value, -flag value, --flag, --flag=false."
+)]
+pub struct Options {
+    /// <addr>:<port> to listen on for broker registrations (gRPC); nsqlookupd's
+    /// --tcp-address is accepted as an alias
+    #[arg(
+        long,
+        visible_alias = "tcp-address",
+        env = "KNSQ_LOOKUPD_GRPC_ADDRESS",
+        default_value = "0.0.0.0:4160"
+    )]
+    pub grpc_address: String,
+
+    /// <addr>:<port> to listen on for HTTP clients
+    #[arg(
+        long,
+        env = "KNSQ_LOOKUPD_HTTP_ADDRESS",
+        default_value = "0.0.0.0:4161"
+    )]
+    pub http_address: String,
+
+    /// Address of this lookupd, told to brokers (default: the host name)
+    #[arg(long, env = "KNSQ_LOOKUPD_BROADCAST_ADDRESS", default_value_t = default_hostname())]
+    pub broadcast_address: String,
+
+    /// A broker silent for this long is hidden from /lookup and /nodes
+    #[arg(long, env = "KNSQ_LOOKUPD_INACTIVE_PRODUCER_TIMEOUT", default_value = "5m", value_parser = parse_go_duration)]
+    pub inactive_producer_timeout: Duration,
+
+    /// How long a tombstoned broker is hidden from /lookup of that topic
+    #[arg(long, env = "KNSQ_LOOKUPD_TOMBSTONE_LIFETIME", default_value = "45s", value_parser = parse_go_duration)]
+    pub tombstone_lifetime: Duration,
+
+    /// Log level: debug, info, warn, error or fatal
+    #[arg(long, env = "KNSQ_LOOKUPD_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
+    pub log_level: String,
+
+    /// nsqlookupd's log line prefix; accepted and ignored (knsq logs structured lines)
+    #[arg(long, env = "KNSQ_LOOKUPD_LOG_PREFIX", default_value = "[nsqlookupd] ")]
+    pub log_prefix: String,
+
+    /// Time allowed for a clean shutdown after SIGTERM before the lookupd exits anyway
+    #[arg(long, env = "KNSQ_LOOKUPD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Deprecated in nsqlookupd (use --log-level=debug); accepted and ignored
+    #[arg(long, env = "KNSQ_LOOKUPD_VERBOSE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
+    pub verbose: bool,
+}
+
+impl Options {
+    /// Parses a command line (nsqlookupd's Go syntax included).
+    pub fn from_args<I, T>(args: I) -> Result<Options, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        Options::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+    }
+
+    /// Checks what a flag's type cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.inactive_producer_timeout < Duration::from_millis(1) {
+            return Err(ConfigError {
+                flag: "inactive-producer-timeout",
+                reason: "must be at least 1ms".into(),
+            });
+        }
+        if self.broadcast_address.is_empty() {
+            return Err(ConfigError {
+                flag: "broadcast-address",
+                reason: "must not be empty".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn lifetimes(&self) -> Lifetimes {
+        Lifetimes {
+            inactive_producer_timeout: self.inactive_producer_timeout,
+            tombstone_lifetime: self.tombstone_lifetime,
+        }
+    }
+
+    /// Options for tests and embedding: nsqlookupd's defaults, listening on loopback port 0.
+    pub fn for_tests() -> Options {
+        let mut o = Options::from_args(["knsq-lookupd"]).unwrap_or_else(|e| panic!("{e}"));
+        o.grpc_address = "127.0.0.1:0".into();
+        o.http_address = "127.0.0.1:0".into();
+        o.broadcast_address = "127.0.0.1".into();
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
+        Options::from_args(std::iter::once("knsq-lookupd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_nsqlookupds() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.grpc_address, "0.0.0.0:4160");
+        assert_eq!(o.http_address, "0.0.0.0:4161");
+        assert_eq!(o.inactive_producer_timeout, Duration::from_secs(300));
+        assert_eq!(o.tombstone_lifetime, Duration::from_secs(45));
+        assert_eq!(o.log_level, "info");
+        assert!(!o.verbose);
+        assert!(!o.broadcast_address.is_empty());
+        o.validate().unwrap();
+    }
+
+    #[test]
+    fn accepts_nsqlookupd_command_lines() {
+        let o = parse(&[
+            "-tcp-address=127.0.0.1:1",
+            "-http-address",
+            "127.0.0.1:2",
+            "--broadcast-address=lookupd-0.lookupd",
+            "-inactive-producer-timeout=1m30s",
+            "--tombstone-lifetime",
+            "10s",
+            "-log-level=DEBUG",
+            "-log-prefix=[x] ",
+            "-verbose",
+        ])
+        .unwrap();
+        assert_eq!(o.grpc_address, "127.0.0.1:1");
+        assert_eq!(o.http_address, "127.0.0.1:2");
+        assert_eq!(o.broadcast_address, "lookupd-0.lookupd");
+        assert_eq!(o.inactive_producer_timeout, Duration::from_secs(90));
+        assert_eq!(o.tombstone_lifetime, Duration::from_secs(10));
+        assert_eq!(o.log_level, "debug");
+        assert!(o.verbose);
+        let o = parse(&["--grpc-address=127.0.0.1:3", "--verbose=false"]).unwrap();
+        assert_eq!(o.grpc_address, "127.0.0.1:3");
+        assert!(!o.verbose);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let err = parse(&["--tombstone-lifetime=abc"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tombstone-lifetime"), "{err}");
+        let err = parse(&["--log-level=loud"]).unwrap_err().to_string();
+        assert!(err.contains("--log-level"), "{err}");
+        let err = parse(&["--inactive-producer-timeout=0"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for --inactive-producer-timeout: must be at least 1ms"
+        );
+        assert!(parse(&["--data-path=/x"]).is_err(), "not a lookupd flag");
+    }
+}
