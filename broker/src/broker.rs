@@ -177,9 +177,11 @@ impl Broker {
         true
     }
 
-    pub(crate) fn delete_channel(&self, topic: &Topic, channel: &str) -> bool {
+    /// Deletes a channel; an ephemeral topic goes with its last channel, as in nsqd.
+    pub(crate) fn delete_channel(&self, topic: &Arc<Topic>, channel: &str) -> bool {
         let deleted = topic.delete_channel(channel);
         if deleted {
+            self.delete_topic_if_unused_ephemeral(topic);
             self.save_metadata();
         }
         deleted
@@ -202,6 +204,12 @@ impl Broker {
     /// then its topic if that was ephemeral and lost its last channel.
     pub(crate) fn consumer_left(&self, topic: &Arc<Topic>, channel: &str) {
         topic.delete_channel_if_unused(channel);
+        self.delete_topic_if_unused_ephemeral(topic);
+    }
+
+    /// Deletes an ephemeral topic that has lost its last channel (if it is still registered:
+    /// a new one of the same name may have replaced it).
+    fn delete_topic_if_unused_ephemeral(&self, topic: &Arc<Topic>) {
         if !topic.is_unused_ephemeral() {
             return;
         }

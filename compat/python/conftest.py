@@ -40,16 +40,26 @@ _LISTEN_RE = {
 class Broker:
     """A running knsq-broker process and the addresses it listens on."""
 
-    def __init__(self, args: list[str], data_path: Path, log_path: Path):
+    def __init__(
+        self,
+        args: list[str],
+        data_path: Path,
+        log_path: Path,
+        tcp_address: str = "127.0.0.1:0",
+        http_address: str = "127.0.0.1:0",
+    ):
         self.args = args
+        self.data_path = data_path
         self.log_path = log_path
         self.addresses: dict[str, str] = {}
+        self.stop_problem: str | None = None
+        self._stopped = False
         self._found = threading.Event()
         self._log = open(log_path, "w", encoding="utf-8", errors="replace")
         cmd = [
             str(BROKER_BIN),
-            "--tcp-address=127.0.0.1:0",
-            "--http-address=127.0.0.1:0",
+            f"--tcp-address={tcp_address}",
+            f"--http-address={http_address}",
             f"--data-path={data_path}",
             *args,
         ]
@@ -102,8 +112,12 @@ class Broker:
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT. Returns the exit code.
 
-        Sets ``stop_problem`` when the broker did not exit cleanly (code 0) on SIGTERM.
+        Sets ``stop_problem`` when the broker did not exit cleanly (code 0) on SIGTERM. Stopping
+        (or killing) a broker a second time does nothing and returns the first exit code.
         """
+        if self._stopped:
+            return self.proc.returncode
+        self._stopped = True
         self.stop_problem = None
         if self.proc.poll() is not None:
             self.stop_problem = f"it had already exited (code {self.proc.returncode}) before SIGTERM"
@@ -122,6 +136,27 @@ class Broker:
             self._log.close()
         return self.proc.returncode
 
+    def kill(self) -> int | None:
+        """SIGKILL (a crash) and reap it. Returns the exit code (-9); not a stop problem."""
+        if self._stopped:
+            return self.proc.returncode
+        self._stopped = True
+        self.stop_problem = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(STOP_TIMEOUT)
+        self._reader.join(5)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    async def astop(self) -> int | None:
+        """``stop()`` without blocking the event loop (pynsq clients keep running meanwhile)."""
+        return await asyncio.to_thread(self.stop)
+
+    async def akill(self) -> int | None:
+        return await asyncio.to_thread(self.kill)
+
     # --- HTTP API (blocking; call through ``await broker.ahttp(...)`` inside a test) ---
 
     def http(self, method: str, path: str, params: dict | None = None, body: bytes | None = None):
@@ -137,6 +172,20 @@ class Broker:
 
     async def ahttp(self, method: str, path: str, params: dict | None = None, body: bytes | None = None):
         return await asyncio.to_thread(self.http, method, path, params, body)
+
+    async def ping(self) -> tuple[int, bytes]:
+        return await self.ahttp("GET", "/ping")
+
+    async def metrics(self) -> dict[str, float]:
+        """``/metrics`` as {sample name with labels: value} (comments dropped)."""
+        status, body = await self.ahttp("GET", "/metrics")
+        assert status == 200, f"/metrics answered {status}: {body!r}"
+        samples = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
 
     async def stats(self, topic: str | None = None) -> dict:
         params = {"format": "json"}
@@ -187,14 +236,33 @@ def start_broker(tmp_path, request):
         pytest.fail(f"broker binary {BROKER_BIN} not found: run `cargo build -p broker` or set KNSQ_BROKER_BIN")
     brokers: list[Broker] = []
 
-    def start(*args: str) -> Broker:
+    def start(
+        *args: str,
+        data_path: Path | None = None,
+        tcp_address: str = "127.0.0.1:0",
+        http_address: str = "127.0.0.1:0",
+    ) -> Broker:
+        """Start a broker; on a fresh data directory unless ``data_path`` is given."""
         n = len(brokers)
-        data = tmp_path / f"data{n}"
-        data.mkdir()
-        broker = Broker(list(args), data, tmp_path / f"broker{n}.log")
+        if data_path is None:
+            data_path = tmp_path / f"data{n}"
+            data_path.mkdir()
+        broker = Broker(list(args), data_path, tmp_path / f"broker{n}.log", tcp_address, http_address)
         brokers.append(broker)
         return broker
 
+    def restart(old: Broker, *args: str, same_ports: bool = False) -> Broker:
+        """Start a new broker with ``old``'s flags (or ``args``) on ``old``'s data directory.
+
+        ``old`` must have exited (``stop()``/``kill()``). With ``same_ports`` the new broker
+        listens where the old one did; otherwise on fresh ports.
+        """
+        assert old.proc.poll() is not None, "restart() needs the old broker to have exited"
+        ports = {"tcp_address": old.tcp_address, "http_address": old.http_address} if same_ports else {}
+        return start(*(args or old.args), data_path=old.data_path, **ports)
+
+    start.restart = restart
+    start.brokers = brokers
     yield start
 
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
@@ -222,6 +290,36 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, "rep_" + report.when, report)
     return report
+
+
+def run_broker_to_exit(args: list[str], data_path: Path, timeout: float = STARTUP_TIMEOUT) -> tuple[int | None, str]:
+    """Run a broker expected to exit by itself (a refused start-up): (exit code, its output).
+
+    The exit code is None if it was still running after ``timeout`` (it is then killed).
+    """
+    cmd = [
+        str(BROKER_BIN),
+        "--tcp-address=127.0.0.1:0",
+        "--http-address=127.0.0.1:0",
+        f"--data-path={data_path}",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        return None, output
+
+
+def broker_flags() -> str:
+    """The broker's ``--help`` text (to find out which flags this build has)."""
+    result = subprocess.run([str(BROKER_BIN), "--help"], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    return result.stdout + result.stderr
 
 
 def run(coro_fn, timeout: float = TEST_TIMEOUT):
@@ -411,6 +509,36 @@ def run_with_clients(broker: Broker, body, timeout: float = TEST_TIMEOUT):
         finally:
             clients.close()
             # Let the closes reach the broker before the loop goes away.
+            await asyncio.sleep(0.05)
+
+    return run(main, timeout)
+
+
+class ClientSets:
+    """One ``Clients`` per broker (a test that restarts a broker talks to several); closes all."""
+
+    def __init__(self):
+        self.sets: list[Clients] = []
+
+    def __call__(self, broker: Broker) -> Clients:
+        clients = Clients(broker)
+        self.sets.append(clients)
+        return clients
+
+    def close(self) -> None:
+        for clients in self.sets:
+            clients.close()
+
+
+def run_with_client_sets(body, timeout: float = TEST_TIMEOUT):
+    """Run ``await body(clients_for)`` bounded; ``clients_for(broker)`` gives that broker's Clients."""
+
+    async def main():
+        sets = ClientSets()
+        try:
+            return await body(sets)
+        finally:
+            sets.close()
             await asyncio.sleep(0.05)
 
     return run(main, timeout)

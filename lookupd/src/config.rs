@@ -2,19 +2,12 @@
 //! `KNSQ_LOOKUPD_<FLAG>` environment variable, parsed with Go's flag syntax as well as GNU's.
 
 use crate::registry::Lifetimes;
+pub use broker::config::ConfigError;
 use broker::config::{
-    default_hostname, normalize_go_flags, parse_go_bool, parse_go_duration, parse_log_level,
+    default_hostname, parse_go_bool, parse_go_command_line, parse_go_duration, parse_log_level,
 };
 use clap::Parser;
 use std::time::Duration;
-
-/// An option value that makes no sense, named by its flag.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid value for --{flag}: {reason}")]
-pub struct ConfigError {
-    pub flag: &'static str,
-    pub reason: String,
-}
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -79,7 +72,7 @@ impl Options {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        Options::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+        parse_go_command_line(args)
     }
 
     /// Checks what a flag's type cannot.

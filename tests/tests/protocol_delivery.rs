@@ -1099,7 +1099,6 @@ async fn dpub_before_any_channel_keeps_its_delay() -> Result<()> {
 }
 
 #[tokio::test]
-#[ignore = "broker bug: HTTP /channel/delete of an ephemeral topic's last channel leaves the topic"]
 async fn ephemeral_topic_goes_when_its_last_channel_is_deleted() -> Result<()> {
     let b = broker().await?;
     // A durable channel of an ephemeral topic outlives its consumer...

@@ -1,6 +1,7 @@
 //! TCP protocol V2 error paths, byte for byte: the exact error frame nsqd 1.3 sends for each
 //! bad input, and whether the connection closes after it (every error but E_FIN_FAILED,
-//! E_REQ_FAILED and E_TOUCH_FAILED is fatal).
+//! E_REQ_FAILED and E_TOUCH_FAILED is fatal). Also the limits around them: full memory
+//! queues (spill to disk, never an error), consumer limits and disk write failures.
 
 #[allow(dead_code)]
 mod common;
@@ -891,7 +892,6 @@ async fn a_disk_write_error_is_fatal_e_pub_failed() -> Result<()> {
 }
 
 #[tokio::test]
-#[ignore = "broker bug: after CLS a malformed or too-large RDY is fatal E_INVALID instead of ignored"]
 async fn rdy_after_cls_is_ignored_even_when_malformed() -> Result<()> {
     // nsqd checks for the closing state before it parses the count.
     let b = TestBroker::start(|o| o.max_rdy_count = 10).await?;

@@ -166,7 +166,6 @@ async fn negotiated_values_are_reflected() -> Result<()> {
 }
 
 #[tokio::test]
-#[ignore = "broker bug: IDENTIFY {deflate,snappy} answers the JSON instead of fatal E_IDENTIFY_FAILED"]
 async fn asking_for_deflate_and_snappy_together_is_fatal() -> Result<()> {
     let b = broker().await?;
     let mut c = b.connect().await?;
@@ -545,7 +544,6 @@ async fn holding_one_buffered_message(b: &TestBroker) -> Result<NsqConn> {
 }
 
 #[tokio::test]
-#[ignore = "broker bug: RDY 0 does not flush buffered messages; they wait for output_buffer_timeout"]
 async fn rdy_zero_flushes_buffered_messages() -> Result<()> {
     let b = broker().await?;
     let mut c = holding_one_buffered_message(&b).await?;
@@ -562,7 +560,6 @@ async fn rdy_zero_flushes_buffered_messages() -> Result<()> {
 }
 
 #[tokio::test]
-#[ignore = "broker bug: pausing the channel does not flush consumers' buffered messages"]
 async fn channel_pause_flushes_buffered_messages() -> Result<()> {
     let b = broker().await?;
     let mut c = holding_one_buffered_message(&b).await?;

@@ -29,6 +29,15 @@ pub fn normalize_go_flags(args: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
+/// Parses a command line in Go's flag syntax (or GNU's) into the options `P`.
+pub fn parse_go_command_line<P, T>(args: impl IntoIterator<Item = T>) -> Result<P, clap::Error>
+where
+    P: clap::Parser,
+    T: Into<String>,
+{
+    P::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ mod duration;
 mod go_flags;
 
 pub use duration::{format_go_duration, parse_go_duration};
-pub use go_flags::normalize_go_flags;
+pub use go_flags::{normalize_go_flags, parse_go_command_line};
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -150,7 +150,7 @@ impl Options {
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        Options::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+        parse_go_command_line(args)
     }
 
     /// Checks what a flag's type cannot: ranges and relations between flags.

@@ -10,7 +10,9 @@ use crate::broker::Broker;
 use crate::queue::{Channel, PublishError, SubscribeError, Topic};
 use bytes::{Bytes, BytesMut};
 use proto::wire::frame::{write_error, write_response};
-use proto::wire::{Command, CommandName, Decoder, ErrorCode, MAGIC_V2, MessageId, ProtocolError};
+use proto::wire::{
+    Command, CommandName, Decoder, ErrorCode, MAGIC_V2, MessageId, Precheck, ProtocolError,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -441,9 +443,11 @@ fn publish_error_code(command: CommandName) -> ErrorCode {
 }
 
 /// The state rules nsqd applies before reading a command's parameters and body.
-fn check_state(name: CommandName, state: i32, heartbeats: bool) -> Result<(), ProtocolError> {
+fn check_state(name: CommandName, state: i32, heartbeats: bool) -> Result<Precheck, ProtocolError> {
     let cannot = || ProtocolError::invalid(format!("cannot {} in current state", name.as_str()));
     match name {
+        // nsqd ignores RDY from a closing client before even parsing its count.
+        CommandName::Rdy if state == STATE_CLOSING => Ok(Precheck::Skip),
         CommandName::Identify | CommandName::Auth if state != STATE_INIT => Err(cannot()),
         CommandName::Sub if state != STATE_INIT => Err(cannot()),
         CommandName::Sub if !heartbeats => Err(ProtocolError::invalid(
@@ -456,6 +460,6 @@ fn check_state(name: CommandName, state: i32, heartbeats: bool) -> Result<(), Pr
             Err(cannot())
         }
         CommandName::Cls if state != STATE_SUBSCRIBED => Err(cannot()),
-        _ => Ok(()),
+        _ => Ok(Precheck::Parse),
     }
 }

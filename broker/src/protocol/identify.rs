@@ -27,6 +27,8 @@ pub(crate) struct IdentifyRequest {
     sample_rate: i64,
     msg_timeout: i64,
     deflate_level: i64,
+    deflate: bool,
+    snappy: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,9 +80,10 @@ impl IdentifyRequest {
                 "sample_rate" => req.sample_rate = int()?,
                 "msg_timeout" => req.msg_timeout = int()?,
                 "deflate_level" => req.deflate_level = int()?,
-                // Accepted with their types checked; negotiated as off until TLS and
-                // compression land.
-                "tls_v1" | "snappy" | "deflate" => {
+                "deflate" => req.deflate = flag()?,
+                "snappy" => req.snappy = flag()?,
+                // Accepted with its type checked; negotiated as off until TLS lands.
+                "tls_v1" => {
                     flag()?;
                 }
                 "topology_region" | "topology_zone" => {
@@ -153,6 +156,13 @@ impl IdentifyRequest {
             0 => {}
             v if v >= 1000 && v <= max_ms(o.max_msg_timeout) => next.msg_timeout = ms(v),
             v => return Err(bad_body(format!("IDENTIFY msg timeout ({v}) is invalid"))),
+        }
+        // As nsqd with its default --deflate and --snappy: one compression at most.
+        if self.deflate && self.snappy {
+            return Err(ProtocolError::new(
+                ErrorCode::IdentifyFailed,
+                "cannot enable both deflate and snappy compression",
+            ));
         }
         Ok(next)
     }

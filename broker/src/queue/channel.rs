@@ -9,7 +9,7 @@
 use super::deferred::Deferred;
 use super::e2e::{Histogram, LatencyWindow};
 use super::in_flight::{InFlight, InFlightError};
-use super::message::Msg;
+use super::message::{Msg, NOT_HELD};
 use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::protocol::Client;
 use crate::stats::{ChannelStats, E2eStats};
@@ -261,9 +261,16 @@ impl Channel {
         let Some(disk) = disk.as_mut().filter(|d| d.depth() > 0) else {
             return;
         };
-        self.settings.pop(disk, &self.name, want, read);
+        let mut segments = Vec::new();
+        // With --sync-publish a message stays on disk until finished, so a crash loses none.
+        let held = self.settings.sync_publish.then_some(&mut segments);
+        self.settings.pop(disk, &self.name, want, read, held);
+        let mut segments = segments.into_iter();
         for record in read.drain(..) {
-            let (msg, due) = Msg::from_record(record);
+            let (mut msg, due) = Msg::from_record(record);
+            if let Some(segment) = segments.next() {
+                msg.segment = segment as u32;
+            }
             match due_instant(due, now) {
                 Some(at) => deferred.push(msg, at),
                 None => queue.push_back(msg),
@@ -315,6 +322,10 @@ impl Channel {
         if let Some(c) = st.consumer_mut(client_id) {
             c.rdy = count;
             c.publish_counts();
+            // nsqd flushes a client's buffered messages as soon as it can take no more.
+            if c.free() == 0 {
+                c.client.outbox.flush();
+            }
         }
         self.dispatch(&mut st, Instant::now());
     }
@@ -326,6 +337,7 @@ impl Channel {
             c.closing = true;
             c.rdy = 0;
             c.publish_counts();
+            c.client.outbox.flush();
         }
     }
 
@@ -345,6 +357,7 @@ impl Channel {
             match st.in_flight.remove(id, client_id) {
                 Ok(entry) => {
                     done += 1;
+                    release(&mut st.disk, entry.msg.segment);
                     if let Some(e2e) = st.e2e.as_mut() {
                         let latency = now_ns.saturating_sub(entry.msg.timestamp).max(0);
                         e2e.record(latency as u64, now);
@@ -409,7 +422,12 @@ impl Channel {
     pub(crate) fn set_paused(&self, paused: bool) {
         let mut st = self.lock();
         st.paused = paused;
-        if !paused {
+        if paused {
+            // Paused consumers are not ready: what they have buffered goes out now.
+            for c in &st.consumers {
+                c.client.outbox.flush();
+            }
+        } else {
             self.dispatch(&mut st, Instant::now());
         }
     }
@@ -471,6 +489,8 @@ impl Channel {
         let Some(disk) = disk.as_mut() else {
             return Ok(());
         };
+        // What this stores again replaces what the disk held for it.
+        disk.release_all();
         let mut records: Vec<DiskRecord> = in_flight.drain().map(|e| e.msg.to_record(0)).collect();
         records.extend(queue.drain(..).map(|m| m.to_record(0)));
         records.extend(
@@ -564,10 +584,12 @@ impl Channel {
             let client = c.client.clone();
             // nsqd flushes as soon as a client can take no more.
             let flush = take >= c.free();
+            let mut sampled_out = Vec::new();
             let sent = client.outbox.push(flush, |buf| {
                 let mut sent = 0;
                 for mut msg in queue.drain(..take as usize) {
                     if c.sample_rate > 0 && c.next_percent() > c.sample_rate {
+                        sampled_out.push(msg.segment);
                         continue;
                     }
                     msg.attempts = msg.attempts.saturating_add(1);
@@ -580,6 +602,9 @@ impl Channel {
             c.in_flight += sent;
             client.counters.message_count.fetch_add(sent, Relaxed);
             c.publish_counts();
+            for segment in sampled_out {
+                release(&mut st.disk, segment);
+            }
         }
         self.wake_timer_if_earlier(st);
     }
@@ -592,6 +617,15 @@ impl Channel {
             st.timer_at = Some(next);
             self.timer.notify_one();
         }
+    }
+}
+
+/// A message held on disk is done with.
+fn release(disk: &mut Option<DiskQueue>, segment: u32) {
+    if segment != NOT_HELD
+        && let Some(disk) = disk.as_mut()
+    {
+        disk.release(u64::from(segment));
     }
 }
 

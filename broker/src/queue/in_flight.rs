@@ -236,6 +236,7 @@ mod tests {
             id: MessageId::from_u64(n),
             timestamp: 0,
             attempts: 1,
+            segment: super::super::message::NOT_HELD,
             body: Bytes::new(),
         }
     }

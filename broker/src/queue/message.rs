@@ -11,8 +11,14 @@ pub(crate) struct Msg {
     pub(crate) timestamp: i64,
     /// Deliveries so far.
     pub(crate) attempts: u16,
+    /// With `--sync-publish`, the disk segment holding this message until it is finished;
+    /// [`NOT_HELD`] otherwise. (Fits in padding: the struct stays 64 bytes.)
+    pub(crate) segment: u32,
     pub(crate) body: Bytes,
 }
+
+/// [`Msg::segment`] of a message no disk segment holds.
+pub(crate) const NOT_HELD: u32 = u32::MAX;
 
 impl Msg {
     /// The message as the disk queue stores it; `due_unix_ms` is 0 unless deferred.
@@ -32,6 +38,7 @@ impl Msg {
             id: record.id,
             timestamp: record.timestamp,
             attempts: record.attempts,
+            segment: NOT_HELD,
             body: record.body,
         };
         (msg, record.due_unix_ms)

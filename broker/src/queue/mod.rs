@@ -95,11 +95,23 @@ impl QueueSettings {
         }
     }
 
-    /// Takes up to `max` records off the front of a disk queue, counting corrupt segments
-    /// it had to skip. A read error is logged and leaves the queue as it was.
-    fn pop(&self, disk: &mut DiskQueue, name: &str, max: usize, out: &mut Vec<DiskRecord>) {
+    /// Takes up to `max` records off the front of a disk queue (held until released when
+    /// `held` collects their segments), counting corrupt segments it had to skip. A read error
+    /// is logged and leaves the queue as it was.
+    fn pop(
+        &self,
+        disk: &mut DiskQueue,
+        name: &str,
+        max: usize,
+        out: &mut Vec<DiskRecord>,
+        held: Option<&mut Vec<u64>>,
+    ) {
         let corrupt_before = disk.corrupt_segments();
-        if let Err(e) = disk.pop(max, out) {
+        let popped = match held {
+            Some(segments) => disk.pop_held(max, out, segments),
+            None => disk.pop(max, out),
+        };
+        if let Err(e) = popped {
             tracing::error!(queue = %name, error = %e, "reading the disk queue failed");
         }
         let corrupt = disk.corrupt_segments() - corrupt_before;

@@ -8,7 +8,7 @@
 use super::channel::{Channel, SubscribeError};
 use super::e2e::Histogram;
 use super::guid::IdGenerator;
-use super::message::Msg;
+use super::message::{Msg, NOT_HELD};
 use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::persist::{ChannelMeta, TopicMeta};
 use crate::protocol::Client;
@@ -174,7 +174,7 @@ impl Topic {
                 };
                 let mut read = Vec::with_capacity(RELEASE_BATCH);
                 self.settings
-                    .pop(disk, &self.name, RELEASE_BATCH, &mut read);
+                    .pop(disk, &self.name, RELEASE_BATCH, &mut read, None);
                 if read.is_empty() {
                     return;
                 }
@@ -449,6 +449,7 @@ fn new_msg(ids: &mut IdGenerator, now_ns: i64, body: &Bytes) -> Msg {
         id: ids.next(now_ns),
         timestamp: now_ns,
         attempts: 0,
+        segment: NOT_HELD,
         body: body.clone(),
     }
 }

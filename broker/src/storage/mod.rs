@@ -57,6 +57,8 @@
 //! [`FaultSwitch`] in [`DiskQueueOptions`]: while it is on, writes half-happen and then fail, and
 //! fsyncs fail, so tests can drive the broker's disk-error path and its recovery.
 
+use std::collections::BTreeMap;
+
 mod error;
 mod file;
 mod meta;
@@ -166,6 +168,11 @@ pub(crate) struct DiskQueue {
     unsynced: Vec<QueueFile>,
     /// Segments fully read, deleted once the metadata no longer points at them.
     consumed: Vec<u64>,
+    /// Records handed out by [`DiskQueue::pop_held`] and not released yet, per segment.
+    held: BTreeMap<u64, u64>,
+    /// Records popped per segment from the oldest held one on: what a reader starting over
+    /// from that segment would read again.
+    popped: BTreeMap<u64, u64>,
     encode_buf: Vec<u8>,
     #[cfg(test)]
     io: IoCounts,
@@ -255,6 +262,8 @@ impl DiskQueue {
             },
             unsynced: recovered.repaired,
             consumed: Vec::new(),
+            held: BTreeMap::new(),
+            popped: BTreeMap::new(),
             encode_buf: Vec::new(),
             #[cfg(test)]
             io: IoCounts::default(),
@@ -398,6 +407,52 @@ impl DiskQueue {
         max: usize,
         out: &mut Vec<DiskRecord>,
     ) -> Result<usize, StorageError> {
+        self.pop_records(max, out, None)
+    }
+
+    /// Like [`DiskQueue::pop`], but the records stay held until [`DiskQueue::release`]d:
+    /// their segments are kept and the stored read position goes no further than the oldest
+    /// held segment's start, so after a crash they are read again (at least once, never lost).
+    /// `segments` gets each record's segment, to release it by.
+    pub(crate) fn pop_held(
+        &mut self,
+        max: usize,
+        out: &mut Vec<DiskRecord>,
+        segments: &mut Vec<u64>,
+    ) -> Result<usize, StorageError> {
+        self.pop_records(max, out, Some(segments))
+    }
+
+    /// A held record is done with (finished, or stored again elsewhere).
+    pub(crate) fn release(&mut self, segment: u64) {
+        if let Some(count) = self.held.get_mut(&segment) {
+            *count -= 1;
+            if *count == 0 {
+                self.held.remove(&segment);
+                self.meta_dirty = true;
+                match self.held.keys().next() {
+                    Some(&floor) => self.popped = self.popped.split_off(&floor),
+                    None => self.popped.clear(),
+                }
+            }
+        }
+    }
+
+    /// Releases every held record (clean shutdown: they are stored again).
+    pub(crate) fn release_all(&mut self) {
+        if !self.held.is_empty() {
+            self.meta_dirty = true;
+        }
+        self.held.clear();
+        self.popped.clear();
+    }
+
+    fn pop_records(
+        &mut self,
+        max: usize,
+        out: &mut Vec<DiskRecord>,
+        mut held: Option<&mut Vec<u64>>,
+    ) -> Result<usize, StorageError> {
         let mut popped = 0;
         while popped < max {
             match self.next_record() {
@@ -405,6 +460,12 @@ impl DiskQueue {
                     out.push(record);
                     popped += 1;
                     self.depth = self.depth.saturating_sub(1);
+                    if let Some(segments) = held.as_deref_mut() {
+                        let segment = self.read.segment;
+                        segments.push(segment);
+                        *self.held.entry(segment).or_insert(0) += 1;
+                        *self.popped.entry(segment).or_insert(0) += 1;
+                    }
                 }
                 Ok(Next::Empty) => break,
                 Err(error) if popped > 0 => {
@@ -699,17 +760,32 @@ impl DiskQueue {
             }
             self.write.unsynced = false;
         }
+        // While records are held, a restart reads again from the oldest held segment.
+        let floor = self.held.keys().next().copied();
+        let (read_file, read_pos, depth) = match floor {
+            Some(floor) => (
+                floor,
+                0,
+                self.depth + self.popped.range(floor..).map(|(_, n)| n).sum::<u64>(),
+            ),
+            None => (self.read.segment, self.read.pos, self.depth),
+        };
         let meta = Meta {
-            depth: self.depth,
-            read_file: self.read.segment,
-            read_pos: self.read.pos,
+            depth,
+            read_file,
+            read_pos,
             write_file: self.write.segment,
             write_pos: self.write.pos,
         };
         meta.store(&self.names, &self.options.faults)?;
         self.meta_dirty = false;
         self.ops_since_sync = 0;
-        for segment in self.consumed.drain(..) {
+        let (kept, consumed): (Vec<u64>, Vec<u64>) = self
+            .consumed
+            .drain(..)
+            .partition(|segment| floor.is_some_and(|f| *segment >= f));
+        self.consumed = kept;
+        for segment in consumed {
             let path = self.names.segment(segment);
             if let Err(error) = remove_if_present(&path) {
                 // Left behind the read position; removed when the queue is next opened.
@@ -739,6 +815,8 @@ impl DiskQueue {
         };
         self.unsynced.clear();
         self.depth = 0;
+        self.held.clear();
+        self.popped.clear();
         self.consumed.extend(first..=last);
         self.meta_dirty = true;
         self.sync()

@@ -221,6 +221,23 @@ fn put_sized(dst: &mut BytesMut, body: &[u8]) {
     dst.put_slice(body);
 }
 
+/// What the decoder does after a precheck passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precheck {
+    /// Read and check the rest of the command.
+    #[default]
+    Parse,
+    /// Consume the line without looking at its parameters and report [`Command::Nop`]: how
+    /// nsqd ignores RDY on a closing connection. Commands with a body are parsed regardless.
+    Skip,
+}
+
+impl From<()> for Precheck {
+    fn from((): ()) -> Precheck {
+        Precheck::Parse
+    }
+}
+
 /// Decodes commands from a connection's read buffer.
 #[derive(Debug)]
 pub struct Decoder {
@@ -275,11 +292,14 @@ impl Decoder {
     /// command, before its parameters and body are examined, where nsqd checks the connection's
     /// state; an error it returns is returned as is. Every error is final for the connection
     /// except the ones [`ProtocolError::is_fatal`] says are not (the decoder makes none of those).
-    pub fn decode(
+    pub fn decode<R>(
         &mut self,
         src: &mut BytesMut,
-        mut precheck: impl FnMut(CommandName) -> Result<(), ProtocolError>,
-    ) -> Result<Option<Command>, ProtocolError> {
+        mut precheck: impl FnMut(CommandName) -> Result<R, ProtocolError>,
+    ) -> Result<Option<Command>, ProtocolError>
+    where
+        R: Into<Precheck>,
+    {
         let Some(nl) = src.iter().take(MAX_LINE_LEN + 1).position(|&b| b == b'\n') else {
             if src.len() > MAX_LINE_LEN {
                 return Err(ProtocolError::invalid(format!(
@@ -337,13 +357,16 @@ impl Decoder {
         }))
     }
 
-    fn parse(
+    fn parse<R>(
         &mut self,
         src: &[u8],
         line_end: usize,
         body_start: usize,
-        precheck: &mut impl FnMut(CommandName) -> Result<(), ProtocolError>,
-    ) -> Result<Parsed, ProtocolError> {
+        precheck: &mut impl FnMut(CommandName) -> Result<R, ProtocolError>,
+    ) -> Result<Parsed, ProtocolError>
+    where
+        R: Into<Precheck>,
+    {
         let params = split_params(&src[..line_end]);
         let Some(cmd) = CommandName::parse(&src[params[0].clone()]) else {
             return Err(ProtocolError::invalid(format!(
@@ -351,7 +374,17 @@ impl Decoder {
                 String::from_utf8_lossy(&src[params[0].clone()])
             )));
         };
-        precheck(cmd)?;
+        let has_body = matches!(
+            cmd,
+            CommandName::Identify
+                | CommandName::Auth
+                | CommandName::Pub
+                | CommandName::Mpub
+                | CommandName::Dpub
+        );
+        if precheck(cmd)?.into() == Precheck::Skip && !has_body {
+            return Ok(Parsed::Done(body_start, Shape::Nop));
+        }
         let lim = self.limits;
         let param = |i: usize| &src[params[i].clone()];
         let done = |shape| Ok(Parsed::Done(body_start, shape));
@@ -886,13 +919,22 @@ mod tests {
     }
 
     #[test]
+    fn a_skipped_command_is_consumed_unparsed_as_nop() {
+        let mut d = Decoder::new(Limits::default());
+        let mut buf = BytesMut::from(&b"RDY nonsense\nNOP\n"[..]);
+        let skip = |_| Ok(Precheck::Skip);
+        assert_eq!(d.decode(&mut buf, skip), Ok(Some(Command::Nop)));
+        assert_eq!(&buf[..], b"NOP\n");
+    }
+
+    #[test]
     fn precheck_runs_before_the_body_is_read() {
         let mut d = Decoder::new(Limits::default());
         let mut buf = BytesMut::from(&b"IDENTIFY\n"[..]);
         let err = d
             .decode(&mut buf, |name| {
                 assert_eq!(name, CommandName::Identify);
-                Err(ProtocolError::invalid("cannot IDENTIFY in current state"))
+                Err::<(), _>(ProtocolError::invalid("cannot IDENTIFY in current state"))
             })
             .unwrap_err();
         assert_eq!(

@@ -12,7 +12,7 @@ pub mod message;
 pub mod names;
 mod quote;
 
-pub use command::{Command, CommandName, Decoder, Limits, Name, split_mpub_messages};
+pub use command::{Command, CommandName, Decoder, Limits, Name, Precheck, split_mpub_messages};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{Frame, FrameError, FrameType};
 pub use message::{Message, MessageId};
