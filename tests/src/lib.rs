@@ -3,16 +3,16 @@
 //! connection ([`NsqConn`]) for byte-level protocol tests.
 
 pub mod lookupd;
+mod process;
+
+pub use process::ChildProcess;
 
 use anyhow::{Context, Result, anyhow, bail};
 use broker::{Options, Server};
 use bytes::{BufMut, BytesMut};
 use proto::wire::{Command, Frame, MAGIC_V2};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -316,13 +316,13 @@ pub fn binary_path(name: &str) -> PathBuf {
 }
 
 /// The real `knsq-broker` binary, started with the given flags plus loopback port 0 and a
-/// temporary data directory (unless the flags set their own).
+/// temporary data directory (unless the flags set their own). Signals, logs and exit through
+/// its [`ChildProcess`].
 pub struct BrokerProcess {
-    child: Child,
+    process: ChildProcess,
     pub tcp_address: SocketAddr,
     pub http_address: SocketAddr,
     pub data: Option<tempfile::TempDir>,
-    log: mpsc::Receiver<String>,
 }
 
 impl BrokerProcess {
@@ -343,95 +343,27 @@ impl BrokerProcess {
 
     /// Starts the binary with exactly these arguments and waits for its listening lines.
     pub fn spawn(args: &[String]) -> Result<BrokerProcess> {
-        let bin = binary_path("knsq-broker");
-        if !bin.exists() {
-            bail!(
-                "{} is missing: build it first with `cargo build -p broker`",
-                bin.display()
-            );
-        }
-        let mut child = Process::new(&bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut process = BrokerProcess {
-            child,
-            tcp_address: SocketAddr::from(([0, 0, 0, 0], 0)),
-            http_address: SocketAddr::from(([0, 0, 0, 0], 0)),
+        let mut process = ChildProcess::spawn("knsq-broker", args, &[])?;
+        let tcp_address = process.wait_for_address("TCP: listening on ")?;
+        let http_address = process.wait_for_address("HTTP: listening on ")?;
+        Ok(BrokerProcess {
+            process,
+            tcp_address,
+            http_address,
             data: None,
-            log,
-        };
-        let tcp = process.wait_for_log("TCP: listening on ")?;
-        let http = process.wait_for_log("HTTP: listening on ")?;
-        process.tcp_address = address_after(&tcp, "TCP: listening on ")?;
-        process.http_address = address_after(&http, "HTTP: listening on ")?;
-        Ok(process)
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    pub fn wait_for_log(&mut self, needle: &str) -> Result<String> {
-        let deadline = std::time::Instant::now() + WAIT * 2;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(_) => continue,
-                Err(_) => bail!("broker did not log {needle:?} in time"),
-            }
-        }
-    }
-
-    pub fn signal(&self, signal: &str) -> Result<()> {
-        let status = Process::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -{signal} failed");
-        }
-        Ok(())
-    }
-
-    /// Waits for the process to exit, at most `limit`.
-    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("broker still running after {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 }
 
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for BrokerProcess {
+    type Target = ChildProcess;
+    fn deref(&self) -> &ChildProcess {
+        &self.process
     }
 }
 
-fn address_after(line: &str, marker: &str) -> Result<SocketAddr> {
-    let rest = line
-        .split(marker)
-        .nth(1)
-        .ok_or_else(|| anyhow!("no address in {line:?}"))?;
-    let addr = rest.split_whitespace().next().unwrap_or_default();
-    addr.parse()
-        .with_context(|| format!("bad address {addr:?} in {line:?}"))
+impl std::ops::DerefMut for BrokerProcess {
+    fn deref_mut(&mut self) -> &mut ChildProcess {
+        &mut self.process
+    }
 }

@@ -2,7 +2,7 @@
 //! ([`LookupdProcess`]), both on loopback port 0, and a broker's side of a registration
 //! stream ([`RegistrationStream`]) speaking the generated gRPC client.
 
-use crate::{HttpResponse, WAIT, binary_path, http_request};
+use crate::{ChildProcess, HttpResponse, WAIT, http_request};
 use anyhow::{Context, Result, anyhow, bail};
 use lookupd::{Options, Server};
 use proto::cluster::v1::broker_message::Kind;
@@ -11,10 +11,7 @@ use proto::cluster::v1::{
     BrokerMessage, Heartbeat, Identify, LookupdMessage, RegisterChannel, RegisterTopic, Snapshot,
     TopicChannelsRequest, TopicRegistration, lookupd_message,
 };
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command as Process, Stdio};
-use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -273,12 +270,11 @@ impl RegistrationStream {
 }
 
 /// The real `knsq-lookupd` binary, started with the given flags plus loopback port 0 (unless
-/// the flags set their own addresses).
+/// the flags set their own addresses). Signals, logs and exit through its [`ChildProcess`].
 pub struct LookupdProcess {
-    child: Child,
+    process: ChildProcess,
     pub grpc_address: SocketAddr,
     pub http_address: SocketAddr,
-    log: std_mpsc::Receiver<String>,
 }
 
 impl LookupdProcess {
@@ -295,95 +291,26 @@ impl LookupdProcess {
     /// Starts the binary with exactly these arguments and environment additions, and waits
     /// for its listening lines.
     pub fn spawn(args: &[String], env: &[(&str, &str)]) -> Result<LookupdProcess> {
-        let bin = binary_path("knsq-lookupd");
-        if !bin.exists() {
-            bail!(
-                "{} is missing: build it first with `cargo build -p lookupd`",
-                bin.display()
-            );
-        }
-        let mut child = Process::new(&bin)
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-        let (tx, log) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut process = LookupdProcess {
-            child,
-            grpc_address: SocketAddr::from(([0, 0, 0, 0], 0)),
-            http_address: SocketAddr::from(([0, 0, 0, 0], 0)),
-            log,
-        };
-        process.grpc_address = process.wait_for_address("GRPC: listening on ")?;
-        process.http_address = process.wait_for_address("HTTP: listening on ")?;
-        Ok(process)
-    }
-
-    fn wait_for_address(&mut self, marker: &str) -> Result<SocketAddr> {
-        let line = self.wait_for_log(marker)?;
-        let address = line
-            .split(marker)
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_default();
-        address
-            .parse()
-            .with_context(|| format!("bad address {address:?} in {line:?}"))
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    pub fn wait_for_log(&mut self, needle: &str) -> Result<String> {
-        let deadline = std::time::Instant::now() + WAIT * 2;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(_) => continue,
-                Err(_) => bail!("lookupd did not log {needle:?} in time"),
-            }
-        }
-    }
-
-    pub fn signal(&self, signal: &str) -> Result<()> {
-        let status = Process::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -{signal} failed");
-        }
-        Ok(())
-    }
-
-    /// Waits for the process to exit, at most `limit`.
-    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("lookupd still running after {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut process = ChildProcess::spawn("knsq-lookupd", args, env)?;
+        let grpc_address = process.wait_for_address("GRPC: listening on ")?;
+        let http_address = process.wait_for_address("HTTP: listening on ")?;
+        Ok(LookupdProcess {
+            process,
+            grpc_address,
+            http_address,
+        })
     }
 }
 
-impl Drop for LookupdProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for LookupdProcess {
+    type Target = ChildProcess;
+    fn deref(&self) -> &ChildProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for LookupdProcess {
+    fn deref_mut(&mut self) -> &mut ChildProcess {
+        &mut self.process
     }
 }
