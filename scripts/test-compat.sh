@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Client-compatibility tests: drives the real pynsq and nsqjs client libraries against the real
 # knsq-broker binary. Installs what they need on a fresh machine (a Python virtualenv at .venv,
-# compat/node/node_modules, a debug build of the broker); a second run reinstalls nothing.
+# compat/node/node_modules, debug builds of the broker and the lookupd); a second run reinstalls
+# nothing.
 # Runs both suites even if the first fails; exits non-zero if anything failed.
 #
-# KNSQ_BROKER_BIN=/path/to/knsq-broker skips the cargo build and tests that binary instead.
+# KNSQ_BROKER_BIN=/path/to/knsq-broker (KNSQ_LOOKUPD_BIN=/path/to/knsq-lookupd) skips building
+# that binary and tests the one given instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec </dev/null
@@ -43,9 +45,12 @@ else
   echo "up to date"
 fi
 
-if [[ -z "${KNSQ_BROKER_BIN:-}" ]]; then
-  step "broker: cargo build -p broker"
-  cargo build -p broker --locked
+packages=()
+[[ -z "${KNSQ_BROKER_BIN:-}" ]] && packages+=(-p broker)
+[[ -z "${KNSQ_LOOKUPD_BIN:-}" ]] && packages+=(-p lookupd)
+if [[ ${#packages[@]} -gt 0 ]]; then
+  step "binaries: cargo build ${packages[*]}"
+  cargo build "${packages[@]}" --locked
 fi
 
 status=0

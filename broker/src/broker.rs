@@ -4,6 +4,7 @@
 //! is rewritten after every such change.
 
 use crate::config::{NSQ_COMPAT_VERSION, Options};
+use crate::lookup::{Lookup, Registrations};
 use crate::metrics::ServerMetrics;
 use crate::persist::{Metadata, PersistError};
 use crate::protocol::Client;
@@ -11,7 +12,7 @@ use crate::queue::{Channel, PublishError, QueueSettings, SubscribeError, Topic};
 use crate::stats::{ClientStats, MemoryStats, NodeStats};
 use crate::storage::StorageError;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,6 +26,8 @@ pub(crate) struct Broker {
     pub(crate) tcp_address: SocketAddr,
     pub(crate) http_address: SocketAddr,
     pub(crate) metrics: ServerMetrics,
+    /// Registrations with the lookupds; told of every topic and channel change.
+    pub(crate) lookup: Lookup,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_client_id: AtomicU64,
@@ -39,6 +42,7 @@ impl Broker {
         tcp_address: SocketAddr,
         http_address: SocketAddr,
         metrics: ServerMetrics,
+        lookup: Lookup,
     ) -> Broker {
         Broker {
             settings: Arc::new(settings),
@@ -49,6 +53,7 @@ impl Broker {
             tcp_address,
             http_address,
             metrics,
+            lookup,
             topics: RwLock::new(BTreeMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client_id: AtomicU64::new(1),
@@ -96,15 +101,68 @@ impl Broker {
     }
 
     fn open_topic(&self, name: &str) -> Result<Arc<Topic>, StorageError> {
+        self.open_topic_with(name, &[])
+    }
+
+    /// The topic, created with `channels` before anyone can publish to it if it is new.
+    fn open_topic_with(&self, name: &str, channels: &[String]) -> Result<Arc<Topic>, StorageError> {
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = topics.get(name) {
             return Ok(t.clone());
         }
         let topic = Topic::open(name, self.settings.clone())?;
+        for channel in channels {
+            topic.channel(channel)?;
+        }
         topics.insert(name.to_string(), topic.clone());
+        drop(topics);
         tracing::info!(topic = %name, "new topic");
+        self.lookup.changed(name);
         Ok(topic)
     }
+
+    // --- lookupd hooks (issue 4) -------------------------------------------------------------
+
+    /// Before a client's command creates a topic this broker does not have: creates it with the
+    /// non-ephemeral channels the lookupds know for it, so no message published here is lost
+    /// for a channel that exists on other brokers (nsqd's GetTopic does the same). Returns at
+    /// once when the topic exists or no lookupd is registered.
+    pub(crate) async fn prepare_topic(&self, name: &str) {
+        if !self.needs_prepare(name) {
+            return;
+        }
+        let channels = self.lookup.topic_channels(name).await;
+        if channels.is_empty() || self.existing_topic(name).is_some() {
+            return;
+        }
+        tracing::info!(topic = %name, ?channels, "creating the topic with the channels the lookupds know");
+        match self.open_topic_with(name, &channels) {
+            Ok(_) => self.save_metadata(),
+            Err(e) => {
+                tracing::warn!(topic = %name, error = %e, "creating the topic with its known channels failed")
+            }
+        }
+    }
+
+    /// Whether creating `name` should wait for [`Broker::prepare_topic`] first.
+    pub(crate) fn needs_prepare(&self, name: &str) -> bool {
+        self.lookup.any_registered() && self.existing_topic(name).is_none()
+    }
+
+    /// Every topic with its channels, as registered with lookupds.
+    pub(crate) fn registrations(&self) -> Registrations {
+        self.topics()
+            .iter()
+            .map(|t| (t.name.clone(), t.channel_names()))
+            .collect()
+    }
+
+    /// One topic's channels; `None` when there is no such topic.
+    pub(crate) fn registration(&self, name: &str) -> Option<BTreeSet<String>> {
+        self.existing_topic(name).map(|t| t.channel_names())
+    }
+
+    // ------------------------------------------------------------------------------------------
 
     pub(crate) fn existing_topic(&self, name: &str) -> Option<Arc<Topic>> {
         let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
@@ -146,6 +204,7 @@ impl Broker {
         let (c, created) = t.subscribe(channel, client)?;
         if created {
             self.save_metadata();
+            self.lookup.changed(topic);
         }
         Ok((t, c))
     }
@@ -159,6 +218,7 @@ impl Broker {
         let created = topic.channel(channel)?;
         if created.as_ref().is_some_and(|(_, new)| *new) {
             self.save_metadata();
+            self.lookup.changed(&topic.name);
         }
         Ok(created.map(|(c, _)| c))
     }
@@ -174,6 +234,7 @@ impl Broker {
         topic.delete();
         tracing::info!(topic = %name, "deleted topic");
         self.save_metadata();
+        self.lookup.changed(name);
         true
     }
 
@@ -183,6 +244,7 @@ impl Broker {
         if deleted {
             self.delete_topic_if_unused_ephemeral(topic);
             self.save_metadata();
+            self.lookup.changed(&topic.name);
         }
         deleted
     }
@@ -205,6 +267,7 @@ impl Broker {
     pub(crate) fn consumer_left(&self, topic: &Arc<Topic>, channel: &str) {
         topic.delete_channel_if_unused(channel);
         self.delete_topic_if_unused_ephemeral(topic);
+        self.lookup.changed(&topic.name);
     }
 
     /// Deletes an ephemeral topic that has lost its last channel (if it is still registered:

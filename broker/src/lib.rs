@@ -14,6 +14,7 @@ pub mod signals;
 mod broker;
 mod health;
 mod http;
+mod lookup;
 mod metrics;
 mod persist;
 mod protocol;
@@ -140,16 +141,27 @@ pub async fn run(
         health,
         server_metrics.corrupt_segments.clone(),
     );
+    // Lookupd registrations (issue 4): started once the topics are restored.
+    let lookup_metrics = lookup::LookupMetrics::new()?;
+    metrics.register(lookup_metrics.collectors())?;
+    let lookup = lookup::Lookup::new(
+        options.lookupd_grpc_addresses.clone(),
+        options.lookupd_heartbeat_interval,
+        lookup_metrics,
+        shutdown.clone(),
+    );
     let state = Arc::new(broker::Broker::new(
         options,
         settings,
         tcp_address,
         http_address,
         server_metrics,
+        lookup,
     ));
     metrics.register_queues(Arc::downgrade(&state))?;
     state.restore()?;
     state.save_metadata();
+    state.lookup.start(&state);
     let syncer = tokio::spawn(sync_disks(state.clone(), shutdown.clone()));
     tracing::info!(
         node_id = state.options.node_id,
@@ -192,6 +204,8 @@ pub async fn run(
         );
     }
     let _ = syncer.await;
+    // The registration streams end, so lookupds drop this broker at once.
+    state.lookup.stopped(grace).await;
     // Messages in memory, in flight and deferred go to disk; nothing acknowledged is lost.
     let persisting = state.clone();
     tokio::task::spawn_blocking(move || persisting.persist()).await?;

@@ -96,6 +96,16 @@ impl Metrics {
             .register(Box::new(QueueCollector::new(broker)?))
     }
 
+    /// Adds collectors owned elsewhere (the lookupd registrations' metrics).
+    pub(crate) fn register(
+        &self,
+        collectors: Vec<Box<dyn Collector>>,
+    ) -> Result<(), prometheus::Error> {
+        collectors
+            .into_iter()
+            .try_for_each(|c| self.registry.register(c))
+    }
+
     /// The text exposition format.
     pub(crate) fn render(&self) -> Result<String, prometheus::Error> {
         let mut out = Vec::new();

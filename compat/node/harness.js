@@ -14,6 +14,8 @@ const nsq = require('nsqjs')
 const REPO = path.resolve(__dirname, '..', '..')
 const BROKER_BIN =
   process.env.KNSQ_BROKER_BIN || path.join(REPO, 'target', 'debug', 'knsq-broker')
+const LOOKUPD_BIN =
+  process.env.KNSQ_LOOKUPD_BIN || path.join(REPO, 'target', 'debug', 'knsq-lookupd')
 
 const STARTUP_TIMEOUT_MS = 30000
 const STOP_TIMEOUT_MS = 10000
@@ -331,4 +333,146 @@ function brokerTest(name, {brokerArgs = [], timeoutMs = TEST_TIMEOUT_MS} = {}, b
   })
 }
 
-module.exports = {brokerTest, Deliveries, sleep, within}
+/**
+ * A running knsq-lookupd on loopback port 0: brokers register on `grpcAddress`, clients query
+ * `httpAddress` exactly as they query nsqlookupd.
+ */
+class Lookupd {
+  constructor(args = []) {
+    this.args = args
+    this.log = []
+    this.addresses = {}
+  }
+
+  async start() {
+    const argv = ['--grpc-address=127.0.0.1:0', '--http-address=127.0.0.1:0', ...this.args]
+    this.log.push(`$ ${LOOKUPD_BIN} ${argv.join(' ')}`)
+    this.proc = spawn(LOOKUPD_BIN, argv, {stdio: ['ignore', 'pipe', 'pipe']})
+    this.exited = new Promise((resolve) => {
+      this.proc.on('exit', (code, signal) => resolve({code, signal}))
+      this.proc.on('error', (err) => resolve({code: null, signal: null, error: err}))
+    })
+    const listening = new Promise((resolve) => {
+      const patterns = {grpc: /GRPC: listening on (\S+)/, http: /HTTP: listening on (\S+)/}
+      for (const stream of [this.proc.stdout, this.proc.stderr]) {
+        let pending = ''
+        stream.setEncoding('utf8')
+        stream.on('data', (chunk) => {
+          pending += chunk
+          const lines = pending.split('\n')
+          pending = lines.pop()
+          for (const line of lines) {
+            this.log.push(line)
+            for (const [kind, re] of Object.entries(patterns)) {
+              const m = re.exec(line)
+              if (m && !this.addresses[kind]) this.addresses[kind] = m[1]
+            }
+            if (this.addresses.grpc && this.addresses.http) resolve()
+          }
+        })
+      }
+    })
+    const exitedEarly = this.exited.then(({code, signal}) => {
+      throw new Error(`knsq-lookupd exited before listening (code ${code}, signal ${signal})`)
+    })
+    try {
+      await within(STARTUP_TIMEOUT_MS, Promise.race([listening, exitedEarly]), 'knsq-lookupd listening lines')
+    } catch (err) {
+      await this.stop()
+      err.message += `\n--- lookupd log ---\n${this.logText()}`
+      throw err
+    }
+    exitedEarly.catch(() => {})
+    return this
+  }
+
+  get grpcAddress() {
+    return this.addresses.grpc
+  }
+
+  get httpAddress() {
+    return this.addresses.http
+  }
+
+  logText() {
+    return this.log.slice(-100).join('\n')
+  }
+
+  /** SIGTERM, then SIGKILL after STOP_TIMEOUT_MS. */
+  async stop() {
+    if (!this.proc || this.proc.exitCode !== null || this.proc.signalCode !== null) return
+    this.proc.kill('SIGTERM')
+    try {
+      await within(STOP_TIMEOUT_MS, this.exited, 'knsq-lookupd exit after SIGTERM')
+    } catch {
+      this.proc.kill('SIGKILL')
+      await this.exited
+    }
+  }
+
+  /** `host:port` of every broker `/lookup?topic=` lists, sorted (none for an unknown topic). */
+  async producers(topic) {
+    const res = await fetch(`http://${this.httpAddress}/lookup?topic=${encodeURIComponent(topic)}`, {
+      signal: AbortSignal.timeout(10000),
+    })
+    if (res.status === 404) return []
+    assert.equal(res.status, 200, `/lookup answered ${res.status}`)
+    const {producers} = await res.json()
+    return producers.map((p) => `${p.broadcast_address}:${p.tcp_port}`).sort()
+  }
+
+  async waitForProducers(topic, want, timeoutMs = 10000) {
+    const deadline = Date.now() + timeoutMs
+    want = [...want].sort()
+    for (;;) {
+      const got = await this.producers(topic)
+      if (JSON.stringify(got) === JSON.stringify(want)) return
+      if (Date.now() > deadline) {
+        throw new Error(`/lookup?topic=${topic} lists ${JSON.stringify(got)} after ${timeoutMs} ms, want ${JSON.stringify(want)}`)
+      }
+      await sleep(50)
+    }
+  }
+}
+
+/**
+ * Declares a node:test test with one lookupd and `brokers` brokers registered with it. The
+ * body gets {lookupd, brokers, readers}; every nsqjs Reader pushed to `readers` is closed, and
+ * brokers and lookupd stopped, when it ends. A failure carries the tails of their logs.
+ */
+function clusterTest(name, {brokers: count = 3, timeoutMs = TEST_TIMEOUT_MS} = {}, body) {
+  test(name, {timeout: timeoutMs + 2 * STARTUP_TIMEOUT_MS + 4 * STOP_TIMEOUT_MS}, async () => {
+    for (const bin of [BROKER_BIN, LOOKUPD_BIN]) {
+      if (!fs.existsSync(bin)) assert.fail(`${bin} not found: run \`cargo build -p broker -p lookupd\``)
+    }
+    const lookupd = await new Lookupd(['--broadcast-address=127.0.0.1']).start()
+    const brokers = []
+    const readers = []
+    let failure = null
+    try {
+      for (let i = 0; i < count; i++) {
+        const args = [`--lookupd-grpc-address=${lookupd.grpcAddress}`, '--broadcast-address=127.0.0.1']
+        brokers.push(await new Broker(args).start())
+      }
+      await within(timeoutMs, body({lookupd, brokers, readers}), `test body of "${name}"`)
+    } catch (err) {
+      failure = err
+    }
+    for (const reader of readers) reader.close()
+    await sleep(50)
+    const problems = []
+    for (const broker of brokers) {
+      const problem = await broker.stop()
+      if (problem) problems.push(problem)
+    }
+    await lookupd.stop()
+    if (!failure && problems.length) failure = new Error(`knsq-broker did not stop cleanly: ${problems.join('; ')}`)
+    if (failure) {
+      brokers.forEach((b, i) => (failure.message += `\n--- broker ${i} log (tail) ---\n${b.logText()}`))
+      failure.message += `\n--- lookupd log (tail) ---\n${lookupd.logText()}`
+      throw failure
+    }
+  })
+}
+
+module.exports = {brokerTest, clusterTest, Deliveries, Reader, sleep, within}

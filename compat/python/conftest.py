@@ -25,6 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER_BIN = Path(os.environ.get("KNSQ_BROKER_BIN", REPO / "target" / "debug" / "knsq-broker"))
+LOOKUPD_BIN = Path(os.environ.get("KNSQ_LOOKUPD_BIN", REPO / "target" / "debug" / "knsq-lookupd"))
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -276,6 +277,118 @@ def start_broker(tmp_path, request):
             problems.append(broker.stop_problem)
     if problems:
         pytest.fail("knsq-broker did not stop cleanly: " + "; ".join(problems))
+
+
+# --- knsq-lookupd ------------------------------------------------------------------------------
+
+_LOOKUPD_LISTEN_RE = {
+    "grpc": re.compile(r"GRPC: listening on (\S+)"),
+    "http": re.compile(r"HTTP: listening on (\S+)"),
+}
+
+
+class Lookupd:
+    """A running knsq-lookupd process: brokers register on ``grpc_address``, clients query
+    ``http_address`` exactly as they query nsqlookupd."""
+
+    def __init__(self, args: list[str], log_path: Path):
+        self.log_path = log_path
+        self.addresses: dict[str, str] = {}
+        self._found = threading.Event()
+        self._log = open(log_path, "w", encoding="utf-8", errors="replace")
+        cmd = [str(LOOKUPD_BIN), "--grpc-address=127.0.0.1:0", "--http-address=127.0.0.1:0", *args]
+        self._log.write("$ " + " ".join(cmd) + "\n")
+        self._log.flush()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
+        self._reader = threading.Thread(target=self._pump_output, daemon=True)
+        self._reader.start()
+        if not self._found.wait(STARTUP_TIMEOUT) or len(self.addresses) < 2:
+            self.stop()
+            raise RuntimeError(
+                f"knsq-lookupd did not report both listening addresses within {STARTUP_TIMEOUT}s "
+                f"(exit code {self.proc.poll()}):\n{self.log_text()}"
+            )
+
+    def _pump_output(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self._log.flush()
+            for kind, pattern in _LOOKUPD_LISTEN_RE.items():
+                match = pattern.search(line)
+                if match and kind not in self.addresses:
+                    self.addresses[kind] = match.group(1)
+            if len(self.addresses) == 2:
+                self._found.set()
+        self._found.set()
+
+    @property
+    def grpc_address(self) -> str:
+        return self.addresses["grpc"]
+
+    @property
+    def http_address(self) -> str:
+        return self.addresses["http"]
+
+    def log_text(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def http(self, path: str, params: dict | None = None):
+        url = f"http://{self.http_address}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    async def producers(self, topic: str) -> list[str]:
+        """``tcp host:port`` of every broker ``/lookup?topic=`` lists (none for an unknown topic)."""
+        status, body = await asyncio.to_thread(self.http, "/lookup", {"topic": topic})
+        if status == 404:
+            return []
+        assert status == 200, f"/lookup answered {status}: {body!r}"
+        return sorted(f"{p['broadcast_address']}:{p['tcp_port']}" for p in json.loads(body)["producers"])
+
+    async def wait_for_producers(self, topic: str, want: list[str], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (got := await self.producers(topic)) != sorted(want):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"/lookup?topic={topic} lists {got} after {timeout}s, want {sorted(want)}")
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def lookupd(tmp_path, request):
+    """A knsq-lookupd on loopback port 0; stopped (and its log shown on failure) at teardown."""
+    if not LOOKUPD_BIN.exists():
+        pytest.fail(f"lookupd binary {LOOKUPD_BIN} not found: run `cargo build -p lookupd` or set KNSQ_LOOKUPD_BIN")
+    lookupd = Lookupd(["--broadcast-address=127.0.0.1"], tmp_path / "lookupd.log")
+    yield lookupd
+    code = lookupd.stop()
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if failed or code != 0:
+        print(f"----- lookupd log ({lookupd.log_path}), exit code {code} -----")
+        print(lookupd.log_text()[-20000:])
 
 
 @pytest.fixture

@@ -1074,7 +1074,6 @@ async fn config_put_value_larger_than_max_msg_size_is_refused() -> Result<()> {
 
 /// The spec's other runtime option: a JSON array of lookupd addresses, readable and settable.
 #[tokio::test]
-#[ignore = "lands with the lookupd issue (#4): the broker has no lookupd option yet"]
 async fn config_nsqlookupd_tcp_addresses() -> Result<()> {
     let b = broker().await?;
     ensure!(get_json(&b, "/config/nsqlookupd_tcp_addresses").await? == json!([]));
@@ -1096,6 +1095,25 @@ async fn config_nsqlookupd_tcp_addresses() -> Result<()> {
         "INVALID_VALUE",
     )
     .await?;
+    expect_error(
+        &b,
+        "PUT",
+        "/config/nsqlookupd_tcp_addresses",
+        br#"{"not": "a list"}"#,
+        400,
+        "INVALID_VALUE",
+    )
+    .await?;
+    expect_error(
+        &b,
+        "PUT",
+        "/config/nsqlookupd_tcp_addresses",
+        b"",
+        413,
+        "INVALID_VALUE",
+    )
+    .await?;
+    ensure!(get_json(&b, "/config/nsqlookupd_tcp_addresses").await? == json!(["127.0.0.1:4160"]));
     b.stop().await
 }
 

@@ -46,6 +46,28 @@ pub struct Options {
     #[arg(long, env = "KNSQ_BROADCAST_ADDRESS", default_value_t = default_hostname())]
     pub broadcast_address: String,
 
+    /// gRPC <addr>:<port> of a knsq-lookupd to register with; repeatable (nsqd's
+    /// --lookupd-tcp-address is an alias)
+    #[arg(
+        long = "lookupd-grpc-address",
+        visible_alias = "lookupd-tcp-address",
+        env = "KNSQ_LOOKUPD_GRPC_ADDRESS",
+        value_delimiter = ','
+    )]
+    pub lookupd_grpc_addresses: Vec<String>,
+
+    /// TCP port told to lookupds (0 = the port --tcp-address listens on)
+    #[arg(long, env = "KNSQ_BROADCAST_TCP_PORT", default_value_t = 0)]
+    pub broadcast_tcp_port: u16,
+
+    /// HTTP port told to lookupds (0 = the port --http-address listens on)
+    #[arg(long, env = "KNSQ_BROADCAST_HTTP_PORT", default_value_t = 0)]
+    pub broadcast_http_port: u16,
+
+    /// knsq only: how often the broker sends a heartbeat to each lookupd
+    #[arg(long, env = "KNSQ_LOOKUPD_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_go_duration)]
+    pub lookupd_heartbeat_interval: Duration,
+
     /// Directory for the broker's data
     #[arg(long, env = "KNSQ_DATA_PATH", default_value = ".")]
     pub data_path: PathBuf,
@@ -208,6 +230,19 @@ impl Options {
         if self.max_heartbeat_interval < Duration::from_secs(1) {
             return fail("max-heartbeat-interval", "must be at least 1s".into());
         }
+        if self.lookupd_heartbeat_interval < Duration::from_millis(10) {
+            return fail("lookupd-heartbeat-interval", "must be at least 10ms".into());
+        }
+        if let Some(empty) = self
+            .lookupd_grpc_addresses
+            .iter()
+            .find(|a| a.trim().is_empty())
+        {
+            return fail(
+                "lookupd-grpc-address",
+                format!("{empty:?} is not an address"),
+            );
+        }
         if self.e2e_processing_latency_window_time < Duration::from_secs(1) {
             return fail(
                 "e2e-processing-latency-window-time",
@@ -248,6 +283,9 @@ impl Options {
             "tcp_address" => json!(self.tcp_address),
             "http_address" => json!(self.http_address),
             "broadcast_address" => json!(self.broadcast_address),
+            "nsqlookupd_tcp_addresses" => json!(self.lookupd_grpc_addresses),
+            "broadcast_tcp_port" => json!(self.broadcast_tcp_port),
+            "broadcast_http_port" => json!(self.broadcast_http_port),
             "data_path" => json!(self.data_path.display().to_string()),
             "mem_queue_size" => json!(self.mem_queue_size),
             "msg_timeout" => ns(self.msg_timeout),
@@ -386,6 +424,29 @@ mod tests {
         assert_eq!(o.e2e_processing_latency_percentiles, vec![0.99, 0.5, 1.0]);
         let o = parse(&["--verbose=false"]).unwrap();
         assert!(!o.verbose);
+    }
+
+    #[test]
+    fn lookupd_addresses_repeat_and_take_nsqds_flag_name() {
+        let o = parse(&[
+            "-lookupd-tcp-address=127.0.0.1:4160",
+            "--lookupd-grpc-address",
+            "lookupd-1:4160",
+            "-broadcast-tcp-port=4000",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.lookupd_grpc_addresses,
+            ["127.0.0.1:4160", "lookupd-1:4160"]
+        );
+        assert_eq!((o.broadcast_tcp_port, o.broadcast_http_port), (4000, 0));
+        assert_eq!(o.lookupd_heartbeat_interval, Duration::from_secs(15));
+        assert!(parse(&[]).unwrap().lookupd_grpc_addresses.is_empty());
+        let err = parse(&["--lookupd-grpc-address="])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.flag, "lookupd-grpc-address");
     }
 
     #[test]

@@ -57,7 +57,9 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 pub(super) async fn topic_create(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
-    s.broker.topic(&topic_arg(&q, true)?).map_err(internal)?;
+    let topic = topic_arg(&q, true)?;
+    s.broker.prepare_topic(&topic).await; // lookupd hook: a new topic gets its known channels
+    s.broker.topic(&topic).map_err(internal)?;
     done()
 }
 

@@ -110,6 +110,10 @@ fn config_value(s: &AppState, opt: &str) -> Result<Response, ApiError> {
             .clone();
         return Ok(to_json(&level));
     }
+    if opt == "nsqlookupd_tcp_addresses" {
+        // Changeable at runtime: the lookupd registrations hold the current list.
+        return Ok(to_json(&s.broker.lookup.addresses()));
+    }
     s.broker
         .options
         .config_value(opt)
@@ -141,6 +145,12 @@ pub(super) async fn put_config(
                 set(&level).map_err(|_| ApiError::bad_request("INVALID_VALUE"))?;
             }
             *s.log_level.lock().unwrap_or_else(|e| e.into_inner()) = level;
+        }
+        "nsqlookupd_tcp_addresses" => {
+            // A JSON array of strings, as nsqd decodes into its option; `null` empties it.
+            let addresses: Option<Vec<String>> = serde_json::from_slice(&body)
+                .map_err(|_| ApiError::bad_request("INVALID_VALUE"))?;
+            s.broker.lookup.set_addresses(addresses.unwrap_or_default());
         }
         _ => return Err(ApiError::bad_request("INVALID_OPTION")),
     }

@@ -77,6 +77,7 @@ pub(super) async fn publish(
             return Err(invalid());
         }
     }
+    s.broker.prepare_topic(topic).await; // lookupd hook: a new topic gets its known channels
     s.broker
         .publish(topic, &[body], defer)
         .map_err(publish_failed)?;
@@ -117,6 +118,7 @@ pub(super) async fn multi_publish(
     } else {
         split_lines(&body, o.max_msg_size)?
     };
+    s.broker.prepare_topic(topic).await; // lookupd hook: a new topic gets its known channels
     s.broker
         .publish(topic, &messages, Duration::ZERO)
         .map_err(publish_failed)?;

@@ -83,6 +83,7 @@ pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: Canc
         fins: Vec::new(),
         last_topic: None,
         held: None,
+        awaiting_topic: None,
     };
     conn.read_loop(&mut reader).await;
     conn.leave();
@@ -106,6 +107,9 @@ struct Connection {
     last_topic: Option<Arc<Topic>>,
     /// With `--sync-publish`: responses held back until the publishes before them are fsynced.
     held: Option<Held>,
+    /// Lookupd hook: a command that creates a topic, run once the channels the lookupds know
+    /// for it exist (see `Broker::prepare_topic`).
+    awaiting_topic: Option<(String, Command)>,
 }
 
 struct Held {
@@ -124,6 +128,20 @@ impl Connection {
     async fn read_loop(&mut self, reader: &mut OwnedReadHalf) {
         loop {
             let open = self.process_buffered();
+            if let Some((topic, command)) = self.awaiting_topic.take() {
+                // Answers held for earlier publishes go first, in order.
+                if !self.release_held().await {
+                    return;
+                }
+                tokio::select! {
+                    _ = self.client.closed.cancelled() => return,
+                    () = self.broker.prepare_topic(&topic) => {}
+                }
+                if !self.run(command) {
+                    return;
+                }
+                continue;
+            }
             if !self.release_held().await || !open {
                 return;
             }
@@ -188,15 +206,45 @@ impl Connection {
                 continue;
             }
             self.apply_fins();
-            if let Err(e) = self.execute(command) {
-                self.send_error(&e);
-                if e.is_fatal() {
-                    return false;
-                }
+            if let Some(topic) = self.new_topic(&command) {
+                // Lookupd hook: read_loop creates the topic with its known channels first.
+                self.awaiting_topic = Some((topic, command));
+                return true;
+            }
+            if !self.run(command) {
+                return false;
             }
         }
         self.apply_fins();
         true
+    }
+
+    /// Executes a command and reports its error; false when the connection must close.
+    fn run(&mut self, command: Command) -> bool {
+        if let Err(e) = self.execute(command) {
+            self.send_error(&e);
+            if e.is_fatal() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The topic a PUB, MPUB, DPUB or SUB would create, when lookupds should be asked for its
+    /// channels first. The topic last published to is known to exist: the PUB path stays a
+    /// name comparison.
+    fn new_topic(&self, command: &Command) -> Option<String> {
+        let topic = match command {
+            Command::Pub { topic, .. }
+            | Command::Mpub { topic, .. }
+            | Command::Dpub { topic, .. }
+            | Command::Sub { topic, .. } => topic.as_str(),
+            _ => return None,
+        };
+        if self.last_topic.as_ref().is_some_and(|t| t.name == topic) {
+            return None;
+        }
+        self.broker.needs_prepare(topic).then(|| topic.to_string())
     }
 
     fn execute(&mut self, command: Command) -> Result<(), ProtocolError> {

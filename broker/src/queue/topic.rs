@@ -239,6 +239,11 @@ impl Topic {
         Ok((channel, created))
     }
 
+    /// The names of the topic's channels (what lookupds are told).
+    pub(crate) fn channel_names(&self) -> std::collections::BTreeSet<String> {
+        self.lock().channels.keys().cloned().collect()
+    }
+
     pub(crate) fn existing_channel(&self, name: &str) -> Option<Arc<Channel>> {
         self.lock().channels.get(name).cloned()
     }
