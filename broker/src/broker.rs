@@ -312,11 +312,12 @@ impl Broker {
         self.save_metadata();
     }
 
-    /// Fsyncs every disk queue that changed; false when any fsync failed.
-    pub(crate) fn sync_disks(&self) -> bool {
+    /// Fsyncs every disk queue that changed; false when any fsync failed. `full` also stores
+    /// read positions and deletes consumed segments (see `QueueSettings::sync`).
+    pub(crate) fn sync_disks(&self, full: bool) -> bool {
         let mut ok = true;
         for topic in self.topics() {
-            ok &= topic.sync();
+            ok &= topic.sync(full);
         }
         ok
     }

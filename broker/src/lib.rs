@@ -218,17 +218,21 @@ pub async fn run(
 /// blocks.
 async fn sync_disks(broker: Arc<broker::Broker>, shutdown: CancellationToken) {
     let every = broker.options.sync_timeout;
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let commits = &broker.settings.commits;
     loop {
-        tokio::select! {
+        // The timer's pass stores read positions too; a pass for waiting publishers (or for
+        // --sync-every) makes the writes durable and no more, which takes one fsync.
+        let full = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-            _ = commits.wanted.notified() => {}
-        }
+            _ = timer.tick() => true,
+            _ = commits.wanted.notified() => false,
+        };
         // Writes made before this read are covered by the pass below (group commit).
         let newest = commits.newest();
         let syncing = broker.clone();
-        let ok = tokio::task::spawn_blocking(move || syncing.sync_disks())
+        let ok = tokio::task::spawn_blocking(move || syncing.sync_disks(full))
             .await
             .unwrap_or(false);
         commits.pass_done(newest, ok);

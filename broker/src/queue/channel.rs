@@ -505,11 +505,11 @@ impl Channel {
     }
 
     /// Fsyncs the disk queue (the syncer calls this off the async runtime); false when the
-    /// fsync failed.
-    pub(crate) fn sync(&self) -> bool {
+    /// fsync failed. See [`QueueSettings::sync`] for `full`.
+    pub(crate) fn sync(&self, full: bool) -> bool {
         let mut st = self.lock();
         match st.disk.as_mut() {
-            Some(disk) => self.settings.sync(disk, &self.name),
+            Some(disk) => self.settings.sync(disk, &self.name, full),
             None => true,
         }
     }

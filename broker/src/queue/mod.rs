@@ -128,9 +128,16 @@ impl QueueSettings {
         }
     }
 
-    /// Fsyncs a disk queue, keeping health up to date; false when it failed.
-    fn sync(&self, disk: &mut DiskQueue, name: &str) -> bool {
-        match disk.sync() {
+    /// Fsyncs a disk queue, keeping health up to date; false when it failed. A full sync also
+    /// stores the read position and deletes consumed segments; otherwise only what was written
+    /// is made durable (enough for a publish to be acknowledged), unless `--sync-every` is due.
+    fn sync(&self, disk: &mut DiskQueue, name: &str, full: bool) -> bool {
+        let synced = if full || disk.sync_due() {
+            disk.sync()
+        } else {
+            disk.sync_data()
+        };
+        match synced {
             Ok(()) => {
                 self.health.write_succeeded();
                 true

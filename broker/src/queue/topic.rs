@@ -347,11 +347,11 @@ impl Topic {
     }
 
     /// Fsyncs the topic's and its channels' disk queues; false when any fsync failed.
-    pub(crate) fn sync(&self) -> bool {
+    pub(crate) fn sync(&self, full: bool) -> bool {
         let (mut ok, channels) = {
             let mut st = self.lock();
             let ok = match st.disk.as_mut() {
-                Some(disk) => self.settings.sync(disk, &self.name),
+                Some(disk) => self.settings.sync(disk, &self.name, full),
                 None => true,
             };
             (
@@ -360,7 +360,7 @@ impl Topic {
             )
         };
         for channel in channels {
-            ok &= channel.sync();
+            ok &= channel.sync(full);
         }
         ok
     }

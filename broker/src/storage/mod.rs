@@ -168,6 +168,8 @@ pub(crate) struct DiskQueue {
     unsynced: Vec<QueueFile>,
     /// Segments fully read, deleted once the metadata no longer points at them.
     consumed: Vec<u64>,
+    /// A segment file was created since the directory was last fsynced.
+    dir_dirty: bool,
     /// Records handed out by [`DiskQueue::pop_held`] and not released yet, per segment.
     held: BTreeMap<u64, u64>,
     /// Records popped per segment from the oldest held one on: what a reader starting over
@@ -262,6 +264,7 @@ impl DiskQueue {
             },
             unsynced: recovered.repaired,
             consumed: Vec::new(),
+            dir_dirty: false,
             held: BTreeMap::new(),
             popped: BTreeMap::new(),
             encode_buf: Vec::new(),
@@ -355,11 +358,15 @@ impl DiskQueue {
         };
         let file = match self.write.file.take() {
             Some(file) => file,
-            None => QueueFile::open_write(
-                self.names.segment(self.write.segment),
-                offset == 0,
-                &self.options.faults,
-            )?,
+            None => {
+                // A new segment's name is durable only after a directory fsync.
+                self.dir_dirty |= offset == 0;
+                QueueFile::open_write(
+                    self.names.segment(self.write.segment),
+                    offset == 0,
+                    &self.options.faults,
+                )?
+            }
         };
         #[cfg(test)]
         {
@@ -738,6 +745,29 @@ impl DiskQueue {
         self.ops_since_sync > 0 && self.ops_since_sync >= self.options.sync_every
     }
 
+    /// Makes everything appended so far durable without rewriting the metadata: an fdatasync
+    /// of each segment written since the last sync, and a directory fsync if a segment was
+    /// created. Cheaper than [`DiskQueue::sync`] (one fsync instead of three, typically), and
+    /// enough for records to survive a machine crash: recovery scans past the stored write
+    /// position. Read positions are not stored, so records popped since are handed out again.
+    pub(crate) fn sync_data(&mut self) -> Result<(), StorageError> {
+        while let Some(file) = self.unsynced.last() {
+            file.sync()?;
+            self.unsynced.pop();
+        }
+        if self.write.unsynced {
+            if let Some(file) = &self.write.file {
+                file.sync()?;
+            }
+            self.write.unsynced = false;
+        }
+        if self.dir_dirty {
+            file::sync_dir(self.names.dir(), &self.options.faults)?;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
     /// Makes everything appended so far durable (fdatasync), then the read and write positions
     /// and depth (metadata replaced atomically), then deletes fully read segments. Cheap when
     /// nothing changed since the last sync.
@@ -779,6 +809,7 @@ impl DiskQueue {
         };
         meta.store(&self.names, &self.options.faults)?;
         self.meta_dirty = false;
+        self.dir_dirty = false;
         self.ops_since_sync = 0;
         let (kept, consumed): (Vec<u64>, Vec<u64>) = self
             .consumed

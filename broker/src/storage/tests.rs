@@ -1036,3 +1036,24 @@ fn releasing_everything_lets_the_read_position_and_segments_go() {
     assert_eq!(report.depth, 0);
     assert!(pop_all(&mut queue).is_empty());
 }
+
+#[test]
+fn sync_data_makes_writes_durable_without_touching_the_metadata() {
+    let dir = TempDir::new().unwrap();
+    let options = options(2048);
+    let (mut queue, _) = open(&dir, &options);
+    queue.append(&plains(0..4, 100)).unwrap();
+    queue.sync().unwrap();
+    let meta_before = std::fs::read(meta_path(&dir)).unwrap();
+    let all = plains(4..40, 100);
+    for batch in all.chunks(4) {
+        queue.append(batch).unwrap();
+    }
+    queue.sync_data().unwrap();
+    assert_eq!(std::fs::read(meta_path(&dir)).unwrap(), meta_before);
+    assert!(segments(&dir).len() > 1, "new segments were created");
+    drop(queue); // a crash after the fsync
+    let (mut queue, report) = open(&dir, &options);
+    assert_eq!(report.depth, 40);
+    assert_eq!(pop_all(&mut queue)[4..], all[..]);
+}
