@@ -51,7 +51,7 @@ pub struct Options {
     #[arg(
         long = "lookupd-grpc-address",
         visible_alias = "lookupd-tcp-address",
-        env = "KNSQ_LOOKUPD_GRPC_ADDRESS",
+        env = "KNSQ_LOOKUPD_GRPC_ADDRESSES",
         value_delimiter = ','
     )]
     pub lookupd_grpc_addresses: Vec<String>,
