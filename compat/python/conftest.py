@@ -38,32 +38,19 @@ _LISTEN_RE = {
 }
 
 
-class Broker:
-    """A running knsq-broker process and the addresses it listens on."""
+class _Process:
+    """A knsq binary started by a test: its output goes to ``log_path``, and start-up waits
+    (bounded) for the ``<KIND>: listening on ADDR`` lines named by ``listen``."""
 
-    def __init__(
-        self,
-        args: list[str],
-        data_path: Path,
-        log_path: Path,
-        tcp_address: str = "127.0.0.1:0",
-        http_address: str = "127.0.0.1:0",
-    ):
-        self.args = args
-        self.data_path = data_path
+    def __init__(self, name: str, cmd: list[str], log_path: Path, listen: dict[str, re.Pattern]):
+        self.name = name
         self.log_path = log_path
         self.addresses: dict[str, str] = {}
         self.stop_problem: str | None = None
+        self._listen = listen
         self._stopped = False
         self._found = threading.Event()
         self._log = open(log_path, "w", encoding="utf-8", errors="replace")
-        cmd = [
-            str(BROKER_BIN),
-            f"--tcp-address={tcp_address}",
-            f"--http-address={http_address}",
-            f"--data-path={data_path}",
-            *args,
-        ]
         self._log.write("$ " + " ".join(cmd) + "\n")
         self._log.flush()
         self.proc = subprocess.Popen(
@@ -76,10 +63,10 @@ class Broker:
         )
         self._reader = threading.Thread(target=self._pump_output, daemon=True)
         self._reader.start()
-        if not self._found.wait(STARTUP_TIMEOUT) or len(self.addresses) < 2:
+        if not self._found.wait(STARTUP_TIMEOUT) or len(self.addresses) < len(listen):
             self.stop()
             raise RuntimeError(
-                f"knsq-broker did not report both listening addresses within "
+                f"{name} did not report its listening addresses within "
                 f"{STARTUP_TIMEOUT}s (exit code {self.proc.poll()}):\n{self.log_text()}"
             )
 
@@ -88,18 +75,14 @@ class Broker:
         for line in self.proc.stdout:
             self._log.write(line)
             self._log.flush()
-            for kind, pattern in _LISTEN_RE.items():
+            for kind, pattern in self._listen.items():
                 match = pattern.search(line)
                 if match and kind not in self.addresses:
                     self.addresses[kind] = match.group(1)
-            if len(self.addresses) == 2:
+            if len(self.addresses) == len(self._listen):
                 self._found.set()
         # The process closed its output (it exited): release a waiting start-up.
         self._found.set()
-
-    @property
-    def tcp_address(self) -> str:
-        return self.addresses["tcp"]
 
     @property
     def http_address(self) -> str:
@@ -113,8 +96,8 @@ class Broker:
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT. Returns the exit code.
 
-        Sets ``stop_problem`` when the broker did not exit cleanly (code 0) on SIGTERM. Stopping
-        (or killing) a broker a second time does nothing and returns the first exit code.
+        Sets ``stop_problem`` when the process did not exit cleanly (code 0) on SIGTERM. Stopping
+        (or killing) it a second time does nothing and returns the first exit code.
         """
         if self._stopped:
             return self.proc.returncode
@@ -150,6 +133,33 @@ class Broker:
         if not self._log.closed:
             self._log.close()
         return self.proc.returncode
+
+
+class Broker(_Process):
+    """A running knsq-broker process and the addresses it listens on."""
+
+    def __init__(
+        self,
+        args: list[str],
+        data_path: Path,
+        log_path: Path,
+        tcp_address: str = "127.0.0.1:0",
+        http_address: str = "127.0.0.1:0",
+    ):
+        self.args = args
+        self.data_path = data_path
+        cmd = [
+            str(BROKER_BIN),
+            f"--tcp-address={tcp_address}",
+            f"--http-address={http_address}",
+            f"--data-path={data_path}",
+            *args,
+        ]
+        super().__init__("knsq-broker", cmd, log_path, _LISTEN_RE)
+
+    @property
+    def tcp_address(self) -> str:
+        return self.addresses["tcp"]
 
     async def astop(self) -> int | None:
         """``stop()`` without blocking the event loop (pynsq clients keep running meanwhile)."""
@@ -287,69 +297,17 @@ _LOOKUPD_LISTEN_RE = {
 }
 
 
-class Lookupd:
+class Lookupd(_Process):
     """A running knsq-lookupd process: brokers register on ``grpc_address``, clients query
     ``http_address`` exactly as they query nsqlookupd."""
 
     def __init__(self, args: list[str], log_path: Path):
-        self.log_path = log_path
-        self.addresses: dict[str, str] = {}
-        self._found = threading.Event()
-        self._log = open(log_path, "w", encoding="utf-8", errors="replace")
         cmd = [str(LOOKUPD_BIN), "--grpc-address=127.0.0.1:0", "--http-address=127.0.0.1:0", *args]
-        self._log.write("$ " + " ".join(cmd) + "\n")
-        self._log.flush()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-        )
-        self._reader = threading.Thread(target=self._pump_output, daemon=True)
-        self._reader.start()
-        if not self._found.wait(STARTUP_TIMEOUT) or len(self.addresses) < 2:
-            self.stop()
-            raise RuntimeError(
-                f"knsq-lookupd did not report both listening addresses within {STARTUP_TIMEOUT}s "
-                f"(exit code {self.proc.poll()}):\n{self.log_text()}"
-            )
-
-    def _pump_output(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._log.write(line)
-            self._log.flush()
-            for kind, pattern in _LOOKUPD_LISTEN_RE.items():
-                match = pattern.search(line)
-                if match and kind not in self.addresses:
-                    self.addresses[kind] = match.group(1)
-            if len(self.addresses) == 2:
-                self._found.set()
-        self._found.set()
+        super().__init__("knsq-lookupd", cmd, log_path, _LOOKUPD_LISTEN_RE)
 
     @property
     def grpc_address(self) -> str:
         return self.addresses["grpc"]
-
-    @property
-    def http_address(self) -> str:
-        return self.addresses["http"]
-
-    def log_text(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after STOP_TIMEOUT. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
 
     def http(self, path: str, params: dict | None = None):
         url = f"http://{self.http_address}{path}"
