@@ -21,6 +21,8 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     socket: OwnedWriteHalf,
     stalled: Notify,
+    /// Wakes the writer task to run its flush timer: messages wait in the buffer.
+    buffered: Notify,
     closed: CancellationToken,
 }
 
@@ -31,6 +33,9 @@ struct State {
     buffer_size: usize,
     /// The socket refused bytes; the writer task is waiting for it to drain.
     stalled: bool,
+    /// Messages wait for the output buffer timeout; the writer's flush timer runs only then,
+    /// so idle connections cost no timer wakeups.
+    waiting: bool,
 }
 
 impl Outbox {
@@ -44,9 +49,11 @@ impl Outbox {
                 buf: BytesMut::new(),
                 buffer_size,
                 stalled: false,
+                waiting: false,
             }),
             socket,
             stalled: Notify::new(),
+            buffered: Notify::new(),
             closed,
         }
     }
@@ -62,6 +69,9 @@ impl Outbox {
         let result = write(&mut st.buf);
         if flush || st.buf.len() >= st.buffer_size {
             self.send(&mut st);
+        } else if !st.waiting && !st.buf.is_empty() {
+            st.waiting = true;
+            self.buffered.notify_one();
         }
         result
     }
@@ -78,6 +88,16 @@ impl Outbox {
 
     pub(crate) fn is_stalled(&self) -> bool {
         self.lock().stalled
+    }
+
+    /// Whether buffered messages wait for the flush timer.
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.lock().waiting
+    }
+
+    /// Resolves when messages start waiting in the buffer.
+    pub(crate) async fn waiting(&self) {
+        self.buffered.notified().await;
     }
 
     /// Resolves when a write found the socket full.
@@ -115,5 +135,6 @@ impl Outbox {
             }
         }
         st.stalled = false;
+        st.waiting = false;
     }
 }

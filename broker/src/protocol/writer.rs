@@ -2,7 +2,7 @@
 //!
 //! Frames are written by whoever produces them (see [`Outbox`](super::outbox::Outbox)). This
 //! task sends a heartbeat every `heartbeat_interval`, flushes buffered messages every
-//! `output_buffer_timeout` as nsqd's ticker does, waits for a full socket to drain (closing
+//! `output_buffer_timeout` as nsqd's ticker does (the ticker runs only while messages wait), waits for a full socket to drain (closing
 //! the connection if it does not within the heartbeat interval, nsqd's write deadline), and
 //! writes what is left when the connection closes.
 
@@ -23,15 +23,19 @@ struct Timers {
 
 impl Timers {
     fn new(identity: &Identity) -> Timers {
-        let ticker = |period: Duration| {
+        let ticker = |period: Duration, missed: MissedTickBehavior| {
             let mut i = interval_at(Instant::now() + period, period);
-            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i.set_missed_tick_behavior(missed);
             i
         };
         Timers {
-            heartbeat: identity.heartbeat_interval.map(ticker),
+            heartbeat: identity
+                .heartbeat_interval
+                .map(|p| ticker(p, MissedTickBehavior::Delay)),
+            // Polled only while messages wait; ticks missed meanwhile are skipped, so the
+            // flush keeps nsqd's ticker phase (half the timeout on average, not all of it).
             flush: (!identity.output_buffer_timeout.is_zero())
-                .then(|| ticker(identity.output_buffer_timeout)),
+                .then(|| ticker(identity.output_buffer_timeout, MissedTickBehavior::Skip)),
             write_timeout: identity.heartbeat_interval,
         }
     }
@@ -73,6 +77,7 @@ pub(super) async fn run(client: Arc<Client>) {
     let out = &client.outbox;
     let mut timers = Timers::new(&client.identity());
     loop {
+        let waiting = out.is_waiting();
         tokio::select! {
             _ = client.closed.cancelled() => break,
             _ = client.settings_changed.notified() => {
@@ -83,7 +88,9 @@ pub(super) async fn run(client: Arc<Client>) {
             _ = tick(&mut timers.heartbeat) => {
                 out.push(true, |buf| write_response(buf, proto::wire::HEARTBEAT));
             }
-            _ = tick(&mut timers.flush) => out.flush(),
+            _ = tick(&mut timers.flush), if waiting => out.flush(),
+            // Messages started waiting: go round again to run the flush timer.
+            _ = out.waiting(), if !waiting => {}
             _ = out.stall() => {
                 if !drain(&client, timers.write_timeout).await {
                     tracing::info!(client = client.id, "client stopped reading; closing");
