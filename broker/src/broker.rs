@@ -3,6 +3,7 @@
 //! Creating, deleting and pausing topics and channels goes through here, so the metadata file
 //! is rewritten after every such change.
 
+use crate::auth::AuthServers;
 use crate::config::{NSQ_COMPAT_VERSION, Options};
 use crate::lookup::{Lookup, Registrations};
 use crate::metrics::ServerMetrics;
@@ -28,6 +29,8 @@ pub(crate) struct Broker {
     pub(crate) metrics: ServerMetrics,
     /// Registrations with the lookupds; told of every topic and channel change.
     pub(crate) lookup: Lookup,
+    /// The auth servers when `--auth-http-address` turns authorization on.
+    pub(crate) auth: Option<AuthServers>,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_client_id: AtomicU64,
@@ -38,6 +41,7 @@ pub(crate) struct Broker {
 impl Broker {
     pub(crate) fn new(
         options: Options,
+        auth: Option<AuthServers>,
         settings: QueueSettings,
         tcp_address: SocketAddr,
         http_address: SocketAddr,
@@ -54,6 +58,7 @@ impl Broker {
             http_address,
             metrics,
             lookup,
+            auth,
             topics: RwLock::new(BTreeMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client_id: AtomicU64::new(1),

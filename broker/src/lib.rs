@@ -4,6 +4,7 @@
 //! - `protocol`: the NSQ TCP V2 server side, over the `proto::wire` codec.
 //! - `queue`: topics, channels, in-flight and deferred messages.
 //! - `http`: nsqd's HTTP API and `/metrics`.
+//! - `auth`: authorization of TCP clients through nsqd-style auth servers.
 //!
 //! [`run`] serves on already-bound [`Listeners`] until its shutdown token is cancelled;
 //! [`Server`] wraps both for tests and embedding.
@@ -11,6 +12,7 @@
 pub mod config;
 pub mod signals;
 
+mod auth;
 mod broker;
 mod health;
 mod http;
@@ -150,8 +152,10 @@ pub async fn run(
         lookup_metrics,
         shutdown.clone(),
     );
+    let auth = auth::AuthServers::from_options(&options)?;
     let state = Arc::new(broker::Broker::new(
         options,
+        auth,
         settings,
         tcp_address,
         http_address,

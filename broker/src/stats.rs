@@ -60,6 +60,14 @@ pub(crate) struct ClientStats {
     pub(crate) deflate: bool,
     pub(crate) snappy: bool,
     pub(crate) user_agent: String,
+    /// Whether the client's AUTH was granted authorizations; omitted when false, as nsqd's
+    /// `omitempty` does, like the two identity fields.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) authed: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) auth_identity: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub(crate) auth_identity_url: String,
     pub(crate) topology_zone: String,
     pub(crate) topology_region: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]

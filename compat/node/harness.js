@@ -310,25 +310,94 @@ class Clients {
  * a failure carries the tail of the broker's log.
  */
 function brokerTest(name, {brokerArgs = [], timeoutMs = TEST_TIMEOUT_MS} = {}, body) {
+  test(name, {timeout: timeoutMs + STARTUP_TIMEOUT_MS + 2 * STOP_TIMEOUT_MS}, () =>
+    runWithBroker(name, brokerArgs, timeoutMs, body)
+  )
+}
+
+/** brokerTest's body: a fresh broker and clients around `body`, always torn down. */
+async function runWithBroker(name, brokerArgs, timeoutMs, body) {
+  if (!fs.existsSync(BROKER_BIN)) {
+    assert.fail(`broker binary ${BROKER_BIN} not found: run \`cargo build -p broker\` or set KNSQ_BROKER_BIN`)
+  }
+  const broker = await new Broker(brokerArgs).start()
+  const clients = new Clients(broker)
+  let failure = null
+  try {
+    await within(timeoutMs, body({broker, clients}), `test body of "${name}"`)
+  } catch (err) {
+    failure = err
+  }
+  clients.close()
+  await sleep(50) // let the closes reach the broker
+  const stopProblem = await broker.stop()
+  if (!failure && stopProblem) failure = new Error(`knsq-broker did not stop cleanly: ${stopProblem}`)
+  if (failure) {
+    failure.message += `\n--- broker log (tail) ---\n${broker.logText()}`
+    throw failure
+  }
+}
+
+/**
+ * An nsqd-style auth server on 127.0.0.1 port 0: answers every request with `answer`
+ * (`{status, body}`, changeable between requests) and records each request's method, path
+ * and form fields (from the query string or a POST body).
+ */
+class AuthServer {
+  constructor(answer) {
+    this.answer = answer
+    this.requests = []
+  }
+
+  async start() {
+    const http = require('node:http')
+    this.server = http.createServer((req, res) => {
+      let body = ''
+      req.setEncoding('utf8')
+      req.on('data', (chunk) => (body += chunk))
+      req.on('end', () => {
+        const url = new URL(req.url, 'http://auth')
+        const form = req.method === 'POST' ? new URLSearchParams(body) : url.searchParams
+        this.requests.push({method: req.method, path: url.pathname, fields: Object.fromEntries(form)})
+        const {status, body: answer} = this.answer
+        res.writeHead(status, {'Content-Type': 'application/json'})
+        res.end(typeof answer === 'string' ? answer : JSON.stringify(answer))
+      })
+    })
+    await new Promise((resolve) => this.server.listen(0, '127.0.0.1', resolve))
+    return this
+  }
+
+  get address() {
+    return `127.0.0.1:${this.server.address().port}`
+  }
+
+  /** An answer granting `permissions` on topics and channels matching the expressions. */
+  static grant(topic, channels, permissions, ttl = 3600) {
+    return {
+      status: 200,
+      body: {ttl, identity: 'nsqjs-user', identity_url: 'http://id.example/nsqjs-user', authorizations: [{topic, channels, permissions}]},
+    }
+  }
+
+  async stop() {
+    this.server.closeAllConnections()
+    await new Promise((resolve) => this.server.close(resolve))
+  }
+}
+
+/**
+ * Like brokerTest, with an AuthServer answering `answer` started first and the broker told to
+ * use it (`--auth-http-address`). The body also gets {authServer}.
+ */
+function authTest(name, {answer, brokerArgs = [], timeoutMs = TEST_TIMEOUT_MS} = {}, body) {
   test(name, {timeout: timeoutMs + STARTUP_TIMEOUT_MS + 2 * STOP_TIMEOUT_MS}, async () => {
-    if (!fs.existsSync(BROKER_BIN)) {
-      assert.fail(`broker binary ${BROKER_BIN} not found: run \`cargo build -p broker\` or set KNSQ_BROKER_BIN`)
-    }
-    const broker = await new Broker(brokerArgs).start()
-    const clients = new Clients(broker)
-    let failure = null
+    const authServer = await new AuthServer(answer).start()
     try {
-      await within(timeoutMs, body({broker, clients}), `test body of "${name}"`)
-    } catch (err) {
-      failure = err
-    }
-    clients.close()
-    await sleep(50) // let the closes reach the broker
-    const stopProblem = await broker.stop()
-    if (!failure && stopProblem) failure = new Error(`knsq-broker did not stop cleanly: ${stopProblem}`)
-    if (failure) {
-      failure.message += `\n--- broker log (tail) ---\n${broker.logText()}`
-      throw failure
+      const args = [`--auth-http-address=${authServer.address}`, ...brokerArgs]
+      await runWithBroker(name, args, timeoutMs, (ctx) => body({...ctx, authServer}))
+    } finally {
+      await authServer.stop()
     }
   })
 }
@@ -475,4 +544,4 @@ function clusterTest(name, {brokers: count = 3, timeoutMs = TEST_TIMEOUT_MS} = {
   })
 }
 
-module.exports = {brokerTest, clusterTest, Deliveries, Reader, sleep, within}
+module.exports = {AuthServer, authTest, brokerTest, clusterTest, Deliveries, Reader, sleep, within}

@@ -56,6 +56,27 @@ pub struct Options {
     )]
     pub lookupd_grpc_addresses: Vec<String>,
 
+    /// <addr>:<port> or http:// URL of an auth server to query with clients' AUTH secrets;
+    /// repeatable (any one given turns authorization on)
+    #[arg(
+        long = "auth-http-address",
+        env = "KNSQ_AUTH_HTTP_ADDRESS",
+        value_delimiter = ','
+    )]
+    pub auth_http_addresses: Vec<String>,
+
+    /// HTTP method for auth server requests: get (fields in the query) or post (a form)
+    #[arg(long, env = "KNSQ_AUTH_HTTP_REQUEST_METHOD", default_value = "get", value_parser = parse_auth_method)]
+    pub auth_http_request_method: String,
+
+    /// Timeout for connecting to an auth server
+    #[arg(long, env = "KNSQ_HTTP_CLIENT_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_go_duration)]
+    pub http_client_connect_timeout: Duration,
+
+    /// Timeout for an auth server's answer
+    #[arg(long, env = "KNSQ_HTTP_CLIENT_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_go_duration)]
+    pub http_client_request_timeout: Duration,
+
     /// TCP port told to lookupds (0 = the port --tcp-address listens on)
     #[arg(long, env = "KNSQ_BROADCAST_TCP_PORT", default_value_t = 0)]
     pub broadcast_tcp_port: u16,
@@ -243,6 +264,19 @@ impl Options {
                 format!("{empty:?} is not an address"),
             );
         }
+        crate::auth::check_options(self)?;
+        if self.http_client_connect_timeout.is_zero() {
+            return fail(
+                "http-client-connect-timeout",
+                "must be longer than 0s".into(),
+            );
+        }
+        if self.http_client_request_timeout.is_zero() {
+            return fail(
+                "http-client-request-timeout",
+                "must be longer than 0s".into(),
+            );
+        }
         if self.e2e_processing_latency_window_time < Duration::from_secs(1) {
             return fail(
                 "e2e-processing-latency-window-time",
@@ -284,6 +318,10 @@ impl Options {
             "http_address" => json!(self.http_address),
             "broadcast_address" => json!(self.broadcast_address),
             "nsqlookupd_tcp_addresses" => json!(self.lookupd_grpc_addresses),
+            "auth_http_addresses" => json!(self.auth_http_addresses),
+            "auth_http_request_method" => json!(self.auth_http_request_method),
+            "http_client_connect_timeout" => ns(self.http_client_connect_timeout),
+            "http_client_request_timeout" => ns(self.http_client_request_timeout),
             "broadcast_tcp_port" => json!(self.broadcast_tcp_port),
             "broadcast_http_port" => json!(self.broadcast_http_port),
             "data_path" => json!(self.data_path.display().to_string()),
@@ -319,6 +357,14 @@ fn parse_quantile(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(q) if q > 0.0 && q <= 1.0 => Ok(q),
         _ => Err(format!("{text:?} is not a quantile in (0,1]")),
+    }
+}
+
+/// nsqd's `--auth-http-request-method` values.
+fn parse_auth_method(text: &str) -> Result<String, String> {
+    match text {
+        "get" | "post" => Ok(text.to_string()),
+        _ => Err(format!("{text:?} is not get or post")),
     }
 }
 
@@ -468,6 +514,49 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.flag, "max-body-size");
         assert!(parse(&["--no-such-flag=1"]).is_err());
+    }
+
+    #[test]
+    fn auth_flags_repeat_and_check_the_method() {
+        let o = parse(&[]).unwrap();
+        assert!(o.auth_http_addresses.is_empty());
+        assert_eq!(o.auth_http_request_method, "get");
+        assert_eq!(o.http_client_connect_timeout, Duration::from_secs(2));
+        assert_eq!(o.http_client_request_timeout, Duration::from_secs(5));
+        let o = parse(&[
+            "-auth-http-address=127.0.0.1:4181",
+            "--auth-http-address",
+            "http://auth:80/check",
+            "--auth-http-request-method=post",
+            "-http-client-connect-timeout=500ms",
+            "--http-client-request-timeout=1s",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.auth_http_addresses,
+            ["127.0.0.1:4181", "http://auth:80/check"]
+        );
+        assert_eq!(o.auth_http_request_method, "post");
+        assert_eq!(o.http_client_connect_timeout, Duration::from_millis(500));
+        assert_eq!(o.http_client_request_timeout, Duration::from_secs(1));
+        o.validate().unwrap();
+        assert_eq!(
+            o.config_value("http_client_connect_timeout"),
+            Some(serde_json::json!(500_000_000u64))
+        );
+        assert_eq!(
+            o.config_value("auth_http_request_method"),
+            Some(serde_json::json!("post"))
+        );
+        let err = parse(&["--auth-http-request-method=put"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--auth-http-request-method"), "{err}");
+        let err = parse(&["--auth-http-address=https://auth/x"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.flag, "auth-http-address");
     }
 
     #[test]

@@ -31,6 +31,15 @@ pub(crate) struct Identity {
     pub(crate) sample_rate: u8,
 }
 
+/// What `/stats` shows of a client's AUTH.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuthSummary {
+    /// The auth server granted at least one authorization.
+    pub(crate) authed: bool,
+    pub(crate) identity: String,
+    pub(crate) identity_url: String,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) ready_count: AtomicU64,
@@ -53,6 +62,7 @@ pub(crate) struct Client {
     pub(crate) counters: Counters,
     pub(crate) state: AtomicI32,
     identity: Mutex<Identity>,
+    auth: Mutex<AuthSummary>,
     /// Messages published per topic; nsqd reports the first topic only.
     pub_counts: Mutex<Vec<PubCount>>,
 }
@@ -77,6 +87,7 @@ impl Client {
             counters: Counters::default(),
             state: AtomicI32::new(STATE_INIT),
             identity: Mutex::new(identity),
+            auth: Mutex::new(AuthSummary::default()),
             pub_counts: Mutex::new(Vec::new()),
         }
     }
@@ -90,6 +101,10 @@ impl Client {
 
     pub(crate) fn set_identity(&self, identity: Identity) {
         *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity;
+    }
+
+    pub(crate) fn set_auth(&self, auth: AuthSummary) {
+        *self.auth.lock().unwrap_or_else(|e| e.into_inner()) = auth;
     }
 
     pub(crate) fn state(&self) -> i32 {
@@ -123,6 +138,7 @@ impl Client {
     /// first topic published to (nsqd's loop stops after one entry).
     pub(crate) fn stats(&self, topic: Option<&str>) -> ClientStats {
         let id = self.identity();
+        let auth = self.auth.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let c = &self.counters;
         let pub_counts: Vec<PubCount> = {
             let counts = self.pub_counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -147,6 +163,9 @@ impl Client {
             deflate: false,
             snappy: false,
             user_agent: id.user_agent,
+            authed: auth.authed,
+            auth_identity: auth.identity,
+            auth_identity_url: auth.identity_url,
             topology_zone: String::new(),
             topology_region: String::new(),
             pub_counts,

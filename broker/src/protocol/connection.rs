@@ -3,9 +3,10 @@
 //! The reader runs here; a [`writer`](super::writer) task owns the socket's write half.
 //! Consecutive FINs in one read are applied together under a single channel lock.
 
-use super::client::{Client, Identity, STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED};
+use super::client::{AuthSummary, Client, Identity, STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED};
 use super::identify::IdentifyRequest;
 use super::writer;
+use crate::auth::{AuthError, AuthState, Permission, Query};
 use crate::broker::Broker;
 use crate::queue::{Channel, PublishError, SubscribeError, Topic};
 use bytes::{Bytes, BytesMut};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 /// nsqd's client timeout: the wait for the magic, and twice the default heartbeat.
@@ -84,6 +85,9 @@ pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: Canc
         last_topic: None,
         held: None,
         awaiting_topic: None,
+        auth: None,
+        secret: Bytes::new(),
+        awaiting_auth: None,
     };
     conn.read_loop(&mut reader).await;
     conn.leave();
@@ -110,6 +114,21 @@ struct Connection {
     /// Lookupd hook: a command that creates a topic, run once the channels the lookupds know
     /// for it exist (see `Broker::prepare_topic`).
     awaiting_topic: Option<(String, Command)>,
+    /// What the auth server granted this client's secret (with `--auth-http-address`).
+    auth: Option<AuthState>,
+    /// The secret of the client's AUTH, sent again when the authorizations expire.
+    secret: Bytes,
+    /// Auth hook: an AUTH, or a command whose check found the authorizations expired, run
+    /// once the auth server has answered.
+    awaiting_auth: Option<Command>,
+}
+
+/// What happens after a command was started.
+enum Next {
+    Continue,
+    /// Set aside until `read_loop` has awaited what it needs.
+    Wait,
+    Close,
 }
 
 struct Held {
@@ -128,16 +147,8 @@ impl Connection {
     async fn read_loop(&mut self, reader: &mut OwnedReadHalf) {
         loop {
             let open = self.process_buffered();
-            if let Some((topic, command)) = self.awaiting_topic.take() {
-                // Answers held for earlier publishes go first, in order.
-                if !self.release_held().await {
-                    return;
-                }
-                tokio::select! {
-                    _ = self.client.closed.cancelled() => return,
-                    () = self.broker.prepare_topic(&topic) => {}
-                }
-                if !self.run(command) {
+            if self.awaiting_auth.is_some() || self.awaiting_topic.is_some() {
+                if !self.run_set_aside().await {
                     return;
                 }
                 continue;
@@ -183,14 +194,110 @@ impl Connection {
         }
     }
 
+    /// Runs the command set aside (and any it leads to: an authorized publish may still need
+    /// its topic prepared) before anything read after it. False when the connection must close.
+    async fn run_set_aside(&mut self) -> bool {
+        loop {
+            if let Some(command) = self.awaiting_auth.take() {
+                // Answers held for earlier publishes go first, in order.
+                if !self.release_held().await {
+                    return false;
+                }
+                if let Command::Auth(secret) = &command {
+                    self.secret = secret.clone();
+                }
+                let broker = self.broker.clone();
+                let Some(servers) = broker.auth.as_ref() else {
+                    return false;
+                };
+                let query = Query {
+                    remote_ip: self.client.remote_address.ip(),
+                    tls: false,
+                    secret: &self.secret,
+                    common_name: "",
+                };
+                let answer = tokio::select! {
+                    _ = self.client.closed.cancelled() => return false,
+                    answer = servers.query(query) => answer,
+                };
+                if !self.authorized(command, answer) {
+                    return false;
+                }
+                continue;
+            }
+            if let Some((topic, command)) = self.awaiting_topic.take() {
+                if !self.release_held().await {
+                    return false;
+                }
+                tokio::select! {
+                    _ = self.client.closed.cancelled() => return false,
+                    () = self.broker.prepare_topic(&topic) => {}
+                }
+                if !self.run(command) {
+                    return false;
+                }
+                continue;
+            }
+            return true;
+        }
+    }
+
+    /// Takes the auth server's answer for an AUTH (answering it) or for a command that found
+    /// its authorizations expired (then checking and starting it). False when the connection
+    /// must close.
+    fn authorized(&mut self, command: Command, answer: Result<AuthState, AuthError>) -> bool {
+        let state = match answer {
+            Ok(state) => state,
+            Err(e) => {
+                // The details stay in the log: clients are not told about the auth servers.
+                tracing::warn!(client = self.client.id, error = %e, "AUTH failed");
+                self.send_error(&ProtocolError::new(ErrorCode::AuthFailed, "AUTH failed"));
+                return false;
+            }
+        };
+        let count = state.permission_count();
+        self.client.set_auth(AuthSummary {
+            authed: count > 0,
+            identity: state.identity.clone(),
+            identity_url: state.identity_url.clone(),
+        });
+        tracing::debug!(
+            client = self.client.id,
+            identity = %state.identity,
+            permissions = count,
+            "authorized"
+        );
+        let response = matches!(command, Command::Auth(_)).then(|| {
+            serde_json::json!({
+                "identity": state.identity,
+                "identity_url": state.identity_url,
+                "permission_count": count,
+            })
+        });
+        self.auth = Some(state);
+        let Some(response) = response else {
+            return !matches!(self.start(command, false), Next::Close);
+        };
+        if count == 0 {
+            self.send_error(&ProtocolError::new(
+                ErrorCode::Unauthorized,
+                "AUTH no authorizations found",
+            ));
+            return false;
+        }
+        self.send_response(response.to_string().as_bytes());
+        true
+    }
+
     /// Executes every whole command in the read buffer. Returns false when the connection
     /// must close.
     fn process_buffered(&mut self) -> bool {
         loop {
             let state = self.client.state();
             let heartbeats = self.client.identity().heartbeat_interval.is_some();
+            let auth_first = self.broker.auth.is_some() && self.auth.is_none();
             let decoded = self.decoder.decode(&mut self.read_buf, |name| {
-                check_state(name, state, heartbeats)
+                check_state(name, state, heartbeats, auth_first)
             });
             let command = match decoded {
                 Ok(Some(command)) => command,
@@ -206,17 +313,86 @@ impl Connection {
                 continue;
             }
             self.apply_fins();
-            if let Some(topic) = self.new_topic(&command) {
-                // Lookupd hook: read_loop creates the topic with its known channels first.
-                self.awaiting_topic = Some((topic, command));
-                return true;
-            }
-            if !self.run(command) {
-                return false;
+            match self.start(command, true) {
+                Next::Continue => {}
+                Next::Wait => return true,
+                Next::Close => return false,
             }
         }
         self.apply_fins();
         true
+    }
+
+    /// Checks a command's authorization, then runs it, or sets it aside when the auth server
+    /// must be asked first (`may_query`: not again right after it answered) or its topic
+    /// prepared.
+    fn start(&mut self, command: Command, may_query: bool) -> Next {
+        match self.check_auth(&command, may_query) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.awaiting_auth = Some(command);
+                return Next::Wait;
+            }
+            Err(e) => {
+                self.send_error(&e);
+                return Next::Close;
+            }
+        }
+        if let Some(topic) = self.new_topic(&command) {
+            // Lookupd hook: read_loop creates the topic with its known channels first.
+            self.awaiting_topic = Some((topic, command));
+            return Next::Wait;
+        }
+        if self.run(command) {
+            Next::Continue
+        } else {
+            Next::Close
+        }
+    }
+
+    /// With auth on: whether the auth server must be asked before `command` runs (an AUTH, or
+    /// a SUB or publish whose authorizations expired), or the error that refuses it.
+    fn check_auth(&self, command: &Command, may_query: bool) -> Result<bool, ProtocolError> {
+        if self.broker.auth.is_none() {
+            return Ok(false);
+        }
+        let (name, topic, channel, permission) = match command {
+            // Once authorized, execute() answers `AUTH already set`.
+            Command::Auth(_) => return Ok(self.auth.is_none()),
+            Command::Sub { topic, channel } => (
+                CommandName::Sub,
+                topic.as_str(),
+                channel.as_str(),
+                Permission::Subscribe,
+            ),
+            Command::Pub { topic, .. } => {
+                (CommandName::Pub, topic.as_str(), "", Permission::Publish)
+            }
+            Command::Mpub { topic, .. } => {
+                (CommandName::Mpub, topic.as_str(), "", Permission::Publish)
+            }
+            Command::Dpub { topic, .. } => {
+                (CommandName::Dpub, topic.as_str(), "", Permission::Publish)
+            }
+            _ => return Ok(false),
+        };
+        let Some(state) = &self.auth else {
+            return Err(auth_first(name));
+        };
+        if may_query && state.is_expired(Instant::now()) {
+            return Ok(true);
+        }
+        if state.is_allowed(topic, channel, permission) {
+            return Ok(false);
+        }
+        // Names are validated ASCII, so plain quotes read as Go's %q.
+        Err(ProtocolError::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "AUTH failed for {} on \"{topic}\" \"{channel}\"",
+                name.as_str()
+            ),
+        ))
     }
 
     /// Executes a command and reports its error; false when the connection must close.
@@ -251,7 +427,11 @@ impl Connection {
         match command {
             Command::Nop => Ok(()),
             Command::Identify(body) => self.identify(&body),
-            Command::Auth(_) => Err(ProtocolError::new(ErrorCode::AuthDisabled, "AUTH disabled")),
+            // An AUTH to ask the auth server about never gets here (see `check_auth`).
+            Command::Auth(_) if self.broker.auth.is_none() => {
+                Err(ProtocolError::new(ErrorCode::AuthDisabled, "AUTH disabled"))
+            }
+            Command::Auth(_) => Err(ProtocolError::invalid("AUTH already set")),
             Command::Sub { topic, channel } => self.subscribe(topic.as_str(), channel.as_str()),
             Command::Pub { topic, body } => {
                 self.publish(CommandName::Pub, topic.as_str(), &[body], Duration::ZERO)
@@ -490,8 +670,23 @@ fn publish_error_code(command: CommandName) -> ErrorCode {
     }
 }
 
-/// The state rules nsqd applies before reading a command's parameters and body.
-fn check_state(name: CommandName, state: i32, heartbeats: bool) -> Result<Precheck, ProtocolError> {
+/// `E_AUTH_FIRST`: auth is on and the client has not authenticated.
+fn auth_first(name: CommandName) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::AuthFirst,
+        format!("AUTH required before {}", name.as_str()),
+    )
+}
+
+/// The state rules nsqd applies before reading a command's parameters and body; with
+/// `auth_first` (auth on, no AUTH yet) an MPUB is refused before its body is read, as nsqd
+/// checks MPUB's authorization before reading it.
+fn check_state(
+    name: CommandName,
+    state: i32,
+    heartbeats: bool,
+    auth_first: bool,
+) -> Result<Precheck, ProtocolError> {
     let cannot = || ProtocolError::invalid(format!("cannot {} in current state", name.as_str()));
     match name {
         // nsqd ignores RDY from a closing client before even parsing its count.
@@ -508,6 +703,7 @@ fn check_state(name: CommandName, state: i32, heartbeats: bool) -> Result<Preche
             Err(cannot())
         }
         CommandName::Cls if state != STATE_SUBSCRIBED => Err(cannot()),
+        CommandName::Mpub if auth_first => Err(self::auth_first(name)),
         _ => Ok(Precheck::Parse),
     }
 }

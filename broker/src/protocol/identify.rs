@@ -183,7 +183,7 @@ impl IdentifyRequest {
             max_deflate_level: MAX_DEFLATE_LEVEL,
             snappy: false,
             sample_rate: applied.sample_rate,
-            auth_required: false,
+            auth_required: !o.auth_http_addresses.is_empty(),
             output_buffer_size: applied.output_buffer_size,
             output_buffer_timeout: applied.output_buffer_timeout.as_millis() as u64,
             topology_region: "",
@@ -321,6 +321,11 @@ mod tests {
         assert_eq!(v["snappy"], false);
         assert_eq!(v["max_rdy_count"], 2500);
         assert_eq!(v["msg_timeout"], 60000);
+        assert_eq!(v["auth_required"], false);
+        let mut with_auth = options();
+        with_auth.auth_http_addresses = vec!["127.0.0.1:4181".into()];
+        let v: Value = serde_json::from_slice(&req.response(&id, &with_auth)).unwrap();
+        assert_eq!(v["auth_required"], true);
         let plain = IdentifyRequest::parse(b"{}").unwrap();
         assert_eq!(plain.response(&id, &options()), b"OK");
     }
