@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::crd::NSQCluster;
 
 pub use config::{config_checksum, config_map};
-pub use monitor::service_monitor;
+pub use monitor::{SERVICE_MONITOR_API_VERSION, service_monitor};
 pub use pdb::pod_disruption_budget;
 pub use services::{client_service, headless_service};
 pub use statefulset::{broker_statefulset, lookupd_statefulset};

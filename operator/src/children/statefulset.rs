@@ -18,7 +18,7 @@ use super::{child_meta, config_checksum, labels, namespace, selector_labels};
 use crate::crd::{NSQCluster, PodMetadata, Scheduling};
 
 /// Where a broker keeps its queues.
-pub const DATA_PATH: &str = "/data";
+const DATA_PATH: &str = "/data";
 const DATA_VOLUME: &str = "data";
 /// The unprivileged user the images run as.
 const RUN_AS: i64 = 65532;
