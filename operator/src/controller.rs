@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
@@ -70,7 +71,9 @@ impl Error {
         let source = match self {
             Error::MissingNamespace { .. } => return "MissingNamespace".to_owned(),
             Error::Encode { .. } => return "Encode".to_owned(),
-            Error::Get { source, .. } | Error::Apply { source, .. } | Error::Status { source, .. } => source,
+            Error::Get { source, .. }
+            | Error::Apply { source, .. }
+            | Error::Status { source, .. } => source,
         };
         match source {
             kube::Error::Api(status) if !status.reason.is_empty() => status.reason.clone(),
@@ -113,14 +116,28 @@ impl Context {
         pdb_resource: ApiResource,
         service_monitor_resource: Option<ApiResource>,
     ) -> Self {
-        let reporter = Reporter { controller: MANAGER.to_owned(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter {
+            controller: MANAGER.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         let recorder = Recorder::new(client.clone(), reporter);
-        Self { client, images, recorder, metrics, pdb_resource, service_monitor_resource, failures: Mutex::default() }
+        Self {
+            client,
+            images,
+            recorder,
+            metrics,
+            pdb_resource,
+            service_monitor_resource,
+            failures: Mutex::default(),
+        }
     }
 
     /// Consecutive failures of this cluster, after counting one more (or resetting on success).
     fn record_failure(&self, cluster: &ObjectRef<NSQCluster>, failed: bool) -> u32 {
-        let mut failures = self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if failed {
             let n = failures.entry(cluster.clone()).or_insert(0);
             *n += 1;
@@ -134,7 +151,9 @@ impl Context {
 
 /// Delay before retrying after `failures` consecutive failed reconciles.
 pub fn backoff(failures: u32) -> Duration {
-    let factor = 1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
     BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
 }
 
@@ -161,7 +180,9 @@ pub async fn reconcile(cluster: Arc<NSQCluster>, ctx: Arc<Context>) -> Result<Ac
 
 async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, Error> {
     let name = cluster.name_any();
-    let namespace = cluster.namespace().ok_or_else(|| Error::MissingNamespace { name: name.clone() })?;
+    let namespace = cluster
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace { name: name.clone() })?;
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let lookupd_name = Component::Lookupd.name(cluster);
     let broker_name = Component::Broker.name(cluster);
@@ -170,7 +191,14 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
 
     if cluster.is_paused() {
         info!("reconciliation paused by annotation");
-        write_status(cluster, ctx, before_lookupd.as_ref(), before_broker.as_ref(), &Outcome::Paused).await?;
+        write_status(
+            cluster,
+            ctx,
+            before_lookupd.as_ref(),
+            before_broker.as_ref(),
+            &Outcome::Paused,
+        )
+        .await?;
         return Ok(Action::requeue(RESYNC));
     }
 
@@ -181,24 +209,63 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
                 (Component::Lookupd, &before_lookupd, &children.lookupd),
                 (Component::Broker, &before_broker, &children.broker),
             ] {
+                let related = desired.object_ref(&());
                 for (reason, note) in changes(component, before.as_ref(), desired) {
-                    publish(ctx, cluster, EventType::Normal, reason, note).await;
+                    publish(
+                        ctx,
+                        cluster,
+                        EventType::Normal,
+                        reason,
+                        note,
+                        Some(related.clone()),
+                    )
+                    .await;
                 }
             }
-            write_status(cluster, ctx, Some(&lookupd), Some(&broker), &Outcome::Applied).await?;
+            write_status(
+                cluster,
+                ctx,
+                Some(&lookupd),
+                Some(&broker),
+                &Outcome::Applied,
+            )
+            .await?;
             Ok(Action::requeue(RESYNC))
         }
         Err(error) => {
             let message = error.chain();
-            publish(ctx, cluster, EventType::Warning, "ReconcileFailed", message.clone()).await;
-            write_status(cluster, ctx, before_lookupd.as_ref(), before_broker.as_ref(), &Outcome::Failed(message)).await?;
+            publish(
+                ctx,
+                cluster,
+                EventType::Warning,
+                "ReconcileFailed",
+                message.clone(),
+                None,
+            )
+            .await;
+            let failed = Outcome::Failed(message);
+            if let Err(status_error) = write_status(
+                cluster,
+                ctx,
+                before_lookupd.as_ref(),
+                before_broker.as_ref(),
+                &failed,
+            )
+            .await
+            {
+                warn!(error = %status_error.chain(), "could not record the failure in the status");
+            }
             Err(error)
         }
     }
 }
 
 async fn get_opt(api: &Api<StatefulSet>, name: &str) -> Result<Option<StatefulSet>, Error> {
-    api.get_opt(name).await.map_err(|source| Error::Get { kind: "StatefulSet", name: name.to_owned(), source })
+    api.get_opt(name).await.map_err(|source| Error::Get {
+        kind: "StatefulSet",
+        name: name.to_owned(),
+        source,
+    })
 }
 
 fn apply_params() -> PatchParams {
@@ -211,29 +278,49 @@ where
     K::DynamicType: Default,
 {
     let name = object.name_any();
-    api.patch(&name, &apply_params(), &Patch::Apply(object)).await.map_err(|source| Error::Apply {
-        kind: K::kind(&K::DynamicType::default()).into_owned(),
-        name,
-        source,
-    })
+    api.patch(&name, &apply_params(), &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: K::kind(&K::DynamicType::default()).into_owned(),
+            name,
+            source,
+        })
 }
 
-async fn apply_dynamic(ctx: &Context, namespace: &str, resource: &ApiResource, mut object: Value) -> Result<(), Error> {
-    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+async fn apply_dynamic(
+    ctx: &Context,
+    namespace: &str,
+    resource: &ApiResource,
+    mut object: Value,
+) -> Result<(), Error> {
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     object["apiVersion"] = Value::String(resource.api_version.clone());
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, resource);
-    api.patch(&name, &apply_params(), &Patch::Apply(&object)).await.map_err(|source| Error::Apply {
-        kind: resource.kind.clone(),
-        name,
-        source,
-    })?;
+    api.patch(&name, &apply_params(), &Patch::Apply(&object))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: resource.kind.clone(),
+            name,
+            source,
+        })?;
     Ok(())
 }
 
 /// Apply every child in order; returns the StatefulSets as the API server answered them.
-async fn apply_children(ctx: &Context, namespace: &str, children: &Children) -> Result<(StatefulSet, StatefulSet), Error> {
+async fn apply_children(
+    ctx: &Context,
+    namespace: &str,
+    children: &Children,
+) -> Result<(StatefulSet, StatefulSet), Error> {
     let client = &ctx.client;
-    apply(&Api::namespaced(client.clone(), namespace), &children.config_map).await?;
+    apply(
+        &Api::namespaced(client.clone(), namespace),
+        &children.config_map,
+    )
+    .await?;
     let services = Api::namespaced(client.clone(), namespace);
     for service in &children.services {
         apply(&services, service).await?;
@@ -249,7 +336,9 @@ async fn apply_children(ctx: &Context, namespace: &str, children: &Children) -> 
         })?;
         apply_dynamic(ctx, namespace, &ctx.pdb_resource, value).await?;
     }
-    if let (Some(monitor), Some(resource)) = (&children.service_monitor, &ctx.service_monitor_resource) {
+    if let (Some(monitor), Some(resource)) =
+        (&children.service_monitor, &ctx.service_monitor_resource)
+    {
         apply_dynamic(ctx, namespace, resource, monitor.clone()).await?;
     }
     Ok((lookupd, broker))
@@ -260,35 +349,92 @@ fn replicas(sts: &StatefulSet) -> i32 {
 }
 
 fn image(sts: &StatefulSet) -> Option<&str> {
-    sts.spec.as_ref()?.template.spec.as_ref()?.containers.first()?.image.as_deref()
+    sts.spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .first()?
+        .image
+        .as_deref()
 }
 
 fn checksum(sts: &StatefulSet) -> Option<&str> {
-    sts.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get(CHECKSUM_ANNOTATION).map(String::as_str)
+    sts.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(CHECKSUM_ANNOTATION)
+        .map(String::as_str)
 }
 
 /// What applying `desired` over `before` changes that a user should hear about, as event
 /// (reason, note) pairs.
-pub fn changes(component: Component, before: Option<&StatefulSet>, desired: &StatefulSet) -> Vec<(&'static str, String)> {
+pub fn changes(
+    component: Component,
+    before: Option<&StatefulSet>,
+    desired: &StatefulSet,
+) -> Vec<(&'static str, String)> {
     let what = component.as_str();
     let Some(before) = before else {
-        return vec![("Created", format!("created the {what} StatefulSet with {} replicas", replicas(desired)))];
+        return vec![(
+            "Created",
+            format!(
+                "created the {what} StatefulSet with {} replicas",
+                replicas(desired)
+            ),
+        )];
     };
     let mut out = Vec::new();
     if replicas(before) != replicas(desired) {
-        out.push(("Scaled", format!("scaled {what}s from {} to {}", replicas(before), replicas(desired))));
+        out.push((
+            "Scaled",
+            format!(
+                "scaled {what}s from {} to {}",
+                replicas(before),
+                replicas(desired)
+            ),
+        ));
     }
     if image(before) != image(desired) {
-        out.push(("ImageChanged", format!("rolling {what}s to image {}", image(desired).unwrap_or_default())));
+        out.push((
+            "ImageChanged",
+            format!(
+                "rolling {what}s to image {}",
+                image(desired).unwrap_or_default()
+            ),
+        ));
     }
     if checksum(before) != checksum(desired) {
-        out.push(("SettingsChanged", format!("{what} settings changed; rolling the pods")));
+        out.push((
+            "SettingsChanged",
+            format!("{what} settings changed; rolling the pods"),
+        ));
     }
     out
 }
 
-async fn publish(ctx: &Context, cluster: &NSQCluster, type_: EventType, reason: &str, note: String) {
-    let event = Event { type_, reason: reason.to_owned(), note: Some(note), action: "Reconcile".to_owned(), secondary: None };
+/// Record an event on the cluster; `related` names the child it concerns, which also keeps
+/// events about different children from being merged into one series.
+async fn publish(
+    ctx: &Context,
+    cluster: &NSQCluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<ObjectReference>,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: related,
+    };
     if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
         warn!(%error, reason, "could not record event");
     }
@@ -307,10 +453,17 @@ async fn write_status(
         return Ok(());
     }
     let name = cluster.name_any();
-    let api: Api<NSQCluster> = Api::namespaced(ctx.client.clone(), cluster.namespace().as_deref().unwrap_or("default"));
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": new })))
-        .await
-        .map_err(|source| Error::Status { name, source })?;
+    let api: Api<NSQCluster> = Api::namespaced(
+        ctx.client.clone(),
+        cluster.namespace().as_deref().unwrap_or("default"),
+    );
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": new })),
+    )
+    .await
+    .map_err(|source| Error::Status { name, source })?;
     Ok(())
 }
 
@@ -326,26 +479,43 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {
-        let delays: Vec<u64> = [1, 2, 3, 4, 9, 10, 40].into_iter().map(|n| backoff(n).as_secs()).collect();
+        let delays: Vec<u64> = [1, 2, 3, 4, 9, 10, 40]
+            .into_iter()
+            .map(|n| backoff(n).as_secs())
+            .collect();
         assert_eq!(delays, [1, 2, 4, 8, 256, 300, 300]);
     }
 
     #[test]
     fn change_events() {
         let base = broker(NSQClusterSpec::default());
-        assert_eq!(changes(Component::Broker, None, &base), [("Created", "created the broker StatefulSet with 3 replicas".to_owned())]);
+        assert_eq!(
+            changes(Component::Broker, None, &base),
+            [(
+                "Created",
+                "created the broker StatefulSet with 3 replicas".to_owned()
+            )]
+        );
         assert_eq!(changes(Component::Broker, Some(&base), &base), []);
         let mut spec = NSQClusterSpec::default();
         spec.broker.replicas = 5;
         spec.broker.image = Some("example/broker:2".to_owned());
         spec.broker.settings.max_rdy_count = 100;
-        let reasons: Vec<_> = changes(Component::Broker, Some(&base), &broker(spec)).into_iter().collect();
+        let reasons: Vec<_> = changes(Component::Broker, Some(&base), &broker(spec))
+            .into_iter()
+            .collect();
         assert_eq!(
             reasons,
             [
                 ("Scaled", "scaled brokers from 3 to 5".to_owned()),
-                ("ImageChanged", "rolling brokers to image example/broker:2".to_owned()),
-                ("SettingsChanged", "broker settings changed; rolling the pods".to_owned()),
+                (
+                    "ImageChanged",
+                    "rolling brokers to image example/broker:2".to_owned()
+                ),
+                (
+                    "SettingsChanged",
+                    "broker settings changed; rolling the pods".to_owned()
+                ),
             ]
         );
     }

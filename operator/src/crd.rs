@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
@@ -320,7 +322,11 @@ impl Default for LookupdSpec {
 
 impl Default for StorageSpec {
     fn default() -> Self {
-        Self { ephemeral: false, size: default_storage_size(), storage_class_name: None }
+        Self {
+            ephemeral: false,
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
     }
 }
 
@@ -350,20 +356,31 @@ impl Default for LookupdSettings {
 
 impl Default for PdbSpec {
     fn default() -> Self {
-        Self { enabled: true, max_unavailable: default_max_unavailable() }
+        Self {
+            enabled: true,
+            max_unavailable: default_max_unavailable(),
+        }
     }
 }
 
 impl Default for ServiceMonitorSpec {
     fn default() -> Self {
-        Self { enabled: false, interval: default_scrape_interval(), labels: BTreeMap::new() }
+        Self {
+            enabled: false,
+            interval: default_scrape_interval(),
+            labels: BTreeMap::new(),
+        }
     }
 }
 
 impl NSQCluster {
     /// Whether the pause annotation stops reconciliation.
     pub fn is_paused(&self) -> bool {
-        self.metadata.annotations.as_ref().and_then(|a| a.get(PAUSE_ANNOTATION)).is_some_and(|v| v == "true")
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PAUSE_ANNOTATION))
+            .is_some_and(|v| v == "true")
     }
 }
 

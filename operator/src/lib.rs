@@ -67,11 +67,20 @@ pub struct Settings {
 /// Run the operator until `shutdown` is cancelled: the HTTP server on `listener`, leader
 /// election, and the controller. Returns an error when leadership is lost, so the process
 /// restarts instead of reconciling beside a new leader.
-pub async fn run(client: Client, settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).map_err(Error::Metrics)?;
     let ready = Arc::new(AtomicBool::new(false));
-    let http = tokio::spawn(server::run(listener, server::router(registry, ready.clone()), shutdown.clone()));
+    let http = tokio::spawn(server::run(
+        listener,
+        server::router(registry, ready.clone()),
+        shutdown.clone(),
+    ));
 
     let result = lead_and_reconcile(client, settings, metrics, &ready, &shutdown).await;
     shutdown.cancel();
@@ -95,7 +104,10 @@ async fn lead_and_reconcile(
     ready.store(true, Ordering::Relaxed);
     info!(pdb = %pdb_resource.api_version, service_monitors = service_monitor_resource.is_some(), "discovered the API server");
 
-    let elector = settings.leader_election.clone().map(|config| Elector::new(client.clone(), config));
+    let elector = settings
+        .leader_election
+        .clone()
+        .map(|config| Elector::new(client.clone(), config));
     let stop = shutdown.child_token();
     let keeper = match &elector {
         Some(elector) => {
@@ -108,7 +120,13 @@ async fn lead_and_reconcile(
         None => None,
     };
 
-    let ctx = Arc::new(Context::new(client.clone(), settings.images, metrics.clone(), pdb_resource, service_monitor_resource));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings.images,
+        metrics.clone(),
+        pdb_resource,
+        service_monitor_resource,
+    ));
     let controller = controller(client, settings.namespace.as_deref(), &ctx, stop.clone());
     let lost = match keeper {
         Some(keeper) => {
@@ -122,10 +140,10 @@ async fn lead_and_reconcile(
     };
     metrics.set_leader(false);
     lost.map_err(Error::Leader)?;
-    if let Some(elector) = &elector {
-        if let Err(e) = elector.release().await {
-            warn!(error = %e, "could not release the leader Lease");
-        }
+    if let Some(elector) = &elector
+        && let Err(e) = elector.release().await
+    {
+        warn!(error = %e, "could not release the leader Lease");
     }
     Ok(())
 }
@@ -140,7 +158,12 @@ async fn keep_leading(elector: &Elector, stop: CancellationToken) -> Result<(), 
     result
 }
 
-async fn controller(client: Client, namespace: Option<&str>, ctx: &Arc<Context>, stop: CancellationToken) {
+async fn controller(
+    client: Client,
+    namespace: Option<&str>,
+    ctx: &Arc<Context>,
+    stop: CancellationToken,
+) {
     fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -155,12 +178,20 @@ async fn controller(client: Client, namespace: Option<&str>, ctx: &Arc<Context>,
         Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, resource),
         None => Api::<DynamicObject>::all_with(client.clone(), resource),
     };
-    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    let mut controller = Controller::new(api::<NSQCluster>(&client, namespace), watcher::Config::default())
-        .owns(api::<StatefulSet>(&client, namespace), owned.clone())
-        .owns(api::<Service>(&client, namespace), owned.clone())
-        .owns(api::<ConfigMap>(&client, namespace), owned.clone())
-        .owns_with(dynamic_api(&ctx.pdb_resource), ctx.pdb_resource.clone(), owned.clone());
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let mut controller = Controller::new(
+        api::<NSQCluster>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .owns(api::<StatefulSet>(&client, namespace), owned.clone())
+    .owns(api::<Service>(&client, namespace), owned.clone())
+    .owns(api::<ConfigMap>(&client, namespace), owned.clone())
+    .owns_with(
+        dynamic_api(&ctx.pdb_resource),
+        ctx.pdb_resource.clone(),
+        owned.clone(),
+    );
     if let Some(resource) = &ctx.service_monitor_resource {
         controller = controller.owns_with(dynamic_api(resource), resource.clone(), owned.clone());
     }
@@ -181,13 +212,20 @@ async fn serves(client: &Client, api_version: &str, resource: &str) -> Result<bo
     match client.list_api_group_resources(api_version).await {
         Ok(list) => Ok(list.resources.iter().any(|r| r.name == resource)),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-        Err(source) => Err(Error::Discovery { api_version: api_version.to_owned(), source }),
+        Err(source) => Err(Error::Discovery {
+            api_version: api_version.to_owned(),
+            source,
+        }),
     }
 }
 
 /// `policy/v1` PodDisruptionBudgets, or `policy/v1beta1` on API servers older than 1.21.
 async fn pdb_resource(client: &Client) -> Result<ApiResource, Error> {
-    let version = if serves(client, "policy/v1", "poddisruptionbudgets").await? { "v1" } else { "v1beta1" };
+    let version = if serves(client, "policy/v1", "poddisruptionbudgets").await? {
+        "v1"
+    } else {
+        "v1beta1"
+    };
     Ok(ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("policy", version, "PodDisruptionBudget"),
         "poddisruptionbudgets",
@@ -196,7 +234,12 @@ async fn pdb_resource(client: &Client) -> Result<ApiResource, Error> {
 
 /// The Prometheus operator's ServiceMonitor, when its CRD is installed.
 async fn service_monitor_resource(client: &Client) -> Result<Option<ApiResource>, Error> {
-    let served = serves(client, children::SERVICE_MONITOR_API_VERSION, "servicemonitors").await?;
+    let served = serves(
+        client,
+        children::SERVICE_MONITOR_API_VERSION,
+        "servicemonitors",
+    )
+    .await?;
     Ok(served.then(|| {
         ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),

@@ -12,12 +12,20 @@ use tracing_subscriber::EnvFilter;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Parser, Debug)]
-#[command(name = "knsq-operator", version, about = "Runs knsq clusters described by NSQCluster resources")]
+#[command(
+    name = "knsq-operator",
+    version,
+    about = "Runs knsq clusters described by NSQCluster resources"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
-    #[arg(long, env = "KNSQ_OPERATOR_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "KNSQ_OPERATOR_HTTP_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
     http_address: String,
     /// Watch NSQClusters only in this namespace (default: every namespace).
     #[arg(long, env = "KNSQ_OPERATOR_NAMESPACE")]
@@ -32,7 +40,11 @@ struct Cli {
     #[arg(long, env = "KNSQ_OPERATOR_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
     /// Name of the leader-election Lease.
-    #[arg(long, env = "KNSQ_OPERATOR_LEASE_NAME", default_value = "knsq-operator")]
+    #[arg(
+        long,
+        env = "KNSQ_OPERATOR_LEASE_NAME",
+        default_value = "knsq-operator"
+    )]
     lease_name: String,
     /// Namespace of the leader-election Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -58,13 +70,24 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::Crd) = cli.command {
-        print!("{}", operator::crd::crd_yaml().context("rendering the CRD")?);
+        print!(
+            "{}",
+            operator::crd::crd_yaml().context("rendering the CRD")?
+        );
         return Ok(());
     }
-    tracing_subscriber::fmt().with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
 
-    let listener = tokio::net::TcpListener::bind(&cli.http_address).await.with_context(|| format!("binding --http-address {}", cli.http_address))?;
-    let client = kube::Client::try_default().await.context("loading the kubeconfig or in-cluster config")?;
+    let listener = tokio::net::TcpListener::bind(&cli.http_address)
+        .await
+        .with_context(|| format!("binding --http-address {}", cli.http_address))?;
+    let client = kube::Client::try_default()
+        .await
+        .context("loading the kubeconfig or in-cluster config")?;
     let identity = match cli.identity {
         Some(identity) => identity,
         None => format!("knsq-operator-{}", std::process::id()),
@@ -72,7 +95,10 @@ async fn main() -> anyhow::Result<()> {
     let lease_duration = Duration::from_secs(cli.lease_duration_seconds.max(3));
     let settings = operator::Settings {
         namespace: cli.namespace,
-        images: DefaultImages { broker: cli.broker_image, lookupd: cli.lookupd_image },
+        images: DefaultImages {
+            broker: cli.broker_image,
+            lookupd: cli.lookupd_image,
+        },
         leader_election: cli.leader_elect.then(|| LeaseConfig {
             name: cli.lease_name,
             namespace: cli.lease_namespace,
@@ -99,7 +125,8 @@ async fn main() -> anyhow::Result<()> {
 
 /// SIGTERM (the kubelet stopping the pod) or SIGINT.
 async fn terminate() {
-    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
         Ok(signal) => signal,
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the operator");

@@ -14,21 +14,38 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let reconciles = IntCounter::new("knsq_operator_reconciles_total", "NSQCluster reconciles started")?;
+        let reconciles = IntCounter::new(
+            "knsq_operator_reconciles_total",
+            "NSQCluster reconciles started",
+        )?;
         let failures = IntCounterVec::new(
-            Opts::new("knsq_operator_reconcile_errors_total", "NSQCluster reconciles that failed, by reason"),
+            Opts::new(
+                "knsq_operator_reconcile_errors_total",
+                "NSQCluster reconciles that failed, by reason",
+            ),
             &["reason"],
         )?;
         let duration = Histogram::with_opts(
-            HistogramOpts::new("knsq_operator_reconcile_duration_seconds", "Time one NSQCluster reconcile took")
-                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            HistogramOpts::new(
+                "knsq_operator_reconcile_duration_seconds",
+                "Time one NSQCluster reconcile took",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
         )?;
-        let leader = IntGauge::new("knsq_operator_leader", "1 while this replica holds the leader Lease")?;
+        let leader = IntGauge::new(
+            "knsq_operator_leader",
+            "1 while this replica holds the leader Lease",
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(leader.clone()))?;
-        Ok(Self { reconciles, failures, duration, leader })
+        Ok(Self {
+            reconciles,
+            failures,
+            duration,
+            leader,
+        })
     }
 
     pub fn reconciled(&self, took: Duration) {
@@ -59,13 +76,27 @@ mod tests {
         metrics.failed("Forbidden");
         metrics.set_leader(true);
         let mut out = Vec::new();
-        TextEncoder::new().encode(&registry.gather(), &mut out).expect("encode");
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .expect("encode");
         let text = String::from_utf8(out).expect("utf8");
         assert!(text.contains("knsq_operator_reconciles_total 2"), "{text}");
-        assert!(text.contains("knsq_operator_reconcile_errors_total{reason=\"Forbidden\"} 1"), "{text}");
-        assert!(text.contains("knsq_operator_reconcile_duration_seconds_count 2"), "{text}");
-        assert!(text.contains("knsq_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"), "{text}");
+        assert!(
+            text.contains("knsq_operator_reconcile_errors_total{reason=\"Forbidden\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("knsq_operator_reconcile_duration_seconds_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("knsq_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("knsq_operator_leader 1"), "{text}");
-        assert!(Metrics::register(&registry).is_err(), "a second registration must fail");
+        assert!(
+            Metrics::register(&registry).is_err(),
+            "a second registration must fail"
+        );
     }
 }

@@ -28,15 +28,26 @@ pub fn router(registry: Registry, ready: Arc<AtomicBool>) -> Router {
 }
 
 /// Serve on an already-bound listener until `shutdown` is cancelled.
-pub async fn run(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let encoder = TextEncoder::new();
     let mut body = Vec::new();
     match encoder.encode(&state.registry.gather(), &mut body) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, encoder.format_type().to_owned())], body).into_response(),
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
+            body,
+        )
+            .into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
     }
 }
@@ -58,9 +69,18 @@ mod tests {
     use tower::ServiceExt;
 
     async fn get(router: &Router, path: &str) -> (StatusCode, String) {
-        let response = router.clone().oneshot(Request::get(path).body(Body::empty()).expect("request")).await.expect("response");
+        let response = router
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
         let status = response.status();
-        let body = response.into_body().collect().await.expect("body").to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         (status, String::from_utf8(body.to_vec()).expect("utf8"))
     }
 
@@ -71,13 +91,25 @@ mod tests {
         metrics.failed("Conflict");
         let ready = Arc::new(AtomicBool::new(false));
         let router = router(registry, ready.clone());
-        assert_eq!(get(&router, "/healthz").await, (StatusCode::OK, "ok".to_owned()));
-        assert_eq!(get(&router, "/readyz").await, (StatusCode::SERVICE_UNAVAILABLE, "not ready".to_owned()));
+        assert_eq!(
+            get(&router, "/healthz").await,
+            (StatusCode::OK, "ok".to_owned())
+        );
+        assert_eq!(
+            get(&router, "/readyz").await,
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready".to_owned())
+        );
         ready.store(true, Ordering::Relaxed);
-        assert_eq!(get(&router, "/readyz").await, (StatusCode::OK, "ok".to_owned()));
+        assert_eq!(
+            get(&router, "/readyz").await,
+            (StatusCode::OK, "ok".to_owned())
+        );
         let (status, body) = get(&router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
-        assert!(body.contains("knsq_operator_reconcile_errors_total{reason=\"Conflict\"} 1"), "{body}");
+        assert!(
+            body.contains("knsq_operator_reconcile_errors_total{reason=\"Conflict\"} 1"),
+            "{body}"
+        );
     }
 
     #[tokio::test]
@@ -85,10 +117,19 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(run(listener, router(Registry::new(), Arc::default()), shutdown.clone()));
-        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+        let server = tokio::spawn(run(
+            listener,
+            router(Registry::new(), Arc::default()),
+            shutdown.clone(),
+        ));
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.expect("write");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
         let mut reply = String::new();
         stream.read_to_string(&mut reply).await.expect("read");
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");

@@ -34,7 +34,11 @@ struct Rollout {
 
 fn rollout(sts: Option<&StatefulSet>, desired: i32) -> Rollout {
     let Some(sts) = sts else {
-        return Rollout { desired, counts: ComponentStatus::default(), in_progress: desired > 0 };
+        return Rollout {
+            desired,
+            counts: ComponentStatus::default(),
+            in_progress: desired > 0,
+        };
     };
     let status = sts.status.clone().unwrap_or_default();
     let counts = ComponentStatus {
@@ -47,12 +51,25 @@ fn rollout(sts: Option<&StatefulSet>, desired: i32) -> Rollout {
         (Some(current), Some(update)) => current == update,
         _ => true,
     };
-    let in_progress =
-        !observed || !revision_done || counts.updated_replicas < desired || counts.replicas != desired;
-    Rollout { desired, counts, in_progress }
+    let in_progress = !observed
+        || !revision_done
+        || counts.updated_replicas < desired
+        || counts.replicas != desired;
+    Rollout {
+        desired,
+        counts,
+        in_progress,
+    }
 }
 
-fn condition(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     Condition {
         type_: type_.to_owned(),
         status: if status { "True" } else { "False" }.to_owned(),
@@ -66,7 +83,10 @@ fn condition(type_: &str, status: bool, reason: &str, message: String, generatio
 /// Keep a condition's `lastTransitionTime` when its status did not change.
 fn carry_transition_times(conditions: &mut [Condition], previous: &[Condition]) {
     for c in conditions {
-        if let Some(old) = previous.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+        if let Some(old) = previous
+            .iter()
+            .find(|o| o.type_ == c.type_ && o.status == c.status)
+        {
             c.last_transition_time = old.last_transition_time.clone();
         }
     }
@@ -82,47 +102,123 @@ pub fn compute(
 ) -> NSQClusterStatus {
     let generation = cluster.metadata.generation;
     let rollouts = [
-        (Component::Lookupd, rollout(lookupd, cluster.spec.lookupd.replicas)),
-        (Component::Broker, rollout(broker, cluster.spec.broker.replicas)),
+        (
+            Component::Lookupd,
+            rollout(lookupd, cluster.spec.lookupd.replicas),
+        ),
+        (
+            Component::Broker,
+            rollout(broker, cluster.spec.broker.replicas),
+        ),
     ];
     let not_ready: Vec<String> = rollouts
         .iter()
         .filter(|(_, r)| r.counts.ready_replicas < r.desired)
-        .map(|(c, r)| format!("{}/{} {}s ready", r.counts.ready_replicas, r.desired, c.as_str()))
+        .map(|(c, r)| {
+            format!(
+                "{}/{} {}s ready",
+                r.counts.ready_replicas,
+                r.desired,
+                c.as_str()
+            )
+        })
         .collect();
-    let rolling: Vec<&str> = rollouts.iter().filter(|(_, r)| r.in_progress).map(|(c, _)| c.as_str()).collect();
+    let rolling: Vec<&str> = rollouts
+        .iter()
+        .filter(|(_, r)| r.in_progress)
+        .map(|(c, _)| c.as_str())
+        .collect();
     let all_ready = not_ready.is_empty() && rolling.is_empty();
 
     let ready = if all_ready {
-        condition(READY, true, "AllReplicasReady", "every broker and lookupd is ready".to_owned(), generation, &now)
+        condition(
+            READY,
+            true,
+            "AllReplicasReady",
+            "every broker and lookupd is ready".to_owned(),
+            generation,
+            &now,
+        )
     } else if not_ready.is_empty() {
-        condition(READY, false, "RollingUpdate", format!("updating {}", rolling.join(" and ")), generation, &now)
+        condition(
+            READY,
+            false,
+            "RollingUpdate",
+            format!("updating {}", rolling.join(" and ")),
+            generation,
+            &now,
+        )
     } else {
-        condition(READY, false, "ReplicasNotReady", not_ready.join(", "), generation, &now)
+        condition(
+            READY,
+            false,
+            "ReplicasNotReady",
+            not_ready.join(", "),
+            generation,
+            &now,
+        )
     };
     let progressing = match outcome {
         Outcome::Paused => condition(
             PROGRESSING,
             false,
             "ReconciliationPaused",
-            format!("the {} annotation is \"true\"", crate::crd::PAUSE_ANNOTATION),
+            format!(
+                "the {} annotation is \"true\"",
+                crate::crd::PAUSE_ANNOTATION
+            ),
             generation,
             &now,
         ),
-        _ if !rolling.is_empty() => {
-            condition(PROGRESSING, true, "RollingUpdate", format!("rolling out {}", rolling.join(" and ")), generation, &now)
-        }
-        _ => condition(PROGRESSING, false, "RolloutComplete", "every pod runs the current spec".to_owned(), generation, &now),
+        _ if !rolling.is_empty() => condition(
+            PROGRESSING,
+            true,
+            "RollingUpdate",
+            format!("rolling out {}", rolling.join(" and ")),
+            generation,
+            &now,
+        ),
+        _ => condition(
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            "every pod runs the current spec".to_owned(),
+            generation,
+            &now,
+        ),
     };
     let degraded = match outcome {
-        Outcome::Failed(message) => condition(DEGRADED, true, "ReconcileFailed", message.clone(), generation, &now),
-        _ if !not_ready.is_empty() && rolling.is_empty() => {
-            condition(DEGRADED, true, "ReplicasUnavailable", not_ready.join(", "), generation, &now)
-        }
-        _ => condition(DEGRADED, false, "AsExpected", "no failures".to_owned(), generation, &now),
+        Outcome::Failed(message) => condition(
+            DEGRADED,
+            true,
+            "ReconcileFailed",
+            message.clone(),
+            generation,
+            &now,
+        ),
+        _ if !not_ready.is_empty() && rolling.is_empty() => condition(
+            DEGRADED,
+            true,
+            "ReplicasUnavailable",
+            not_ready.join(", "),
+            generation,
+            &now,
+        ),
+        _ => condition(
+            DEGRADED,
+            false,
+            "AsExpected",
+            "no failures".to_owned(),
+            generation,
+            &now,
+        ),
     };
     let mut conditions = vec![ready, progressing, degraded];
-    let previous = cluster.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let previous = cluster
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     carry_transition_times(&mut conditions, previous);
 
     let [(_, lookupd), (_, broker)] = rollouts;
@@ -141,7 +237,11 @@ pub fn endpoints(cluster: &NSQCluster) -> Endpoints {
     Endpoints {
         broker_tcp: format!("{broker}:{}", BROKER_TCP.port),
         broker_http: format!("http://{broker}:{}", BROKER_HTTP.port),
-        lookupd_http: format!("http://{}:{}", Component::Lookupd.service_host(cluster), LOOKUPD_HTTP.port),
+        lookupd_http: format!(
+            "http://{}:{}",
+            Component::Lookupd.service_host(cluster),
+            LOOKUPD_HTTP.port
+        ),
     }
 }
 
@@ -151,16 +251,26 @@ mod tests {
     use crate::children::tests::cluster;
     use crate::crd::NSQClusterSpec;
     use k8s_openapi::api::apps::v1::StatefulSetStatus;
-    use k8s_openapi::jiff::Timestamp;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::jiff::Timestamp;
 
     fn at(seconds: i64) -> Time {
         Time(Timestamp::from_second(1_800_000_000 + seconds).expect("valid time"))
     }
 
-    fn sts(generation: i64, observed: i64, replicas: i32, ready: i32, updated: i32, revisions: (&str, &str)) -> StatefulSet {
+    fn sts(
+        generation: i64,
+        observed: i64,
+        replicas: i32,
+        ready: i32,
+        updated: i32,
+        revisions: (&str, &str),
+    ) -> StatefulSet {
         StatefulSet {
-            metadata: ObjectMeta { generation: Some(generation), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                generation: Some(generation),
+                ..ObjectMeta::default()
+            },
             status: Some(StatefulSetStatus {
                 observed_generation: Some(observed),
                 replicas,
@@ -179,11 +289,19 @@ mod tests {
     }
 
     fn get<'a>(status: &'a NSQClusterStatus, type_: &str) -> &'a Condition {
-        status.conditions.iter().find(|c| c.type_ == type_).expect("condition present")
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition present")
     }
 
     fn summary(status: &NSQClusterStatus) -> Vec<(String, String, String)> {
-        status.conditions.iter().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone())).collect()
+        status
+            .conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect()
     }
 
     fn triple(t: &str, s: &str, r: &str) -> (String, String, String) {
@@ -196,9 +314,16 @@ mod tests {
         let status = compute(&c, None, None, &Outcome::Applied, at(0));
         assert_eq!(
             summary(&status),
-            [triple(READY, "False", "ReplicasNotReady"), triple(PROGRESSING, "True", "RollingUpdate"), triple(DEGRADED, "False", "AsExpected")]
+            [
+                triple(READY, "False", "ReplicasNotReady"),
+                triple(PROGRESSING, "True", "RollingUpdate"),
+                triple(DEGRADED, "False", "AsExpected")
+            ]
         );
-        assert_eq!(get(&status, READY).message, "0/3 lookupds ready, 0/3 brokers ready");
+        assert_eq!(
+            get(&status, READY).message,
+            "0/3 lookupds ready, 0/3 brokers ready"
+        );
         assert_eq!(status.observed_generation, Some(1));
         assert_eq!(status.broker, ComponentStatus::default());
     }
@@ -206,12 +331,29 @@ mod tests {
     #[test]
     fn all_ready_cluster() {
         let c = cluster(NSQClusterSpec::default());
-        let status = compute(&c, Some(&healthy(3)), Some(&healthy(3)), &Outcome::Applied, at(0));
+        let status = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&healthy(3)),
+            &Outcome::Applied,
+            at(0),
+        );
         assert_eq!(
             summary(&status),
-            [triple(READY, "True", "AllReplicasReady"), triple(PROGRESSING, "False", "RolloutComplete"), triple(DEGRADED, "False", "AsExpected")]
+            [
+                triple(READY, "True", "AllReplicasReady"),
+                triple(PROGRESSING, "False", "RolloutComplete"),
+                triple(DEGRADED, "False", "AsExpected")
+            ]
         );
-        assert_eq!(status.broker, ComponentStatus { replicas: 3, ready_replicas: 3, updated_replicas: 3 });
+        assert_eq!(
+            status.broker,
+            ComponentStatus {
+                replicas: 3,
+                ready_replicas: 3,
+                updated_replicas: 3
+            }
+        );
         assert_eq!(
             status.endpoints,
             Some(Endpoints {
@@ -226,10 +368,20 @@ mod tests {
     fn rolling_update_after_image_change() {
         let c = cluster(NSQClusterSpec::default());
         let broker = sts(2, 2, 3, 3, 1, ("r1", "r2"));
-        let status = compute(&c, Some(&healthy(3)), Some(&broker), &Outcome::Applied, at(0));
+        let status = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&broker),
+            &Outcome::Applied,
+            at(0),
+        );
         assert_eq!(
             summary(&status),
-            [triple(READY, "False", "RollingUpdate"), triple(PROGRESSING, "True", "RollingUpdate"), triple(DEGRADED, "False", "AsExpected")]
+            [
+                triple(READY, "False", "RollingUpdate"),
+                triple(PROGRESSING, "True", "RollingUpdate"),
+                triple(DEGRADED, "False", "AsExpected")
+            ]
         );
         assert_eq!(get(&status, PROGRESSING).message, "rolling out broker");
     }
@@ -238,7 +390,13 @@ mod tests {
     fn unobserved_generation_counts_as_progressing() {
         let c = cluster(NSQClusterSpec::default());
         let broker = sts(3, 2, 3, 3, 3, ("r1", "r1"));
-        let status = compute(&c, Some(&healthy(3)), Some(&broker), &Outcome::Applied, at(0));
+        let status = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&broker),
+            &Outcome::Applied,
+            at(0),
+        );
         assert_eq!(get(&status, PROGRESSING).status, "True");
     }
 
@@ -247,7 +405,13 @@ mod tests {
         let mut spec = NSQClusterSpec::default();
         spec.broker.replicas = 5;
         let c = cluster(spec);
-        let status = compute(&c, Some(&healthy(3)), Some(&healthy(3)), &Outcome::Applied, at(0));
+        let status = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&healthy(3)),
+            &Outcome::Applied,
+            at(0),
+        );
         assert_eq!(get(&status, READY).reason, "ReplicasNotReady");
         assert_eq!(get(&status, READY).message, "3/5 brokers ready");
         assert_eq!(get(&status, PROGRESSING).status, "True");
@@ -257,10 +421,20 @@ mod tests {
     fn lost_pods_degrade_the_cluster() {
         let c = cluster(NSQClusterSpec::default());
         let broker = sts(1, 1, 3, 1, 3, ("r1", "r1"));
-        let status = compute(&c, Some(&healthy(3)), Some(&broker), &Outcome::Applied, at(0));
+        let status = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&broker),
+            &Outcome::Applied,
+            at(0),
+        );
         assert_eq!(
             summary(&status),
-            [triple(READY, "False", "ReplicasNotReady"), triple(PROGRESSING, "False", "RolloutComplete"), triple(DEGRADED, "True", "ReplicasUnavailable")]
+            [
+                triple(READY, "False", "ReplicasNotReady"),
+                triple(PROGRESSING, "False", "RolloutComplete"),
+                triple(DEGRADED, "True", "ReplicasUnavailable")
+            ]
         );
         assert_eq!(get(&status, DEGRADED).message, "1/3 brokers ready");
     }
@@ -268,10 +442,22 @@ mod tests {
     #[test]
     fn failed_and_paused_reconciles() {
         let c = cluster(NSQClusterSpec::default());
-        let failed = compute(&c, Some(&healthy(3)), Some(&healthy(3)), &Outcome::Failed("boom".to_owned()), at(0));
+        let failed = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&healthy(3)),
+            &Outcome::Failed("boom".to_owned()),
+            at(0),
+        );
         assert_eq!(get(&failed, DEGRADED).reason, "ReconcileFailed");
         assert_eq!(get(&failed, DEGRADED).message, "boom");
-        let paused = compute(&c, Some(&healthy(3)), Some(&healthy(3)), &Outcome::Paused, at(0));
+        let paused = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&healthy(3)),
+            &Outcome::Paused,
+            at(0),
+        );
         assert_eq!(get(&paused, PROGRESSING).reason, "ReconciliationPaused");
         assert_eq!(get(&paused, PROGRESSING).status, "False");
     }
@@ -282,8 +468,17 @@ mod tests {
         c.status = Some(compute(&c, None, None, &Outcome::Applied, at(0)));
         let still_progressing = compute(&c, Some(&healthy(3)), None, &Outcome::Applied, at(10));
         assert_eq!(get(&still_progressing, READY).last_transition_time, at(0));
-        assert_eq!(get(&still_progressing, PROGRESSING).last_transition_time, at(0));
-        let ready = compute(&c, Some(&healthy(3)), Some(&healthy(3)), &Outcome::Applied, at(20));
+        assert_eq!(
+            get(&still_progressing, PROGRESSING).last_transition_time,
+            at(0)
+        );
+        let ready = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&healthy(3)),
+            &Outcome::Applied,
+            at(20),
+        );
         assert_eq!(get(&ready, READY).last_transition_time, at(20));
         assert_eq!(get(&ready, DEGRADED).last_transition_time, at(0));
     }
@@ -294,7 +489,13 @@ mod tests {
         spec.broker.replicas = 0;
         let c = cluster(spec);
         let broker = sts(1, 1, 0, 0, 0, ("r1", "r1"));
-        let status = compute(&c, Some(&healthy(3)), Some(&broker), &Outcome::Applied, at(0));
+        let status = compute(
+            &c,
+            Some(&healthy(3)),
+            Some(&broker),
+            &Outcome::Applied,
+            at(0),
+        );
         assert_eq!(get(&status, READY).status, "True");
     }
 }

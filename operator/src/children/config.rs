@@ -21,7 +21,11 @@ pub(crate) struct Setting {
 }
 
 fn setting(flag: &'static str, key: &'static str, value: impl ToString) -> Setting {
-    Setting { flag, key, value: value.to_string() }
+    Setting {
+        flag,
+        key,
+        value: value.to_string(),
+    }
 }
 
 /// The settings of one component, in flag order.
@@ -32,7 +36,11 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
             vec![
                 setting("mem-queue-size", "BROKER_MEM_QUEUE_SIZE", s.mem_queue_size),
                 setting("msg-timeout", "BROKER_MSG_TIMEOUT", &s.msg_timeout),
-                setting("max-msg-timeout", "BROKER_MAX_MSG_TIMEOUT", &s.max_msg_timeout),
+                setting(
+                    "max-msg-timeout",
+                    "BROKER_MAX_MSG_TIMEOUT",
+                    &s.max_msg_timeout,
+                ),
                 setting("max-msg-size", "BROKER_MAX_MSG_SIZE", s.max_msg_size),
                 setting("max-body-size", "BROKER_MAX_BODY_SIZE", s.max_body_size),
                 setting("max-rdy-count", "BROKER_MAX_RDY_COUNT", s.max_rdy_count),
@@ -43,8 +51,16 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
         Component::Lookupd => {
             let s = &cluster.spec.lookupd.settings;
             vec![
-                setting("inactive-producer-timeout", "LOOKUPD_INACTIVE_PRODUCER_TIMEOUT", &s.inactive_producer_timeout),
-                setting("tombstone-lifetime", "LOOKUPD_TOMBSTONE_LIFETIME", &s.tombstone_lifetime),
+                setting(
+                    "inactive-producer-timeout",
+                    "LOOKUPD_INACTIVE_PRODUCER_TIMEOUT",
+                    &s.inactive_producer_timeout,
+                ),
+                setting(
+                    "tombstone-lifetime",
+                    "LOOKUPD_TOMBSTONE_LIFETIME",
+                    &s.tombstone_lifetime,
+                ),
             ]
         }
     }
@@ -64,7 +80,11 @@ pub fn config_map(cluster: &NSQCluster) -> ConfigMap {
         .collect();
     let mut labels = labels(cluster, Component::Broker);
     labels.remove("app.kubernetes.io/component");
-    ConfigMap { metadata: child_meta(cluster, config_map_name(cluster), labels), data: Some(data), ..ConfigMap::default() }
+    ConfigMap {
+        metadata: child_meta(cluster, config_map_name(cluster), labels),
+        data: Some(data),
+        ..ConfigMap::default()
+    }
 }
 
 /// Digest of the keys one component reads from the ConfigMap (hex, 16 characters).
@@ -75,13 +95,24 @@ pub fn config_checksum(config_map: &ConfigMap, component: Component) -> String {
     };
     let empty = BTreeMap::new();
     let mut hasher = Sha256::new();
-    for (key, value) in config_map.data.as_ref().unwrap_or(&empty).iter().filter(|(k, _)| k.starts_with(prefix)) {
+    for (key, value) in config_map
+        .data
+        .as_ref()
+        .unwrap_or(&empty)
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+    {
         hasher.update(key.as_bytes());
         hasher.update([0]);
         hasher.update(value.as_bytes());
         hasher.update([0]);
     }
-    hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -100,7 +131,12 @@ mod tests {
         assert_eq!(data["BROKER_MSG_TIMEOUT"], "60s");
         assert_eq!(data["BROKER_MAX_MSG_SIZE"], "1048576");
         assert_eq!(data["LOOKUPD_INACTIVE_PRODUCER_TIMEOUT"], "300s");
-        assert!(!cm.metadata.labels.expect("labels").contains_key("app.kubernetes.io/component"));
+        assert!(
+            !cm.metadata
+                .labels
+                .expect("labels")
+                .contains_key("app.kubernetes.io/component")
+        );
     }
 
     #[test]
@@ -109,11 +145,20 @@ mod tests {
         let base = config_map(&cluster(spec.clone()));
         spec.lookupd.settings.tombstone_lifetime = "90s".to_owned();
         let lookupd_changed = config_map(&cluster(spec.clone()));
-        assert_eq!(config_checksum(&base, Component::Broker), config_checksum(&lookupd_changed, Component::Broker));
-        assert_ne!(config_checksum(&base, Component::Lookupd), config_checksum(&lookupd_changed, Component::Lookupd));
+        assert_eq!(
+            config_checksum(&base, Component::Broker),
+            config_checksum(&lookupd_changed, Component::Broker)
+        );
+        assert_ne!(
+            config_checksum(&base, Component::Lookupd),
+            config_checksum(&lookupd_changed, Component::Lookupd)
+        );
         spec.broker.settings.mem_queue_size = 5;
         let broker_changed = config_map(&cluster(spec));
-        assert_ne!(config_checksum(&base, Component::Broker), config_checksum(&broker_changed, Component::Broker));
+        assert_ne!(
+            config_checksum(&base, Component::Broker),
+            config_checksum(&broker_changed, Component::Broker)
+        );
         assert_eq!(config_checksum(&base, Component::Broker).len(), 16);
     }
 }

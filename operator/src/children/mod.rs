@@ -45,10 +45,26 @@ pub struct PortSpec {
     pub app_protocol: &'static str,
 }
 
-pub const BROKER_TCP: PortSpec = PortSpec { name: "tcp", port: 4150, app_protocol: "knsq.io/nsq-tcp" };
-pub const BROKER_HTTP: PortSpec = PortSpec { name: "http", port: 4151, app_protocol: "http" };
-pub const LOOKUPD_GRPC: PortSpec = PortSpec { name: "grpc", port: 4160, app_protocol: "kubernetes.io/h2c" };
-pub const LOOKUPD_HTTP: PortSpec = PortSpec { name: "http", port: 4161, app_protocol: "http" };
+pub const BROKER_TCP: PortSpec = PortSpec {
+    name: "tcp",
+    port: 4150,
+    app_protocol: "knsq.io/nsq-tcp",
+};
+pub const BROKER_HTTP: PortSpec = PortSpec {
+    name: "http",
+    port: 4151,
+    app_protocol: "http",
+};
+pub const LOOKUPD_GRPC: PortSpec = PortSpec {
+    name: "grpc",
+    port: 4160,
+    app_protocol: "kubernetes.io/h2c",
+};
+pub const LOOKUPD_HTTP: PortSpec = PortSpec {
+    name: "http",
+    port: 4161,
+    app_protocol: "http",
+};
 
 impl Component {
     pub const ALL: [Component; 2] = [Component::Lookupd, Component::Broker];
@@ -88,7 +104,12 @@ impl Component {
 
     /// Stable DNS name of pod `ordinal`.
     pub fn pod_host(self, cluster: &NSQCluster, ordinal: i32) -> String {
-        format!("{}-{ordinal}.{}.{}.svc", self.name(cluster), self.headless_name(cluster), namespace(cluster))
+        format!(
+            "{}-{ordinal}.{}.{}.svc",
+            self.name(cluster),
+            self.headless_name(cluster),
+            namespace(cluster)
+        )
     }
 
     /// DNS name of the component's ClusterIP Service.
@@ -102,20 +123,30 @@ pub fn selector_labels(cluster: &NSQCluster, component: Component) -> BTreeMap<S
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "knsq".to_owned()),
         ("app.kubernetes.io/instance".to_owned(), cluster.name_any()),
-        ("app.kubernetes.io/component".to_owned(), component.as_str().to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.as_str().to_owned(),
+        ),
     ])
 }
 
 /// Labels on every object of a component: the selector plus `managed-by`.
 pub fn labels(cluster: &NSQCluster, component: Component) -> BTreeMap<String, String> {
     let mut labels = selector_labels(cluster, component);
-    labels.insert("app.kubernetes.io/managed-by".to_owned(), MANAGER.to_owned());
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        MANAGER.to_owned(),
+    );
     labels
 }
 
 /// Metadata of a child: its name, the cluster's namespace, labels and the controller owner
 /// reference that makes the garbage collector delete it with the cluster.
-pub fn child_meta(cluster: &NSQCluster, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+pub fn child_meta(
+    cluster: &NSQCluster,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(namespace(cluster)),
@@ -158,9 +189,19 @@ impl Children {
             .collect();
         let lookupd = lookupd_statefulset(cluster, &images.lookupd, &config_map);
         let broker = broker_statefulset(cluster, &images.broker, &config_map);
-        let pdbs = Component::ALL.into_iter().filter_map(|c| pod_disruption_budget(cluster, c)).collect();
+        let pdbs = Component::ALL
+            .into_iter()
+            .filter_map(|c| pod_disruption_budget(cluster, c))
+            .collect();
         let service_monitor = service_monitor(cluster);
-        Children { config_map, services, lookupd, broker, pdbs, service_monitor }
+        Children {
+            config_map,
+            services,
+            lookupd,
+            broker,
+            pdbs,
+            service_monitor,
+        }
     }
 }
 
@@ -179,15 +220,24 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn images() -> DefaultImages {
-        DefaultImages { broker: "knsq/knsq-broker:1.0.0".to_owned(), lookupd: "knsq/knsq-lookupd:1.0.0".to_owned() }
+        DefaultImages {
+            broker: "knsq/knsq-broker:1.0.0".to_owned(),
+            lookupd: "knsq/knsq-lookupd:1.0.0".to_owned(),
+        }
     }
 
     #[test]
     fn names_and_dns() {
         let c = cluster(NSQClusterSpec::default());
         assert_eq!(Component::Broker.name(&c), "events-broker");
-        assert_eq!(Component::Lookupd.headless_name(&c), "events-lookupd-headless");
-        assert_eq!(Component::Lookupd.pod_host(&c, 2), "events-lookupd-2.events-lookupd-headless.prod.svc");
+        assert_eq!(
+            Component::Lookupd.headless_name(&c),
+            "events-lookupd-headless"
+        );
+        assert_eq!(
+            Component::Lookupd.pod_host(&c, 2),
+            "events-lookupd-2.events-lookupd-headless.prod.svc"
+        );
         assert_eq!(Component::Broker.service_host(&c), "events-broker.prod.svc");
     }
 
@@ -202,7 +252,10 @@ pub(crate) mod tests {
         assert_eq!(owner.uid, "0b7c5f2e-1111-2222-3333-444455556666");
         assert_eq!(owner.controller, Some(true));
         assert_eq!(meta.namespace.as_deref(), Some("prod"));
-        assert_eq!(meta.labels.expect("labels")["app.kubernetes.io/managed-by"], "knsq-operator");
+        assert_eq!(
+            meta.labels.expect("labels")["app.kubernetes.io/managed-by"],
+            "knsq-operator"
+        );
     }
 
     #[test]
@@ -212,7 +265,12 @@ pub(crate) mod tests {
         let services: Vec<_> = children.services.iter().map(|s| s.name_any()).collect();
         assert_eq!(
             services,
-            ["events-lookupd-headless", "events-lookupd", "events-broker-headless", "events-broker"]
+            [
+                "events-lookupd-headless",
+                "events-lookupd",
+                "events-broker-headless",
+                "events-broker"
+            ]
         );
         let pdbs: Vec<_> = children.pdbs.iter().map(|p| p.name_any()).collect();
         assert_eq!(pdbs, ["events-lookupd", "events-broker"]);

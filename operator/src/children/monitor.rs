@@ -48,14 +48,27 @@ mod tests {
         let mut spec = NSQClusterSpec::default();
         spec.metrics.service_monitor.enabled = true;
         spec.metrics.service_monitor.interval = "15s".to_owned();
-        spec.metrics.service_monitor.labels.insert("release".to_owned(), "prom".to_owned());
+        spec.metrics
+            .service_monitor
+            .labels
+            .insert("release".to_owned(), "prom".to_owned());
         let sm = service_monitor(&cluster(spec)).expect("enabled");
         assert_eq!(sm["kind"], "ServiceMonitor");
         assert_eq!(sm["metadata"]["name"], "events");
         assert_eq!(sm["metadata"]["labels"]["release"], "prom");
         assert_eq!(sm["metadata"]["ownerReferences"][0]["kind"], "NSQCluster");
-        assert_eq!(sm["spec"]["endpoints"], json!([{"port": "http", "path": "/metrics", "interval": "15s"}]));
-        assert_eq!(sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"], "events");
-        assert!(sm["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/managed-by").is_none());
+        assert_eq!(
+            sm["spec"]["endpoints"],
+            json!([{"port": "http", "path": "/metrics", "interval": "15s"}])
+        );
+        assert_eq!(
+            sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+            "events"
+        );
+        assert!(
+            sm["spec"]["selector"]["matchLabels"]
+                .get("app.kubernetes.io/managed-by")
+                .is_none()
+        );
     }
 }

@@ -8,7 +8,10 @@ use super::{Component, child_meta, labels, selector_labels};
 use crate::crd::NSQCluster;
 
 /// The component's PodDisruptionBudget, or `None` when the spec disables it.
-pub fn pod_disruption_budget(cluster: &NSQCluster, component: Component) -> Option<PodDisruptionBudget> {
+pub fn pod_disruption_budget(
+    cluster: &NSQCluster,
+    component: Component,
+) -> Option<PodDisruptionBudget> {
     let pdb = match component {
         Component::Broker => &cluster.spec.broker.pdb,
         Component::Lookupd => &cluster.spec.lookupd.pdb,
@@ -37,12 +40,16 @@ mod tests {
     fn selects_the_components_pods_with_max_unavailable() {
         let mut spec = NSQClusterSpec::default();
         spec.broker.pdb.max_unavailable = 2;
-        let pdb = pod_disruption_budget(&cluster(spec), Component::Broker).expect("enabled by default");
+        let pdb =
+            pod_disruption_budget(&cluster(spec), Component::Broker).expect("enabled by default");
         assert_eq!(pdb.metadata.name.as_deref(), Some("events-broker"));
         let spec = pdb.spec.expect("spec");
         assert_eq!(spec.max_unavailable, Some(IntOrString::Int(2)));
         assert_eq!(spec.min_available, None);
-        let selector = spec.selector.and_then(|s| s.match_labels).expect("selector");
+        let selector = spec
+            .selector
+            .and_then(|s| s.match_labels)
+            .expect("selector");
         assert_eq!(selector["app.kubernetes.io/component"], "broker");
         assert_eq!(selector["app.kubernetes.io/instance"], "events");
     }

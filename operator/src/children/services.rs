@@ -26,7 +26,11 @@ fn service_ports(ports: &[PortSpec]) -> Vec<ServicePort> {
 /// ready, so brokers and lookupds can find each other while starting.
 pub fn headless_service(cluster: &NSQCluster, component: Component) -> Service {
     Service {
-        metadata: child_meta(cluster, component.headless_name(cluster), labels(cluster, component)),
+        metadata: child_meta(
+            cluster,
+            component.headless_name(cluster),
+            labels(cluster, component),
+        ),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(true),
@@ -60,13 +64,25 @@ mod tests {
     use crate::crd::NSQClusterSpec;
 
     fn port_summary(svc: &Service) -> Vec<(String, i32, String, String, String)> {
-        svc.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default().into_iter().map(|p| {
-            let target = match p.target_port {
-                Some(IntOrString::String(s)) => s,
-                other => panic!("target port {other:?}"),
-            };
-            (p.name.unwrap_or_default(), p.port, target, p.protocol.unwrap_or_default(), p.app_protocol.unwrap_or_default())
-        }).collect()
+        svc.spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let target = match p.target_port {
+                    Some(IntOrString::String(s)) => s,
+                    other => panic!("target port {other:?}"),
+                };
+                (
+                    p.name.unwrap_or_default(),
+                    p.port,
+                    target,
+                    p.protocol.unwrap_or_default(),
+                    p.app_protocol.unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     #[test]
@@ -76,12 +92,27 @@ mod tests {
         let spec = svc.spec.clone().expect("spec");
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
-        assert_eq!(spec.selector.expect("selector")["app.kubernetes.io/component"], "broker");
+        assert_eq!(
+            spec.selector.expect("selector")["app.kubernetes.io/component"],
+            "broker"
+        );
         assert_eq!(
             port_summary(&svc),
             [
-                ("tcp".into(), 4150, "tcp".into(), "TCP".into(), "knsq.io/nsq-tcp".into()),
-                ("http".into(), 4151, "http".into(), "TCP".into(), "http".into())
+                (
+                    "tcp".into(),
+                    4150,
+                    "tcp".into(),
+                    "TCP".into(),
+                    "knsq.io/nsq-tcp".into()
+                ),
+                (
+                    "http".into(),
+                    4151,
+                    "http".into(),
+                    "TCP".into(),
+                    "http".into()
+                )
             ]
         );
     }
@@ -90,9 +121,30 @@ mod tests {
     fn lookupd_client_service_exposes_only_http() {
         let svc = client_service(&cluster(NSQClusterSpec::default()), Component::Lookupd);
         assert_eq!(svc.metadata.name.as_deref(), Some("events-lookupd"));
-        assert_eq!(svc.spec.as_ref().and_then(|s| s.type_.as_deref()), Some("ClusterIP"));
-        assert_eq!(port_summary(&svc), [("http".into(), 4161, "http".into(), "TCP".into(), "http".into())]);
+        assert_eq!(
+            svc.spec.as_ref().and_then(|s| s.type_.as_deref()),
+            Some("ClusterIP")
+        );
+        assert_eq!(
+            port_summary(&svc),
+            [(
+                "http".into(),
+                4161,
+                "http".into(),
+                "TCP".into(),
+                "http".into()
+            )]
+        );
         let headless = headless_service(&cluster(NSQClusterSpec::default()), Component::Lookupd);
-        assert_eq!(port_summary(&headless)[0], ("grpc".into(), 4160, "grpc".into(), "TCP".into(), "kubernetes.io/h2c".into()));
+        assert_eq!(
+            port_summary(&headless)[0],
+            (
+                "grpc".into(),
+                4160,
+                "grpc".into(),
+                "TCP".into(),
+                "kubernetes.io/h2c".into()
+            )
+        );
     }
 }

@@ -4,16 +4,19 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{config_map_name, settings};
-use super::{BROKER_HTTP, BROKER_TCP, CHECKSUM_ANNOTATION, Component, LOOKUPD_GRPC, LOOKUPD_HTTP, PortSpec};
+use super::{
+    BROKER_HTTP, BROKER_TCP, CHECKSUM_ANNOTATION, Component, LOOKUPD_GRPC, LOOKUPD_HTTP, PortSpec,
+};
 use super::{child_meta, config_checksum, labels, namespace, selector_labels};
 use crate::crd::{NSQCluster, PodMetadata, Scheduling};
 
@@ -43,13 +46,21 @@ struct Workload<'a> {
 }
 
 /// The lookupd StatefulSet: `--broadcast-address` is each pod's stable DNS name.
-pub fn lookupd_statefulset(cluster: &NSQCluster, default_image: &str, config_map: &ConfigMap) -> StatefulSet {
+pub fn lookupd_statefulset(
+    cluster: &NSQCluster,
+    default_image: &str,
+    config_map: &ConfigMap,
+) -> StatefulSet {
     let spec = &cluster.spec.lookupd;
     let component = Component::Lookupd;
     let mut args = vec![
         format!("--grpc-address=0.0.0.0:{}", LOOKUPD_GRPC.port),
         format!("--http-address=0.0.0.0:{}", LOOKUPD_HTTP.port),
-        format!("--broadcast-address=$(POD_NAME).{}.{}.svc", component.headless_name(cluster), namespace(cluster)),
+        format!(
+            "--broadcast-address=$(POD_NAME).{}.{}.svc",
+            component.headless_name(cluster),
+            namespace(cluster)
+        ),
     ];
     args.extend(setting_args(cluster, component));
     let mut env = vec![field_env("POD_NAME", "metadata.name")];
@@ -77,7 +88,11 @@ pub fn lookupd_statefulset(cluster: &NSQCluster, default_image: &str, config_map
 
 /// The broker StatefulSet: a node id from the pod ordinal, the stable pod DNS name as broadcast
 /// address, every lookupd pod as a registration target, and data on a claim (or an emptyDir).
-pub fn broker_statefulset(cluster: &NSQCluster, default_image: &str, config_map: &ConfigMap) -> StatefulSet {
+pub fn broker_statefulset(
+    cluster: &NSQCluster,
+    default_image: &str,
+    config_map: &ConfigMap,
+) -> StatefulSet {
     let spec = &cluster.spec.broker;
     let component = Component::Broker;
     let mut args = vec![
@@ -85,28 +100,57 @@ pub fn broker_statefulset(cluster: &NSQCluster, default_image: &str, config_map:
         format!("--http-address=0.0.0.0:{}", BROKER_HTTP.port),
         format!("--data-path={DATA_PATH}"),
         "--node-id=$(POD_INDEX)".to_owned(),
-        format!("--broadcast-address=$(POD_NAME).{}.{}.svc", component.headless_name(cluster), namespace(cluster)),
+        format!(
+            "--broadcast-address=$(POD_NAME).{}.{}.svc",
+            component.headless_name(cluster),
+            namespace(cluster)
+        ),
     ];
-    args.extend(
-        (0..cluster.spec.lookupd.replicas)
-            .map(|i| format!("--lookupd-grpc-address={}:{}", Component::Lookupd.pod_host(cluster, i), LOOKUPD_GRPC.port)),
-    );
+    args.extend((0..cluster.spec.lookupd.replicas).map(|i| {
+        format!(
+            "--lookupd-grpc-address={}:{}",
+            Component::Lookupd.pod_host(cluster, i),
+            LOOKUPD_GRPC.port
+        )
+    }));
     args.extend(setting_args(cluster, component));
-    let mut env = vec![field_env("POD_NAME", "metadata.name"), field_env("POD_INDEX", &format!("metadata.labels['{POD_INDEX_LABEL}']"))];
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env(
+            "POD_INDEX",
+            &format!("metadata.labels['{POD_INDEX_LABEL}']"),
+        ),
+    ];
     env.extend(setting_env(cluster, component));
 
     let storage = &spec.storage;
     let (volumes, volume_claim_templates) = if storage.ephemeral {
-        let empty_dir = EmptyDirVolumeSource { size_limit: Some(storage.size.clone()), ..EmptyDirVolumeSource::default() };
-        (vec![Volume { name: DATA_VOLUME.to_owned(), empty_dir: Some(empty_dir), ..Volume::default() }], Vec::new())
+        let empty_dir = EmptyDirVolumeSource {
+            size_limit: Some(storage.size.clone()),
+            ..EmptyDirVolumeSource::default()
+        };
+        (
+            vec![Volume {
+                name: DATA_VOLUME.to_owned(),
+                empty_dir: Some(empty_dir),
+                ..Volume::default()
+            }],
+            Vec::new(),
+        )
     } else {
         let claim = PersistentVolumeClaim {
-            metadata: ObjectMeta { name: Some(DATA_VOLUME.to_owned()), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                name: Some(DATA_VOLUME.to_owned()),
+                ..ObjectMeta::default()
+            },
             spec: Some(PersistentVolumeClaimSpec {
                 access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
                 storage_class_name: storage.storage_class_name.clone(),
                 resources: Some(VolumeResourceRequirements {
-                    requests: Some(BTreeMap::from([("storage".to_owned(), storage.size.clone())])),
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_owned(),
+                        storage.size.clone(),
+                    )])),
                     ..VolumeResourceRequirements::default()
                 }),
                 ..PersistentVolumeClaimSpec::default()
@@ -141,30 +185,37 @@ pub fn broker_statefulset(cluster: &NSQCluster, default_image: &str, config_map:
 }
 
 fn setting_args(cluster: &NSQCluster, component: Component) -> impl Iterator<Item = String> {
-    settings(cluster, component).into_iter().map(|s| format!("--{}=$({})", s.flag, s.key))
+    settings(cluster, component)
+        .into_iter()
+        .map(|s| format!("--{}=$({})", s.flag, s.key))
 }
 
 fn setting_env(cluster: &NSQCluster, component: Component) -> impl Iterator<Item = EnvVar> {
     let config_map = config_map_name(cluster);
-    settings(cluster, component).into_iter().map(move |s| EnvVar {
-        name: s.key.to_owned(),
-        value_from: Some(EnvVarSource {
-            config_map_key_ref: Some(ConfigMapKeySelector {
-                name: config_map.clone(),
-                key: s.key.to_owned(),
-                ..ConfigMapKeySelector::default()
+    settings(cluster, component)
+        .into_iter()
+        .map(move |s| EnvVar {
+            name: s.key.to_owned(),
+            value_from: Some(EnvVarSource {
+                config_map_key_ref: Some(ConfigMapKeySelector {
+                    name: config_map.clone(),
+                    key: s.key.to_owned(),
+                    ..ConfigMapKeySelector::default()
+                }),
+                ..EnvVarSource::default()
             }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    })
+            ..EnvVar::default()
+        })
 }
 
 fn field_env(name: &str, field_path: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: field_path.to_owned(), ..ObjectFieldSelector::default() }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
@@ -189,17 +240,19 @@ fn ping_probe(http: PortSpec, period_seconds: i32, failure_threshold: i32) -> Pr
 fn default_affinity(cluster: &NSQCluster, component: Component) -> Affinity {
     Affinity {
         pod_anti_affinity: Some(PodAntiAffinity {
-            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
-                weight: 100,
-                pod_affinity_term: PodAffinityTerm {
-                    topology_key: "kubernetes.io/hostname".to_owned(),
-                    label_selector: Some(LabelSelector {
-                        match_labels: Some(selector_labels(cluster, component)),
-                        ..LabelSelector::default()
-                    }),
-                    ..PodAffinityTerm::default()
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        topology_key: "kubernetes.io/hostname".to_owned(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector_labels(cluster, component)),
+                            ..LabelSelector::default()
+                        }),
+                        ..PodAffinityTerm::default()
+                    },
                 },
-            }]),
+            ]),
             ..PodAntiAffinity::default()
         }),
         ..Affinity::default()
@@ -219,7 +272,10 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
     let mut pod_labels = w.pod_metadata.labels.clone();
     pod_labels.extend(labels(cluster, component));
     let mut annotations = w.pod_metadata.annotations.clone();
-    annotations.insert(CHECKSUM_ANNOTATION.to_owned(), config_checksum(config_map, component));
+    annotations.insert(
+        CHECKSUM_ANNOTATION.to_owned(),
+        config_checksum(config_map, component),
+    );
     annotations.insert("prometheus.io/scrape".to_owned(), "true".to_owned());
     annotations.insert("prometheus.io/port".to_owned(), w.http.port.to_string());
     annotations.insert("prometheus.io/path".to_owned(), "/metrics".to_owned());
@@ -247,7 +303,10 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Capabilities::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -259,7 +318,12 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
         volumes: non_empty(w.volumes),
         node_selector: non_empty_map(scheduling.node_selector.clone()),
         tolerations: non_empty(scheduling.tolerations.clone()),
-        affinity: Some(scheduling.affinity.clone().unwrap_or_else(|| default_affinity(cluster, component))),
+        affinity: Some(
+            scheduling
+                .affinity
+                .clone()
+                .unwrap_or_else(|| default_affinity(cluster, component)),
+        ),
         topology_spread_constraints: non_empty(scheduling.topology_spread_constraints.clone()),
         enable_service_links: Some(false),
         security_context: Some(PodSecurityContext {
@@ -267,7 +331,10 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
             run_as_user: Some(RUN_AS),
             run_as_group: Some(RUN_AS),
             fs_group: Some(RUN_AS),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_owned(), ..SeccompProfile::default() }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
             ..PodSecurityContext::default()
         }),
         ..PodSpec::default()
@@ -277,9 +344,15 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
         spec: Some(StatefulSetSpec {
             replicas: Some(w.replicas),
             service_name: Some(component.headless_name(cluster)),
-            selector: LabelSelector { match_labels: Some(selector_labels(cluster, component)), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(cluster, component)),
+                ..LabelSelector::default()
+            },
             pod_management_policy: Some("Parallel".to_owned()),
-            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("RollingUpdate".to_owned()), ..StatefulSetUpdateStrategy::default() }),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
@@ -309,7 +382,10 @@ mod tests {
     }
 
     fn pod(sts: &StatefulSet) -> PodSpec {
-        sts.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod spec")
+        sts.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.clone())
+            .expect("pod spec")
     }
 
     fn container(sts: &StatefulSet) -> Container {
@@ -318,7 +394,12 @@ mod tests {
 
     fn checksum(sts: &StatefulSet) -> String {
         let template = &sts.spec.as_ref().expect("spec").template;
-        template.metadata.as_ref().and_then(|m| m.annotations.as_ref()).expect("annotations")[CHECKSUM_ANNOTATION].clone()
+        template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .expect("annotations")[CHECKSUM_ANNOTATION]
+            .clone()
     }
 
     #[test]
@@ -347,10 +428,25 @@ mod tests {
             ]
         );
         let env = container(&sts).env.expect("env");
-        let pod_index = env.iter().find(|e| e.name == "POD_INDEX").and_then(|e| e.value_from.clone()).and_then(|v| v.field_ref);
-        assert_eq!(pod_index.map(|f| f.field_path).as_deref(), Some("metadata.labels['apps.kubernetes.io/pod-index']"));
-        let mem = env.iter().find(|e| e.name == "BROKER_MEM_QUEUE_SIZE").and_then(|e| e.value_from.clone()).and_then(|v| v.config_map_key_ref).expect("configMapKeyRef");
-        assert_eq!((mem.name.as_str(), mem.key.as_str()), ("events-config", "BROKER_MEM_QUEUE_SIZE"));
+        let pod_index = env
+            .iter()
+            .find(|e| e.name == "POD_INDEX")
+            .and_then(|e| e.value_from.clone())
+            .and_then(|v| v.field_ref);
+        assert_eq!(
+            pod_index.map(|f| f.field_path).as_deref(),
+            Some("metadata.labels['apps.kubernetes.io/pod-index']")
+        );
+        let mem = env
+            .iter()
+            .find(|e| e.name == "BROKER_MEM_QUEUE_SIZE")
+            .and_then(|e| e.value_from.clone())
+            .and_then(|v| v.config_map_key_ref)
+            .expect("configMapKeyRef");
+        assert_eq!(
+            (mem.name.as_str(), mem.key.as_str()),
+            ("events-config", "BROKER_MEM_QUEUE_SIZE")
+        );
     }
 
     #[test]
@@ -358,7 +454,12 @@ mod tests {
         let mut spec = NSQClusterSpec::default();
         spec.lookupd.replicas = 1;
         let args = container(&build_broker(spec)).args.expect("args");
-        assert_eq!(args.iter().filter(|a| a.starts_with("--lookupd-grpc-address=")).count(), 1);
+        assert_eq!(
+            args.iter()
+                .filter(|a| a.starts_with("--lookupd-grpc-address="))
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -367,15 +468,25 @@ mod tests {
         spec.broker.storage.size = Quantity("50Gi".to_owned());
         spec.broker.storage.storage_class_name = Some("fast".to_owned());
         let sts = build_broker(spec);
-        let claims = sts.spec.as_ref().and_then(|s| s.volume_claim_templates.clone()).expect("claims");
+        let claims = sts
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_claim_templates.clone())
+            .expect("claims");
         assert_eq!(claims.len(), 1);
         assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
         let claim = claims[0].spec.clone().expect("claim spec");
         assert_eq!(claim.storage_class_name.as_deref(), Some("fast"));
-        assert_eq!(claim.resources.and_then(|r| r.requests).expect("requests")["storage"], Quantity("50Gi".to_owned()));
+        assert_eq!(
+            claim.resources.and_then(|r| r.requests).expect("requests")["storage"],
+            Quantity("50Gi".to_owned())
+        );
         assert_eq!(pod(&sts).volumes, None);
         let mounts = container(&sts).volume_mounts.expect("mounts");
-        assert_eq!((mounts[0].name.as_str(), mounts[0].mount_path.as_str()), ("data", "/data"));
+        assert_eq!(
+            (mounts[0].name.as_str(), mounts[0].mount_path.as_str()),
+            ("data", "/data")
+        );
     }
 
     #[test]
@@ -383,10 +494,21 @@ mod tests {
         let mut spec = NSQClusterSpec::default();
         spec.broker.storage.ephemeral = true;
         let sts = build_broker(spec);
-        assert_eq!(sts.spec.as_ref().and_then(|s| s.volume_claim_templates.clone()), None);
+        assert_eq!(
+            sts.spec
+                .as_ref()
+                .and_then(|s| s.volume_claim_templates.clone()),
+            None
+        );
         let volumes = pod(&sts).volumes.expect("volumes");
         assert_eq!(volumes[0].name, "data");
-        assert_eq!(volumes[0].empty_dir.as_ref().and_then(|e| e.size_limit.clone()), Some(Quantity("10Gi".to_owned())));
+        assert_eq!(
+            volumes[0]
+                .empty_dir
+                .as_ref()
+                .and_then(|e| e.size_limit.clone()),
+            Some(Quantity("10Gi".to_owned()))
+        );
     }
 
     #[test]
@@ -400,13 +522,24 @@ mod tests {
             assert_eq!(get.path.as_deref(), Some("/ping"));
             assert_eq!(get.port, IntOrString::String("http".to_owned()));
         }
-        let ports: Vec<_> = c.ports.expect("ports").into_iter().map(|p| (p.name, p.container_port, p.protocol)).collect();
+        let ports: Vec<_> = c
+            .ports
+            .expect("ports")
+            .into_iter()
+            .map(|p| (p.name, p.container_port, p.protocol))
+            .collect();
         assert_eq!(
             ports,
-            [(Some("tcp".to_owned()), 4150, Some("TCP".to_owned())), (Some("http".to_owned()), 4151, Some("TCP".to_owned()))]
+            [
+                (Some("tcp".to_owned()), 4150, Some("TCP".to_owned())),
+                (Some("http".to_owned()), 4151, Some("TCP".to_owned()))
+            ]
         );
         assert_eq!(pod(&sts).termination_grace_period_seconds, Some(300));
-        assert_eq!(sts.spec.as_ref().and_then(|s| s.service_name.as_deref()), Some("events-broker-headless"));
+        assert_eq!(
+            sts.spec.as_ref().and_then(|s| s.service_name.as_deref()),
+            Some("events-broker-headless")
+        );
     }
 
     #[test]
@@ -414,8 +547,14 @@ mod tests {
         let mut spec = NSQClusterSpec::default();
         spec.broker.replicas = 5;
         spec.broker.image = Some("example/broker:2".to_owned());
-        spec.broker.pod_metadata.labels.insert("team".to_owned(), "payments".to_owned());
-        spec.broker.pod_metadata.annotations.insert("note".to_owned(), "x".to_owned());
+        spec.broker
+            .pod_metadata
+            .labels
+            .insert("team".to_owned(), "payments".to_owned());
+        spec.broker
+            .pod_metadata
+            .annotations
+            .insert("note".to_owned(), "x".to_owned());
         let sts = build_broker(spec);
         let s = sts.spec.as_ref().expect("spec");
         assert_eq!(s.replicas, Some(5));
@@ -425,8 +564,20 @@ mod tests {
         assert_eq!(labels["team"], "payments");
         assert_eq!(labels["app.kubernetes.io/component"], "broker");
         assert_eq!(meta.annotations.as_ref().expect("annotations")["note"], "x");
-        assert_eq!(s.selector.match_labels.as_ref().expect("selector").get("team"), None);
-        assert_eq!(container(&build_broker(NSQClusterSpec::default())).image.as_deref(), Some("knsq/knsq-broker:1.0.0"));
+        assert_eq!(
+            s.selector
+                .match_labels
+                .as_ref()
+                .expect("selector")
+                .get("team"),
+            None
+        );
+        assert_eq!(
+            container(&build_broker(NSQClusterSpec::default()))
+                .image
+                .as_deref(),
+            Some("knsq/knsq-broker:1.0.0")
+        );
     }
 
     #[test]
@@ -443,8 +594,15 @@ mod tests {
     #[test]
     fn default_anti_affinity_unless_user_sets_one() {
         let sts = build_broker(NSQClusterSpec::default());
-        let anti = pod(&sts).affinity.and_then(|a| a.pod_anti_affinity).and_then(|a| a.preferred_during_scheduling_ignored_during_execution).expect("anti-affinity");
-        assert_eq!(anti[0].pod_affinity_term.topology_key, "kubernetes.io/hostname");
+        let anti = pod(&sts)
+            .affinity
+            .and_then(|a| a.pod_anti_affinity)
+            .and_then(|a| a.preferred_during_scheduling_ignored_during_execution)
+            .expect("anti-affinity");
+        assert_eq!(
+            anti[0].pod_affinity_term.topology_key,
+            "kubernetes.io/hostname"
+        );
         let mut spec = NSQClusterSpec::default();
         spec.broker.scheduling.affinity = Some(Affinity::default());
         assert_eq!(pod(&build_broker(spec)).affinity, Some(Affinity::default()));
@@ -468,7 +626,10 @@ mod tests {
                 "--tombstone-lifetime=$(LOOKUPD_TOMBSTONE_LIFETIME)",
             ]
         );
-        let probe = container(&sts).readiness_probe.and_then(|p| p.http_get).expect("probe");
+        let probe = container(&sts)
+            .readiness_probe
+            .and_then(|p| p.http_get)
+            .expect("probe");
         assert_eq!(probe.port, IntOrString::String("http".to_owned()));
     }
 }
