@@ -107,6 +107,7 @@ cleanup() {
   [ -n "${RUN_DIR:-}" ] && rm -rf "$RUN_DIR"
 }
 trap cleanup EXIT
+trap "exit 143" INT TERM
 
 # Starts etcd and kube-apiserver with token authentication (an admin in system:masters and the
 # operator's own user) and RBAC, and writes a kubeconfig with an `admin` and an `operator`
