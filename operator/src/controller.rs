@@ -499,7 +499,7 @@ mod tests {
         assert_eq!(changes(Component::Broker, Some(&base), &base), []);
         let mut spec = NSQClusterSpec::default();
         spec.broker.replicas = 5;
-        spec.broker.image = Some("example/broker:2".to_owned());
+        spec.broker.pod.image = Some("example/broker:2".to_owned());
         spec.broker.settings.max_rdy_count = 100;
         let reasons: Vec<_> = changes(Component::Broker, Some(&base), &broker(spec))
             .into_iter()

@@ -59,18 +59,9 @@ pub struct BrokerSpec {
     #[serde(default = "default_broker_replicas")]
     #[schemars(range(min = 0, max = 1023))]
     pub replicas: i32,
-    /// Container image; the operator's `--broker-image` when unset.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// Compute resources of the broker container.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
-    /// Where the pods may run.
-    #[serde(default)]
-    pub scheduling: Scheduling,
-    /// Extra pod annotations and labels.
-    #[serde(default)]
-    pub pod_metadata: PodMetadata,
+    /// Image, resources, scheduling and pod metadata.
+    #[serde(flatten)]
+    pub pod: PodSettings,
     /// Message storage.
     #[serde(default)]
     pub storage: StorageSpec,
@@ -94,10 +85,25 @@ pub struct LookupdSpec {
     #[serde(default = "default_lookupd_replicas")]
     #[schemars(range(min = 1, max = 9))]
     pub replicas: i32,
-    /// Container image; the operator's `--lookupd-image` when unset.
+    /// Image, resources, scheduling and pod metadata.
+    #[serde(flatten)]
+    pub pod: PodSettings,
+    /// nsqlookupd options.
+    #[serde(default)]
+    pub settings: LookupdSettings,
+    /// The PodDisruptionBudget of the lookupds.
+    #[serde(default)]
+    pub pdb: PdbSpec,
+}
+
+/// What the pods of either component take from the spec.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    /// Container image; the operator's `--broker-image` or `--lookupd-image` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// Compute resources of the lookupd container.
+    /// Compute resources of the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Where the pods may run.
@@ -106,12 +112,6 @@ pub struct LookupdSpec {
     /// Extra pod annotations and labels.
     #[serde(default)]
     pub pod_metadata: PodMetadata,
-    /// nsqlookupd options.
-    #[serde(default)]
-    pub settings: LookupdSettings,
-    /// The PodDisruptionBudget of the lookupds.
-    #[serde(default)]
-    pub pdb: PdbSpec,
 }
 
 /// Pod scheduling constraints, copied into the pod template.
@@ -294,10 +294,7 @@ impl Default for BrokerSpec {
     fn default() -> Self {
         Self {
             replicas: default_broker_replicas(),
-            image: None,
-            resources: None,
-            scheduling: Scheduling::default(),
-            pod_metadata: PodMetadata::default(),
+            pod: PodSettings::default(),
             storage: StorageSpec::default(),
             settings: BrokerSettings::default(),
             pdb: PdbSpec::default(),
@@ -310,10 +307,7 @@ impl Default for LookupdSpec {
     fn default() -> Self {
         Self {
             replicas: default_lookupd_replicas(),
-            image: None,
-            resources: None,
-            scheduling: Scheduling::default(),
-            pod_metadata: PodMetadata::default(),
+            pod: PodSettings::default(),
             settings: LookupdSettings::default(),
             pdb: PdbSpec::default(),
         }

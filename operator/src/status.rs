@@ -288,6 +288,17 @@ mod tests {
         sts(1, 1, replicas, replicas, replicas, ("r1", "r1"))
     }
 
+    /// Status after a successful apply, with three ready lookupds and these brokers.
+    fn applied(cluster: &NSQCluster, broker: &StatefulSet) -> NSQClusterStatus {
+        compute(
+            cluster,
+            Some(&healthy(3)),
+            Some(broker),
+            &Outcome::Applied,
+            at(0),
+        )
+    }
+
     fn get<'a>(status: &'a NSQClusterStatus, type_: &str) -> &'a Condition {
         status
             .conditions
@@ -331,13 +342,7 @@ mod tests {
     #[test]
     fn all_ready_cluster() {
         let c = cluster(NSQClusterSpec::default());
-        let status = compute(
-            &c,
-            Some(&healthy(3)),
-            Some(&healthy(3)),
-            &Outcome::Applied,
-            at(0),
-        );
+        let status = applied(&c, &healthy(3));
         assert_eq!(
             summary(&status),
             [
@@ -368,13 +373,7 @@ mod tests {
     fn rolling_update_after_image_change() {
         let c = cluster(NSQClusterSpec::default());
         let broker = sts(2, 2, 3, 3, 1, ("r1", "r2"));
-        let status = compute(
-            &c,
-            Some(&healthy(3)),
-            Some(&broker),
-            &Outcome::Applied,
-            at(0),
-        );
+        let status = applied(&c, &broker);
         assert_eq!(
             summary(&status),
             [
@@ -390,13 +389,7 @@ mod tests {
     fn unobserved_generation_counts_as_progressing() {
         let c = cluster(NSQClusterSpec::default());
         let broker = sts(3, 2, 3, 3, 3, ("r1", "r1"));
-        let status = compute(
-            &c,
-            Some(&healthy(3)),
-            Some(&broker),
-            &Outcome::Applied,
-            at(0),
-        );
+        let status = applied(&c, &broker);
         assert_eq!(get(&status, PROGRESSING).status, "True");
     }
 
@@ -405,13 +398,7 @@ mod tests {
         let mut spec = NSQClusterSpec::default();
         spec.broker.replicas = 5;
         let c = cluster(spec);
-        let status = compute(
-            &c,
-            Some(&healthy(3)),
-            Some(&healthy(3)),
-            &Outcome::Applied,
-            at(0),
-        );
+        let status = applied(&c, &healthy(3));
         assert_eq!(get(&status, READY).reason, "ReplicasNotReady");
         assert_eq!(get(&status, READY).message, "3/5 brokers ready");
         assert_eq!(get(&status, PROGRESSING).status, "True");
@@ -421,13 +408,7 @@ mod tests {
     fn lost_pods_degrade_the_cluster() {
         let c = cluster(NSQClusterSpec::default());
         let broker = sts(1, 1, 3, 1, 3, ("r1", "r1"));
-        let status = compute(
-            &c,
-            Some(&healthy(3)),
-            Some(&broker),
-            &Outcome::Applied,
-            at(0),
-        );
+        let status = applied(&c, &broker);
         assert_eq!(
             summary(&status),
             [
@@ -489,13 +470,7 @@ mod tests {
         spec.broker.replicas = 0;
         let c = cluster(spec);
         let broker = sts(1, 1, 0, 0, 0, ("r1", "r1"));
-        let status = compute(
-            &c,
-            Some(&healthy(3)),
-            Some(&broker),
-            &Outcome::Applied,
-            at(0),
-        );
+        let status = applied(&c, &broker);
         assert_eq!(get(&status, READY).status, "True");
     }
 }

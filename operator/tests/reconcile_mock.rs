@@ -306,7 +306,7 @@ async fn scale_up_applies_new_replicas_and_records_it() {
 async fn image_change_rolls_the_statefulset() {
     let (lookupd, broker) = existing(NSQClusterSpec::default(), true);
     let mut spec = NSQClusterSpec::default();
-    spec.broker.image = Some("example/knsq-broker:2.0.0".to_owned());
+    spec.broker.pod.image = Some("example/knsq-broker:2.0.0".to_owned());
     let mut replies = vec![Reply::Object(lookupd), Reply::Object(broker)];
     replies.extend((0..9).map(|_| Reply::Echo));
     replies.extend([Reply::Echo, stored_cluster()]);

@@ -7,8 +7,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -18,7 +18,7 @@ use super::{
     BROKER_HTTP, BROKER_TCP, CHECKSUM_ANNOTATION, Component, LOOKUPD_GRPC, LOOKUPD_HTTP, PortSpec,
 };
 use super::{child_meta, config_checksum, labels, namespace, selector_labels};
-use crate::crd::{NSQCluster, PodMetadata, Scheduling};
+use crate::crd::{NSQCluster, PodSettings};
 
 /// Where a broker keeps its queues.
 const DATA_PATH: &str = "/data";
@@ -32,12 +32,10 @@ const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 struct Workload<'a> {
     component: Component,
     replicas: i32,
-    image: &'a str,
+    pod: &'a PodSettings,
+    default_image: &'a str,
     args: Vec<String>,
     env: Vec<EnvVar>,
-    resources: Option<ResourceRequirements>,
-    scheduling: &'a Scheduling,
-    pod_metadata: &'a PodMetadata,
     http: PortSpec,
     termination_grace_period_seconds: i64,
     volume_mounts: Vec<VolumeMount>,
@@ -71,12 +69,10 @@ pub fn lookupd_statefulset(
         Workload {
             component,
             replicas: spec.replicas,
-            image: spec.image.as_deref().unwrap_or(default_image),
+            pod: &spec.pod,
+            default_image,
             args,
             env,
-            resources: spec.resources.clone(),
-            scheduling: &spec.scheduling,
-            pod_metadata: &spec.pod_metadata,
             http: LOOKUPD_HTTP,
             termination_grace_period_seconds: 30,
             volume_mounts: Vec::new(),
@@ -165,12 +161,10 @@ pub fn broker_statefulset(
         Workload {
             component,
             replicas: spec.replicas,
-            image: spec.image.as_deref().unwrap_or(default_image),
+            pod: &spec.pod,
+            default_image,
             args,
             env,
-            resources: spec.resources.clone(),
-            scheduling: &spec.scheduling,
-            pod_metadata: &spec.pod_metadata,
             http: BROKER_HTTP,
             termination_grace_period_seconds: spec.termination_grace_period_seconds,
             volume_mounts: vec![VolumeMount {
@@ -269,9 +263,9 @@ fn non_empty_map(m: BTreeMap<String, String>) -> Option<BTreeMap<String, String>
 
 fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) -> StatefulSet {
     let component = w.component;
-    let mut pod_labels = w.pod_metadata.labels.clone();
+    let mut pod_labels = w.pod.pod_metadata.labels.clone();
     pod_labels.extend(labels(cluster, component));
-    let mut annotations = w.pod_metadata.annotations.clone();
+    let mut annotations = w.pod.pod_metadata.annotations.clone();
     annotations.insert(
         CHECKSUM_ANNOTATION.to_owned(),
         config_checksum(config_map, component),
@@ -292,13 +286,18 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
         .collect();
     let container = Container {
         name: component.as_str().to_owned(),
-        image: Some(w.image.to_owned()),
+        image: Some(
+            w.pod
+                .image
+                .clone()
+                .unwrap_or_else(|| w.default_image.to_owned()),
+        ),
         args: Some(w.args),
         env: Some(w.env),
         ports: Some(ports),
         readiness_probe: Some(ping_probe(w.http, 5, 2)),
         liveness_probe: Some(ping_probe(w.http, 10, 6)),
-        resources: w.resources,
+        resources: w.pod.resources.clone(),
         volume_mounts: non_empty(w.volume_mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -311,7 +310,7 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
         }),
         ..Container::default()
     };
-    let scheduling = w.scheduling;
+    let scheduling = &w.pod.scheduling;
     let pod = PodSpec {
         containers: vec![container],
         termination_grace_period_seconds: Some(w.termination_grace_period_seconds),
@@ -546,12 +545,14 @@ mod tests {
     fn replicas_image_and_pod_metadata() {
         let mut spec = NSQClusterSpec::default();
         spec.broker.replicas = 5;
-        spec.broker.image = Some("example/broker:2".to_owned());
+        spec.broker.pod.image = Some("example/broker:2".to_owned());
         spec.broker
+            .pod
             .pod_metadata
             .labels
             .insert("team".to_owned(), "payments".to_owned());
         spec.broker
+            .pod
             .pod_metadata
             .annotations
             .insert("note".to_owned(), "x".to_owned());
@@ -604,7 +605,7 @@ mod tests {
             "kubernetes.io/hostname"
         );
         let mut spec = NSQClusterSpec::default();
-        spec.broker.scheduling.affinity = Some(Affinity::default());
+        spec.broker.pod.scheduling.affinity = Some(Affinity::default());
         assert_eq!(pod(&build_broker(spec)).affinity, Some(Affinity::default()));
     }
 
