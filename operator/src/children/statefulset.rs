@@ -34,7 +34,9 @@ struct Workload<'a> {
     replicas: i32,
     pod: &'a PodSettings,
     default_image: &'a str,
+    /// The component's own flags; the broadcast address and the settings are added to them.
     args: Vec<String>,
+    /// The component's own environment; `POD_NAME` and the settings are added to it.
     env: Vec<EnvVar>,
     http: PortSpec,
     termination_grace_period_seconds: i64,
@@ -51,18 +53,11 @@ pub fn lookupd_statefulset(
 ) -> StatefulSet {
     let spec = &cluster.spec.lookupd;
     let component = Component::Lookupd;
-    let mut args = vec![
+    let args = vec![
         format!("--grpc-address=0.0.0.0:{}", LOOKUPD_GRPC.port),
         format!("--http-address=0.0.0.0:{}", LOOKUPD_HTTP.port),
-        format!(
-            "--broadcast-address=$(POD_NAME).{}.{}.svc",
-            component.headless_name(cluster),
-            namespace(cluster)
-        ),
     ];
-    args.extend(setting_args(cluster, component));
-    let mut env = vec![field_env("POD_NAME", "metadata.name")];
-    env.extend(setting_env(cluster, component));
+    let env = Vec::new();
     statefulset(
         cluster,
         config_map,
@@ -96,11 +91,6 @@ pub fn broker_statefulset(
         format!("--http-address=0.0.0.0:{}", BROKER_HTTP.port),
         format!("--data-path={DATA_PATH}"),
         "--node-id=$(POD_INDEX)".to_owned(),
-        format!(
-            "--broadcast-address=$(POD_NAME).{}.{}.svc",
-            component.headless_name(cluster),
-            namespace(cluster)
-        ),
     ];
     args.extend((0..cluster.spec.lookupd.replicas).map(|i| {
         format!(
@@ -109,15 +99,10 @@ pub fn broker_statefulset(
             LOOKUPD_GRPC.port
         )
     }));
-    args.extend(setting_args(cluster, component));
-    let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env(
-            "POD_INDEX",
-            &format!("metadata.labels['{POD_INDEX_LABEL}']"),
-        ),
-    ];
-    env.extend(setting_env(cluster, component));
+    let env = vec![field_env(
+        "POD_INDEX",
+        &format!("metadata.labels['{POD_INDEX_LABEL}']"),
+    )];
 
     let storage = &spec.storage;
     let (volumes, volume_claim_templates) = if storage.ephemeral {
@@ -263,6 +248,17 @@ fn non_empty_map(m: BTreeMap<String, String>) -> Option<BTreeMap<String, String>
 
 fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) -> StatefulSet {
     let component = w.component;
+    // Each pod announces its stable DNS name, never its IP.
+    let mut args = vec![format!(
+        "--broadcast-address=$(POD_NAME).{}.{}.svc",
+        component.headless_name(cluster),
+        namespace(cluster)
+    )];
+    args.extend(w.args);
+    args.extend(setting_args(cluster, component));
+    let mut env = vec![field_env("POD_NAME", "metadata.name")];
+    env.extend(w.env);
+    env.extend(setting_env(cluster, component));
     let mut pod_labels = w.pod.pod_metadata.labels.clone();
     pod_labels.extend(labels(cluster, component));
     let mut annotations = w.pod.pod_metadata.annotations.clone();
@@ -292,8 +288,8 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
                 .clone()
                 .unwrap_or_else(|| w.default_image.to_owned()),
         ),
-        args: Some(w.args),
-        env: Some(w.env),
+        args: Some(args),
+        env: Some(env),
         ports: Some(ports),
         readiness_probe: Some(ping_probe(w.http, 5, 2)),
         liveness_probe: Some(ping_probe(w.http, 10, 6)),
@@ -408,11 +404,11 @@ mod tests {
         assert_eq!(
             args,
             [
+                "--broadcast-address=$(POD_NAME).events-broker-headless.prod.svc",
                 "--tcp-address=0.0.0.0:4150",
                 "--http-address=0.0.0.0:4151",
                 "--data-path=/data",
                 "--node-id=$(POD_INDEX)",
-                "--broadcast-address=$(POD_NAME).events-broker-headless.prod.svc",
                 "--lookupd-grpc-address=events-lookupd-0.events-lookupd-headless.prod.svc:4160",
                 "--lookupd-grpc-address=events-lookupd-1.events-lookupd-headless.prod.svc:4160",
                 "--lookupd-grpc-address=events-lookupd-2.events-lookupd-headless.prod.svc:4160",
@@ -620,9 +616,9 @@ mod tests {
         assert_eq!(
             container(&sts).args.expect("args"),
             [
+                "--broadcast-address=$(POD_NAME).events-lookupd-headless.prod.svc",
                 "--grpc-address=0.0.0.0:4160",
                 "--http-address=0.0.0.0:4161",
-                "--broadcast-address=$(POD_NAME).events-lookupd-headless.prod.svc",
                 "--inactive-producer-timeout=$(LOOKUPD_INACTIVE_PRODUCER_TIMEOUT)",
                 "--tombstone-lifetime=$(LOOKUPD_TOMBSTONE_LIFETIME)",
             ]
