@@ -34,7 +34,7 @@ impl Metrics {
         )?;
         let leader = IntGauge::new(
             "knsq_operator_leader",
-            "1 while this replica holds the leader Lease",
+            "Whether this replica holds the leader Lease (1) or waits for it (0)",
         )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(failures.clone()))?;
@@ -80,20 +80,30 @@ mod tests {
             .encode(&registry.gather(), &mut out)
             .expect("encode");
         let text = String::from_utf8(out).expect("utf8");
-        assert!(text.contains("knsq_operator_reconciles_total 2"), "{text}");
         assert!(
-            text.contains("knsq_operator_reconcile_errors_total{reason=\"Forbidden\"} 1"),
+            text.lines()
+                .any(|l| l == "knsq_operator_reconciles_total 2"),
             "{text}"
         );
         assert!(
-            text.contains("knsq_operator_reconcile_duration_seconds_count 2"),
+            text.lines()
+                .any(|l| l == "knsq_operator_reconcile_errors_total{reason=\"Forbidden\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("knsq_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"),
+            text.lines()
+                .any(|l| l == "knsq_operator_reconcile_duration_seconds_count 2"),
             "{text}"
         );
-        assert!(text.contains("knsq_operator_leader 1"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == "knsq_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(|l| l == "knsq_operator_leader 1"),
+            "{text}"
+        );
         assert!(
             Metrics::register(&registry).is_err(),
             "a second registration must fail"

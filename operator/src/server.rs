@@ -107,7 +107,8 @@ mod tests {
         let (status, body) = get(&router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(
-            body.contains("knsq_operator_reconcile_errors_total{reason=\"Conflict\"} 1"),
+            body.lines()
+                .any(|l| l == "knsq_operator_reconcile_errors_total{reason=\"Conflict\"} 1"),
             "{body}"
         );
     }

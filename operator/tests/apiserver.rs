@@ -27,7 +27,7 @@ use operator::children::DefaultImages;
 use operator::crd::{NSQCluster, NSQClusterSpec};
 use operator::leader::LeaseConfig;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -212,6 +212,13 @@ fn condition(cluster: &NSQCluster, type_: &str) -> Option<(String, String)> {
     Some((c.status.clone(), c.reason.clone()))
 }
 
+/// The value of an unlabelled sample in Prometheus text output.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
@@ -238,31 +245,14 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
     install(&admin).await;
 
     // The operator, as its own user with only the chart's permissions.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let http = listener.local_addr().expect("address");
-    let shutdown = CancellationToken::new();
-    let settings = operator::Settings {
-        namespace: None,
-        images: DefaultImages {
-            broker: "knsq/knsq-broker:test".to_owned(),
-            lookupd: "knsq/knsq-lookupd:test".to_owned(),
-        },
-        leader_election: Some(LeaseConfig {
-            name: "knsq-operator".to_owned(),
-            namespace: OPERATOR_NS.to_owned(),
-            identity: "operator-test-0".to_owned(),
-            lease_duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(2),
-        }),
-    };
-    let running = tokio::spawn(operator::run(
-        client(&kubeconfig, "operator").await,
-        settings,
-        listener,
-        shutdown.clone(),
-    ));
+    let leader = Replica::start(&kubeconfig, "operator-test-0").await;
+    eventually("the first replica to lead", || async {
+        let metrics = http_get(leader.http, "/metrics").await;
+        (sample(&metrics, "knsq_operator_leader") == Some(1.0)).then_some(())
+    })
+    .await;
+    // A second replica waits for the Lease instead of reconciling beside the leader.
+    let standby = Replica::start(&kubeconfig, "operator-test-1").await;
 
     // Create a cluster.
     let clusters: Api<NSQCluster> = Api::namespaced(admin.clone(), NS);
@@ -423,20 +413,41 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
     .await
     .expect("Lease");
     assert_eq!(
-        lease.spec.and_then(|s| s.holder_identity).as_deref(),
-        Some("operator-test-0")
+        lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref()),
+        Some("operator-test-0"),
+        "{lease:?}"
     );
-    let metrics = http_get(http, "/metrics").await;
-    assert!(metrics.contains("knsq_operator_leader 1"), "{metrics}");
+    let metrics = http_get(leader.http, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "knsq_operator_leader"),
+        Some(1.0),
+        "{metrics}"
+    );
     assert!(
-        metrics.contains("knsq_operator_reconciles_total"),
+        sample(&metrics, "knsq_operator_reconciles_total") > Some(0.0),
         "{metrics}"
     );
     assert!(
         !metrics.contains("knsq_operator_reconcile_errors_total{"),
         "no reconcile failed: {metrics}"
     );
-    assert!(http_get(http, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(leader.http, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    let standby_metrics = http_get(standby.http, "/metrics").await;
+    assert!(
+        sample(&standby_metrics, "knsq_operator_leader") == Some(0.0),
+        "{standby_metrics}"
+    );
+    assert!(
+        sample(&standby_metrics, "knsq_operator_reconciles_total") == Some(0.0),
+        "the standby reconciled: {standby_metrics}"
+    );
 
     // The schema rejects invalid clusters.
     for (spec, field) in [
@@ -467,24 +478,68 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
         }
     }
 
-    // SIGTERM-equivalent: the operator stops cleanly and hands the Lease back.
-    shutdown.cancel();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .expect("stopped in time")
-        .expect("task")
-        .expect("clean shutdown");
-    let lease = get(
-        &Api::<Lease>::namespaced(admin.clone(), OPERATOR_NS),
-        "knsq-operator",
-    )
-    .await
-    .expect("Lease");
-    assert_eq!(lease.spec.and_then(|s| s.holder_identity), None);
-    let value: Value =
-        serde_json::to_value(get(&clusters, "events").await.expect("cluster")).expect("encode");
-    assert_eq!(
-        value["status"]["broker"]["replicas"], 2,
-        "status of the last observed StatefulSet"
-    );
+    // SIGTERM-equivalent: the leader stops cleanly and hands the Lease back; the standby takes
+    // over at once instead of waiting for the Lease to expire.
+    leader.stop().await;
+    let lease_api = Api::<Lease>::namespaced(admin.clone(), OPERATOR_NS);
+    let lease = eventually("the standby to take the Lease", || async {
+        let lease = get(&lease_api, "knsq-operator").await?;
+        let spec = lease.spec.clone()?;
+        (spec.holder_identity.as_deref() == Some("operator-test-1")).then_some(spec)
+    })
+    .await;
+    assert_eq!(lease.lease_transitions, Some(1));
+    eventually("the standby to reconcile", || async {
+        let metrics = http_get(standby.http, "/metrics").await;
+        (sample(&metrics, "knsq_operator_leader") == Some(1.0)).then_some(())
+    })
+    .await;
+    standby.stop().await;
+}
+
+/// One operator replica running in this process.
+struct Replica {
+    http: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), operator::Error>>,
+}
+
+impl Replica {
+    async fn start(kubeconfig: &Path, identity: &str) -> Replica {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http = listener.local_addr().expect("address");
+        let shutdown = CancellationToken::new();
+        let settings = operator::Settings {
+            namespace: None,
+            images: DefaultImages {
+                broker: "knsq/knsq-broker:test".to_owned(),
+                lookupd: "knsq/knsq-lookupd:test".to_owned(),
+            },
+            leader_election: Some(LeaseConfig {
+                name: "knsq-operator".to_owned(),
+                namespace: OPERATOR_NS.to_owned(),
+                identity: identity.to_owned(),
+                lease_duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(1),
+            }),
+        };
+        let client = client(kubeconfig, "operator").await;
+        let task = tokio::spawn(operator::run(client, settings, listener, shutdown.clone()));
+        Replica {
+            http,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("stopped in time")
+            .expect("task")
+            .expect("clean shutdown");
+    }
 }
