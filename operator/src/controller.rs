@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -49,6 +49,13 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("deleting {kind} {name}")]
+    Delete {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("updating the status of NSQCluster {name}")]
     Status {
         name: String,
@@ -73,6 +80,7 @@ impl Error {
             Error::Encode { .. } => return "Encode".to_owned(),
             Error::Get { source, .. }
             | Error::Apply { source, .. }
+            | Error::Delete { source, .. }
             | Error::Status { source, .. } => source,
         };
         match source {
@@ -183,6 +191,10 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
     let namespace = cluster
         .namespace()
         .ok_or_else(|| Error::MissingNamespace { name: name.clone() })?;
+    if cluster.metadata.deletion_timestamp.is_some() {
+        info!("being deleted; the garbage collector removes its children");
+        return Ok(Action::await_change());
+    }
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let lookupd_name = Component::Lookupd.name(cluster);
     let broker_name = Component::Broker.name(cluster);
@@ -309,7 +321,30 @@ async fn apply_dynamic(
     Ok(())
 }
 
-/// Apply every child in order; returns the StatefulSets as the API server answered them.
+/// Delete an optional child the spec turned off; one that does not exist is fine.
+async fn delete_dynamic(
+    ctx: &Context,
+    namespace: &str,
+    resource: &ApiResource,
+    name: &str,
+) -> Result<(), Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, resource);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {
+            info!(kind = %resource.kind, name, "deleted what the spec turned off");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Delete {
+            kind: resource.kind.clone(),
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Apply every child in order, and delete the optional ones the spec turned off; returns the
+/// StatefulSets as the API server answered them.
 async fn apply_children(
     ctx: &Context,
     namespace: &str,
@@ -336,10 +371,18 @@ async fn apply_children(
         })?;
         apply_dynamic(ctx, namespace, &ctx.pdb_resource, value).await?;
     }
-    if let (Some(monitor), Some(resource)) =
-        (&children.service_monitor, &ctx.service_monitor_resource)
-    {
-        apply_dynamic(ctx, namespace, resource, monitor.clone()).await?;
+    for name in &children.disabled_pdbs {
+        delete_dynamic(ctx, namespace, &ctx.pdb_resource, name).await?;
+    }
+    if let Some(resource) = &ctx.service_monitor_resource {
+        match (
+            &children.service_monitor,
+            &children.disabled_service_monitor,
+        ) {
+            (Some(monitor), _) => apply_dynamic(ctx, namespace, resource, monitor.clone()).await?,
+            (None, Some(name)) => delete_dynamic(ctx, namespace, resource, name).await?,
+            (None, None) => {}
+        }
     }
     Ok((lookupd, broker))
 }

@@ -390,6 +390,27 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
     })
     .await;
 
+    // Turning the lookupd PodDisruptionBudget off deletes it.
+    let patch = Patch::Merge(json!({"spec": {"lookupd": {"pdb": {"enabled": false}}}}));
+    clusters
+        .patch("events", &PatchParams::default(), &patch)
+        .await
+        .expect("disable the PDB");
+    eventually("the lookupd PDB to go", || async {
+        pdbs.get_opt("events-lookupd")
+            .await
+            .expect("GET PDB")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        pdbs.get_opt("events-broker")
+            .await
+            .expect("GET PDB")
+            .is_some()
+    );
+
     // What the operator recorded.
     let events: Api<Event> = Api::namespaced(admin.clone(), NS);
     let reasons: Vec<String> = events

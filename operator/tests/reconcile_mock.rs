@@ -454,3 +454,40 @@ async fn paused_cluster_is_left_alone() {
         "ReconciliationPaused"
     );
 }
+
+#[tokio::test]
+async fn disabled_pdb_is_deleted() {
+    let (lookupd, broker) = existing(NSQClusterSpec::default(), true);
+    let mut spec = NSQClusterSpec::default();
+    spec.lookupd.pdb.enabled = false;
+    let mut replies = vec![Reply::Object(lookupd), Reply::Object(broker)];
+    replies.extend((0..8).map(|_| Reply::Echo));
+    replies.push(Reply::Object(
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+    ));
+    replies.push(stored_cluster());
+    let (result, seen, _) = run(cluster(spec), replies, &Registry::new()).await;
+    result.expect("reconciled");
+    let mut expected = gets();
+    let mut applies = apply_requests();
+    applies.remove(7); // the lookupd PDB is no longer applied...
+    expected.extend(applies);
+    expected.push((
+        "DELETE".to_owned(),
+        "/apis/policy/v1/namespaces/prod/poddisruptionbudgets/events-lookupd?".to_owned(),
+    ));
+    expected.push(status_patch());
+    assert_eq!(requests(&seen), expected, "...but deleted");
+}
+
+#[tokio::test]
+async fn cluster_being_deleted_is_left_to_the_garbage_collector() {
+    let mut deleting = cluster(NSQClusterSpec::default());
+    deleting.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+    let (result, seen, _) = run(deleting, Vec::new(), &Registry::new()).await;
+    assert_eq!(result.expect("reconciled"), Action::await_change());
+    assert!(seen.is_empty());
+}

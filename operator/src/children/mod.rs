@@ -176,8 +176,12 @@ pub struct Children {
     pub lookupd: StatefulSet,
     pub broker: StatefulSet,
     pub pdbs: Vec<PodDisruptionBudget>,
+    /// Names of the PodDisruptionBudgets the spec turns off, deleted if they exist.
+    pub disabled_pdbs: Vec<String>,
     /// The ServiceMonitor (`monitoring.coreos.com/v1`), when enabled in the spec.
     pub service_monitor: Option<Value>,
+    /// Name of the ServiceMonitor when the spec turns it off, deleted if it exists.
+    pub disabled_service_monitor: Option<String>,
 }
 
 impl Children {
@@ -189,18 +193,27 @@ impl Children {
             .collect();
         let lookupd = lookupd_statefulset(cluster, &images.lookupd, &config_map);
         let broker = broker_statefulset(cluster, &images.broker, &config_map);
-        let pdbs = Component::ALL
-            .into_iter()
-            .filter_map(|c| pod_disruption_budget(cluster, c))
-            .collect();
+        let (pdbs, disabled_pdbs) =
+            Component::ALL
+                .into_iter()
+                .fold((Vec::new(), Vec::new()), |(mut on, mut off), c| {
+                    match pod_disruption_budget(cluster, c) {
+                        Some(pdb) => on.push(pdb),
+                        None => off.push(c.name(cluster)),
+                    }
+                    (on, off)
+                });
         let service_monitor = service_monitor(cluster);
+        let disabled_service_monitor = service_monitor.is_none().then(|| cluster.name_any());
         Children {
             config_map,
             services,
             lookupd,
             broker,
             pdbs,
+            disabled_pdbs,
             service_monitor,
+            disabled_service_monitor,
         }
     }
 }
@@ -274,6 +287,20 @@ pub(crate) mod tests {
         );
         let pdbs: Vec<_> = children.pdbs.iter().map(|p| p.name_any()).collect();
         assert_eq!(pdbs, ["events-lookupd", "events-broker"]);
+        assert_eq!(children.disabled_pdbs, Vec::<String>::new());
         assert_eq!(children.service_monitor, None);
+        assert_eq!(children.disabled_service_monitor.as_deref(), Some("events"));
+    }
+
+    #[test]
+    fn disabled_optional_children_are_named_for_deletion() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.pdb.enabled = false;
+        spec.metrics.service_monitor.enabled = true;
+        let children = Children::build(&cluster(spec), &images());
+        assert_eq!(children.pdbs.len(), 1);
+        assert_eq!(children.disabled_pdbs, ["events-broker"]);
+        assert!(children.service_monitor.is_some());
+        assert_eq!(children.disabled_service_monitor, None);
     }
 }
