@@ -9,7 +9,6 @@
 # message; with CI=true it fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 CACHE=${KNSQ_CACHE:-$HOME/.cache/knsq}
 mkdir -p "$CACHE"
 
@@ -68,7 +67,7 @@ build_apiserver() {
   local work="$CACHE/kubernetes-build"
   rm -rf "$work"
   mkdir -p "$work/src"
-  log "building kube-apiserver v1.20.2 once into $APISERVER (about 5 minutes)"
+  log "building kube-apiserver v1.20.2 once into $APISERVER (several minutes)"
   (cd "$work/src" && apt-get source -qq kubernetes >/dev/null) || return 1
   local tree
   tree=$(find "$work/src" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
@@ -92,13 +91,12 @@ build_apiserver() {
   rm -rf "$work"
 }
 
-
 # --- Python: the chart through the real Helm engine --------------------------------------------
 VENV="$CACHE/venv"
-PY_PACKAGES=(pytest helm-python-sdk kubernetes-validate pyyaml)
+PY_PACKAGES=(pytest helm-python-sdk kubernetes-validate jsonschema pyyaml)
 python_ready() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || return 1
-  "$VENV/bin/python" -c 'import pytest, helm_sdk, kubernetes_validate, yaml' 2>/dev/null && return 0
+  "$VENV/bin/python" -c 'import pytest, helm_python, jsonschema, kubernetes_validate, yaml' 2>/dev/null && return 0
   "$VENV/bin/pip" install -q "${PY_PACKAGES[@]}"
 }
 
