@@ -21,7 +21,7 @@ pub mod status;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
@@ -195,16 +195,29 @@ async fn controller(
     if let Some(resource) = &ctx.service_monitor_resource {
         controller = controller.owns_with(dynamic_api(resource), resource.clone(), owned.clone());
     }
-    controller
-        .graceful_shutdown_on(stop.cancelled_owned())
+    let store = controller.store();
+    let running = controller
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::reconcile, controller::error_policy, ctx.clone())
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => info!(cluster = %object, "reconciled"),
                 Err(e) => warn!(error = %e, "controller"),
             }
-        })
-        .await;
+        });
+    // kube's graceful shutdown waits for the first list of NSQClusters, which never comes while
+    // it fails (the CRD not installed yet, say); with nothing reconciled there is nothing to
+    // finish, so stop at once then.
+    let never_listed = async {
+        stop.cancelled().await;
+        if store.wait_until_ready().now_or_never().is_some() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = running => {}
+        () = never_listed => warn!("stopping before NSQClusters could ever be listed"),
+    }
 }
 
 /// Whether the API server serves `resource` (plural) in `api_version`.

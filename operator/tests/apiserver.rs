@@ -564,3 +564,73 @@ impl Replica {
             .expect("clean shutdown");
     }
 }
+
+/// The `knsq-operator` binary: it leads, serves its probes, and on SIGTERM finishes, releases
+/// its Lease and exits 0. It watches only a namespace of its own, so it leaves the other test's
+/// cluster alone.
+#[tokio::test]
+#[ignore = "needs kube-apiserver and etcd: scripts/test-operator.sh starts them and runs this test"]
+async fn binary_stops_cleanly_on_sigterm() {
+    let kubeconfig = std::env::var_os("KNSQ_TEST_KUBECONFIG")
+        .expect("KNSQ_TEST_KUBECONFIG names the test API server's kubeconfig (see scripts/test-operator.sh)");
+    let admin = client(Path::new(&kubeconfig), "admin").await;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("address").port()
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knsq-operator"))
+        .args([
+            format!("--http-address=127.0.0.1:{port}"),
+            "--namespace=knsq-sigterm-test".to_owned(),
+            "--lease-name=knsq-operator-sigterm".to_owned(),
+            "--lease-namespace=default".to_owned(),
+            "--identity=sigterm-test".to_owned(),
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .spawn()
+        .expect("start knsq-operator");
+    let child = KillOnDrop(&mut child);
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "default");
+    eventually("the binary to be ready and lead", || async {
+        let ready = match tokio::net::TcpStream::connect(http).await {
+            Ok(_) => http_get(http, "/readyz").await.starts_with("HTTP/1.1 200"),
+            Err(_) => false,
+        };
+        let lease = get(&leases, "knsq-operator-sigterm").await?;
+        let holder = lease.spec?.holder_identity;
+        (ready && holder.as_deref() == Some("sigterm-test")).then_some(())
+    })
+    .await;
+
+    let pid = child.0.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = eventually("the binary to exit", || {
+        let exited = child.0.try_wait().expect("wait");
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "exit status {status}");
+    let lease = get(&leases, "knsq-operator-sigterm").await.expect("Lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity),
+        None,
+        "released on the way out"
+    );
+}
+
+/// Kills the child process if the test fails before it exits.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
