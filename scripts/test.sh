@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every knsq test on a fresh machine: installs what the tests need (Debian's prometheus
-# package; a Python virtualenv with pynsq and nsqjs from npm, via test-compat.sh), checks
+# package; a Python virtualenv with pynsq and nsqjs from npm, via test-compat.sh; etcd, Go and
+# a kube-apiserver built once and cached outside the clone, via test-operator.sh), checks
 # formatting and lints, runs the Rust suite, then the real client libraries against the real
 # binaries. Every suite runs even when an earlier one fails; the exit status says whether all
 # passed.
@@ -26,6 +27,9 @@ cargo nextest run --workspace --locked --no-fail-fast || status=1
 
 step "client compatibility: pynsq and nsqjs against knsq-broker"
 bash scripts/test-compat.sh || status=1
+
+step "operator: Helm chart (helm-python-sdk, kubernetes-validate) and a real kube-apiserver"
+bash scripts/test-operator.sh || status=1
 
 if [[ $status -ne 0 ]]; then
   echo "scripts/test.sh: FAILED" >&2

@@ -1,0 +1,164 @@
+//! The cluster's ConfigMap: every tunable setting of both components, one key each. Pods read
+//! the keys through environment variables and pass them as nsqd/nsqlookupd flags, and carry a
+//! checksum of their component's keys so a change rolls them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+use sha2::{Digest, Sha256};
+
+use super::{Component, child_meta, labels};
+use crate::crd::NSQCluster;
+
+/// One setting: the command-line flag it feeds and the ConfigMap key (and environment variable)
+/// holding its value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Setting {
+    pub(crate) flag: &'static str,
+    pub(crate) key: &'static str,
+    pub(crate) value: String,
+}
+
+fn setting(flag: &'static str, key: &'static str, value: impl ToString) -> Setting {
+    Setting {
+        flag,
+        key,
+        value: value.to_string(),
+    }
+}
+
+/// The settings of one component, in flag order.
+pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Setting> {
+    match component {
+        Component::Broker => {
+            let s = &cluster.spec.broker.settings;
+            vec![
+                setting("mem-queue-size", "BROKER_MEM_QUEUE_SIZE", s.mem_queue_size),
+                setting("msg-timeout", "BROKER_MSG_TIMEOUT", &s.msg_timeout),
+                setting(
+                    "max-msg-timeout",
+                    "BROKER_MAX_MSG_TIMEOUT",
+                    &s.max_msg_timeout,
+                ),
+                setting("max-msg-size", "BROKER_MAX_MSG_SIZE", s.max_msg_size),
+                setting("max-body-size", "BROKER_MAX_BODY_SIZE", s.max_body_size),
+                setting("max-rdy-count", "BROKER_MAX_RDY_COUNT", s.max_rdy_count),
+                setting("sync-every", "BROKER_SYNC_EVERY", s.sync_every),
+                setting("sync-timeout", "BROKER_SYNC_TIMEOUT", &s.sync_timeout),
+            ]
+        }
+        Component::Lookupd => {
+            let s = &cluster.spec.lookupd.settings;
+            vec![
+                setting(
+                    "inactive-producer-timeout",
+                    "LOOKUPD_INACTIVE_PRODUCER_TIMEOUT",
+                    &s.inactive_producer_timeout,
+                ),
+                setting(
+                    "tombstone-lifetime",
+                    "LOOKUPD_TOMBSTONE_LIFETIME",
+                    &s.tombstone_lifetime,
+                ),
+            ]
+        }
+    }
+}
+
+/// Name of the cluster's ConfigMap.
+pub(crate) fn config_map_name(cluster: &NSQCluster) -> String {
+    format!("{}-config", cluster.name_any())
+}
+
+/// The ConfigMap holding the settings of both components.
+pub fn config_map(cluster: &NSQCluster) -> ConfigMap {
+    let data = Component::ALL
+        .into_iter()
+        .flat_map(|c| settings(cluster, c))
+        .map(|s| (s.key.to_owned(), s.value))
+        .collect();
+    let mut labels = labels(cluster, Component::Broker);
+    labels.remove("app.kubernetes.io/component");
+    ConfigMap {
+        metadata: child_meta(cluster, config_map_name(cluster), labels),
+        data: Some(data),
+        ..ConfigMap::default()
+    }
+}
+
+/// Digest of the keys one component reads from the ConfigMap (hex, 16 characters).
+pub fn config_checksum(config_map: &ConfigMap, component: Component) -> String {
+    let prefix = match component {
+        Component::Broker => "BROKER_",
+        Component::Lookupd => "LOOKUPD_",
+    };
+    let empty = BTreeMap::new();
+    let mut hasher = Sha256::new();
+    for (key, value) in config_map
+        .data
+        .as_ref()
+        .unwrap_or(&empty)
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+    {
+        hasher.update(key.as_bytes());
+        hasher.update([0]);
+        hasher.update(value.as_bytes());
+        hasher.update([0]);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::children::tests::cluster;
+    use crate::crd::NSQClusterSpec;
+
+    #[test]
+    fn holds_every_setting_of_both_components() {
+        let cm = config_map(&cluster(NSQClusterSpec::default()));
+        assert_eq!(cm.metadata.name.as_deref(), Some("events-config"));
+        let data = cm.data.expect("data");
+        assert_eq!(data.len(), 10);
+        assert_eq!(data["BROKER_MEM_QUEUE_SIZE"], "10000");
+        assert_eq!(data["BROKER_MSG_TIMEOUT"], "60s");
+        assert_eq!(data["BROKER_MAX_MSG_SIZE"], "1048576");
+        assert_eq!(data["LOOKUPD_INACTIVE_PRODUCER_TIMEOUT"], "300s");
+        assert!(
+            !cm.metadata
+                .labels
+                .expect("labels")
+                .contains_key("app.kubernetes.io/component")
+        );
+    }
+
+    #[test]
+    fn checksum_changes_only_with_the_components_own_settings() {
+        let mut spec = NSQClusterSpec::default();
+        let base = config_map(&cluster(spec.clone()));
+        spec.lookupd.settings.tombstone_lifetime = "90s".to_owned();
+        let lookupd_changed = config_map(&cluster(spec.clone()));
+        assert_eq!(
+            config_checksum(&base, Component::Broker),
+            config_checksum(&lookupd_changed, Component::Broker)
+        );
+        assert_ne!(
+            config_checksum(&base, Component::Lookupd),
+            config_checksum(&lookupd_changed, Component::Lookupd)
+        );
+        spec.broker.settings.mem_queue_size = 5;
+        let broker_changed = config_map(&cluster(spec));
+        assert_ne!(
+            config_checksum(&base, Component::Broker),
+            config_checksum(&broker_changed, Component::Broker)
+        );
+        assert_eq!(config_checksum(&base, Component::Broker).len(), 16);
+    }
+}

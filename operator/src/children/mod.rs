@@ -1,0 +1,306 @@
+//! Pure builders of the objects an `NSQCluster` owns. Nothing here talks to the API server: each
+//! builder turns the cluster (and the operator's defaults) into the object to server-side apply.
+
+mod config;
+mod monitor;
+mod pdb;
+mod services;
+mod statefulset;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use serde_json::Value;
+
+use crate::crd::NSQCluster;
+
+pub use config::{config_checksum, config_map};
+pub use monitor::{SERVICE_MONITOR_API_VERSION, service_monitor};
+pub use pdb::pod_disruption_budget;
+pub use services::{client_service, headless_service};
+pub use statefulset::{broker_statefulset, lookupd_statefulset};
+
+/// Pod annotation holding a digest of a component's settings, so a change restarts its pods.
+pub const CHECKSUM_ANNOTATION: &str = "knsq.io/config-checksum";
+/// The value of `app.kubernetes.io/managed-by` on every child.
+pub const MANAGER: &str = "knsq-operator";
+
+/// The two StatefulSets of a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Component {
+    Broker,
+    Lookupd,
+}
+
+/// A named TCP port of a component's container and Services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub name: &'static str,
+    pub port: i32,
+    /// The Service's `appProtocol`.
+    pub app_protocol: &'static str,
+}
+
+pub const BROKER_TCP: PortSpec = PortSpec {
+    name: "tcp",
+    port: 4150,
+    app_protocol: "knsq.io/nsq-tcp",
+};
+pub const BROKER_HTTP: PortSpec = PortSpec {
+    name: "http",
+    port: 4151,
+    app_protocol: "http",
+};
+pub const LOOKUPD_GRPC: PortSpec = PortSpec {
+    name: "grpc",
+    port: 4160,
+    app_protocol: "kubernetes.io/h2c",
+};
+pub const LOOKUPD_HTTP: PortSpec = PortSpec {
+    name: "http",
+    port: 4161,
+    app_protocol: "http",
+};
+
+impl Component {
+    pub const ALL: [Component; 2] = [Component::Lookupd, Component::Broker];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Broker => "broker",
+            Component::Lookupd => "lookupd",
+        }
+    }
+
+    /// Every port the component's container listens on.
+    pub fn ports(self) -> &'static [PortSpec] {
+        match self {
+            Component::Broker => &[BROKER_TCP, BROKER_HTTP],
+            Component::Lookupd => &[LOOKUPD_GRPC, LOOKUPD_HTTP],
+        }
+    }
+
+    /// The ports clients reach through the component's ClusterIP Service.
+    pub fn client_ports(self) -> &'static [PortSpec] {
+        match self {
+            Component::Broker => &[BROKER_TCP, BROKER_HTTP],
+            Component::Lookupd => &[LOOKUPD_HTTP],
+        }
+    }
+
+    /// Name of the component's StatefulSet, ClusterIP Service and PodDisruptionBudget.
+    pub fn name(self, cluster: &NSQCluster) -> String {
+        format!("{}-{}", cluster.name_any(), self.as_str())
+    }
+
+    /// Name of the headless Service that gives each pod a stable DNS name.
+    pub fn headless_name(self, cluster: &NSQCluster) -> String {
+        format!("{}-headless", self.name(cluster))
+    }
+
+    /// Stable DNS name of pod `ordinal`.
+    pub fn pod_host(self, cluster: &NSQCluster, ordinal: i32) -> String {
+        format!(
+            "{}-{ordinal}.{}.{}.svc",
+            self.name(cluster),
+            self.headless_name(cluster),
+            namespace(cluster)
+        )
+    }
+
+    /// DNS name of the component's ClusterIP Service.
+    pub fn service_host(self, cluster: &NSQCluster) -> String {
+        format!("{}.{}.svc", self.name(cluster), namespace(cluster))
+    }
+}
+
+/// Labels that select a component's pods.
+pub fn selector_labels(cluster: &NSQCluster, component: Component) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "knsq".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), cluster.name_any()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.as_str().to_owned(),
+        ),
+    ])
+}
+
+/// Labels on every object of a component: the selector plus `managed-by`.
+pub fn labels(cluster: &NSQCluster, component: Component) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(cluster, component);
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        MANAGER.to_owned(),
+    );
+    labels
+}
+
+/// Metadata of a child: its name, the cluster's namespace, labels and the controller owner
+/// reference that makes the garbage collector delete it with the cluster.
+pub fn child_meta(
+    cluster: &NSQCluster,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace(cluster)),
+        labels: Some(labels),
+        owner_references: cluster.controller_owner_ref(&()).map(|owner| vec![owner]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn namespace(cluster: &NSQCluster) -> String {
+    cluster.namespace().unwrap_or_else(|| "default".to_owned())
+}
+
+/// Images used when the cluster does not name its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DefaultImages {
+    pub broker: String,
+    pub lookupd: String,
+}
+
+/// Every object a cluster owns, in the order they are applied: configuration and Services
+/// before the StatefulSets that use them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Children {
+    pub config_map: ConfigMap,
+    pub services: Vec<Service>,
+    pub lookupd: StatefulSet,
+    pub broker: StatefulSet,
+    pub pdbs: Vec<PodDisruptionBudget>,
+    /// Names of the PodDisruptionBudgets the spec turns off, deleted if they exist.
+    pub disabled_pdbs: Vec<String>,
+    /// The ServiceMonitor (`monitoring.coreos.com/v1`), when enabled in the spec.
+    pub service_monitor: Option<Value>,
+    /// Name of the ServiceMonitor when the spec turns it off, deleted if it exists.
+    pub disabled_service_monitor: Option<String>,
+}
+
+impl Children {
+    pub fn build(cluster: &NSQCluster, images: &DefaultImages) -> Children {
+        let config_map = config_map(cluster);
+        let services = Component::ALL
+            .into_iter()
+            .flat_map(|c| [headless_service(cluster, c), client_service(cluster, c)])
+            .collect();
+        let lookupd = lookupd_statefulset(cluster, &images.lookupd, &config_map);
+        let broker = broker_statefulset(cluster, &images.broker, &config_map);
+        let (pdbs, disabled_pdbs) =
+            Component::ALL
+                .into_iter()
+                .fold((Vec::new(), Vec::new()), |(mut on, mut off), c| {
+                    match pod_disruption_budget(cluster, c) {
+                        Some(pdb) => on.push(pdb),
+                        None => off.push(c.name(cluster)),
+                    }
+                    (on, off)
+                });
+        let service_monitor = service_monitor(cluster);
+        let disabled_service_monitor = service_monitor.is_none().then(|| cluster.name_any());
+        Children {
+            config_map,
+            services,
+            lookupd,
+            broker,
+            pdbs,
+            disabled_pdbs,
+            service_monitor,
+            disabled_service_monitor,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::NSQClusterSpec;
+
+    /// A cluster as the API server returns it: named, namespaced, with a uid and generation.
+    pub(crate) fn cluster(spec: NSQClusterSpec) -> NSQCluster {
+        let mut cluster = NSQCluster::new("events", spec);
+        cluster.metadata.namespace = Some("prod".to_owned());
+        cluster.metadata.uid = Some("0b7c5f2e-1111-2222-3333-444455556666".to_owned());
+        cluster.metadata.generation = Some(1);
+        cluster
+    }
+
+    pub(crate) fn images() -> DefaultImages {
+        DefaultImages {
+            broker: "knsq/knsq-broker:1.0.0".to_owned(),
+            lookupd: "knsq/knsq-lookupd:1.0.0".to_owned(),
+        }
+    }
+
+    #[test]
+    fn names_and_dns() {
+        let c = cluster(NSQClusterSpec::default());
+        assert_eq!(Component::Broker.name(&c), "events-broker");
+        assert_eq!(
+            Component::Lookupd.headless_name(&c),
+            "events-lookupd-headless"
+        );
+        assert_eq!(
+            Component::Lookupd.pod_host(&c, 2),
+            "events-lookupd-2.events-lookupd-headless.prod.svc"
+        );
+        assert_eq!(Component::Broker.service_host(&c), "events-broker.prod.svc");
+    }
+
+    #[test]
+    fn child_meta_is_owned_by_the_cluster() {
+        let c = cluster(NSQClusterSpec::default());
+        let meta = child_meta(&c, "x".to_owned(), labels(&c, Component::Broker));
+        let owner = &meta.owner_references.expect("owner reference")[0];
+        assert_eq!(owner.kind, "NSQCluster");
+        assert_eq!(owner.api_version, "knsq.io/v1alpha1");
+        assert_eq!(owner.name, "events");
+        assert_eq!(owner.uid, "0b7c5f2e-1111-2222-3333-444455556666");
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(meta.namespace.as_deref(), Some("prod"));
+        assert_eq!(
+            meta.labels.expect("labels")["app.kubernetes.io/managed-by"],
+            "knsq-operator"
+        );
+    }
+
+    #[test]
+    fn children_in_apply_order() {
+        let c = cluster(NSQClusterSpec::default());
+        let children = Children::build(&c, &images());
+        let services: Vec<_> = children.services.iter().map(|s| s.name_any()).collect();
+        assert_eq!(
+            services,
+            [
+                "events-lookupd-headless",
+                "events-lookupd",
+                "events-broker-headless",
+                "events-broker"
+            ]
+        );
+        let pdbs: Vec<_> = children.pdbs.iter().map(|p| p.name_any()).collect();
+        assert_eq!(pdbs, ["events-lookupd", "events-broker"]);
+        assert_eq!(children.disabled_pdbs, Vec::<String>::new());
+        assert_eq!(children.service_monitor, None);
+        assert_eq!(children.disabled_service_monitor.as_deref(), Some("events"));
+    }
+
+    #[test]
+    fn disabled_optional_children_are_named_for_deletion() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.pdb.enabled = false;
+        spec.metrics.service_monitor.enabled = true;
+        let children = Children::build(&cluster(spec), &images());
+        assert_eq!(children.pdbs.len(), 1);
+        assert_eq!(children.disabled_pdbs, ["events-broker"]);
+        assert!(children.service_monitor.is_some());
+        assert_eq!(children.disabled_service_monitor, None);
+    }
+}

@@ -1,0 +1,632 @@
+//! The lookupd and broker StatefulSets.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::config::{config_map_name, settings};
+use super::{
+    BROKER_HTTP, BROKER_TCP, CHECKSUM_ANNOTATION, Component, LOOKUPD_GRPC, LOOKUPD_HTTP, PortSpec,
+};
+use super::{child_meta, config_checksum, labels, namespace, selector_labels};
+use crate::crd::{NSQCluster, PodSettings};
+
+/// Where a broker keeps its queues.
+const DATA_PATH: &str = "/data";
+const DATA_VOLUME: &str = "data";
+/// The unprivileged user the images run as.
+const RUN_AS: i64 = 65532;
+/// Label the StatefulSet controller sets on each pod with its ordinal (Kubernetes 1.28+).
+const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+
+/// What differs between the two components' StatefulSets.
+struct Workload<'a> {
+    component: Component,
+    replicas: i32,
+    pod: &'a PodSettings,
+    default_image: &'a str,
+    /// The component's own flags; the broadcast address and the settings are added to them.
+    args: Vec<String>,
+    /// The component's own environment; `POD_NAME` and the settings are added to it.
+    env: Vec<EnvVar>,
+    http: PortSpec,
+    termination_grace_period_seconds: i64,
+    volume_mounts: Vec<VolumeMount>,
+    volumes: Vec<Volume>,
+    volume_claim_templates: Vec<PersistentVolumeClaim>,
+}
+
+/// The lookupd StatefulSet: `--broadcast-address` is each pod's stable DNS name.
+pub fn lookupd_statefulset(
+    cluster: &NSQCluster,
+    default_image: &str,
+    config_map: &ConfigMap,
+) -> StatefulSet {
+    let spec = &cluster.spec.lookupd;
+    let component = Component::Lookupd;
+    let args = vec![
+        format!("--grpc-address=0.0.0.0:{}", LOOKUPD_GRPC.port),
+        format!("--http-address=0.0.0.0:{}", LOOKUPD_HTTP.port),
+    ];
+    let env = Vec::new();
+    statefulset(
+        cluster,
+        config_map,
+        Workload {
+            component,
+            replicas: spec.replicas,
+            pod: &spec.pod,
+            default_image,
+            args,
+            env,
+            http: LOOKUPD_HTTP,
+            termination_grace_period_seconds: 30,
+            volume_mounts: Vec::new(),
+            volumes: Vec::new(),
+            volume_claim_templates: Vec::new(),
+        },
+    )
+}
+
+/// The broker StatefulSet: a node id from the pod ordinal, the stable pod DNS name as broadcast
+/// address, every lookupd pod as a registration target, and data on a claim (or an emptyDir).
+pub fn broker_statefulset(
+    cluster: &NSQCluster,
+    default_image: &str,
+    config_map: &ConfigMap,
+) -> StatefulSet {
+    let spec = &cluster.spec.broker;
+    let component = Component::Broker;
+    let mut args = vec![
+        format!("--tcp-address=0.0.0.0:{}", BROKER_TCP.port),
+        format!("--http-address=0.0.0.0:{}", BROKER_HTTP.port),
+        format!("--data-path={DATA_PATH}"),
+        "--node-id=$(POD_INDEX)".to_owned(),
+    ];
+    args.extend((0..cluster.spec.lookupd.replicas).map(|i| {
+        format!(
+            "--lookupd-grpc-address={}:{}",
+            Component::Lookupd.pod_host(cluster, i),
+            LOOKUPD_GRPC.port
+        )
+    }));
+    let env = vec![field_env(
+        "POD_INDEX",
+        &format!("metadata.labels['{POD_INDEX_LABEL}']"),
+    )];
+
+    let storage = &spec.storage;
+    let (volumes, volume_claim_templates) = if storage.ephemeral {
+        let empty_dir = EmptyDirVolumeSource {
+            size_limit: Some(storage.size.clone()),
+            ..EmptyDirVolumeSource::default()
+        };
+        (
+            vec![Volume {
+                name: DATA_VOLUME.to_owned(),
+                empty_dir: Some(empty_dir),
+                ..Volume::default()
+            }],
+            Vec::new(),
+        )
+    } else {
+        let claim = PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(DATA_VOLUME.to_owned()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                storage_class_name: storage.storage_class_name.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_owned(),
+                        storage.size.clone(),
+                    )])),
+                    ..VolumeResourceRequirements::default()
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        };
+        (Vec::new(), vec![claim])
+    };
+    statefulset(
+        cluster,
+        config_map,
+        Workload {
+            component,
+            replicas: spec.replicas,
+            pod: &spec.pod,
+            default_image,
+            args,
+            env,
+            http: BROKER_HTTP,
+            termination_grace_period_seconds: spec.termination_grace_period_seconds,
+            volume_mounts: vec![VolumeMount {
+                name: DATA_VOLUME.to_owned(),
+                mount_path: DATA_PATH.to_owned(),
+                ..VolumeMount::default()
+            }],
+            volumes,
+            volume_claim_templates,
+        },
+    )
+}
+
+fn setting_args(cluster: &NSQCluster, component: Component) -> impl Iterator<Item = String> {
+    settings(cluster, component)
+        .into_iter()
+        .map(|s| format!("--{}=$({})", s.flag, s.key))
+}
+
+fn setting_env(cluster: &NSQCluster, component: Component) -> impl Iterator<Item = EnvVar> {
+    let config_map = config_map_name(cluster);
+    settings(cluster, component)
+        .into_iter()
+        .map(move |s| EnvVar {
+            name: s.key.to_owned(),
+            value_from: Some(EnvVarSource {
+                config_map_key_ref: Some(ConfigMapKeySelector {
+                    name: config_map.clone(),
+                    key: s.key.to_owned(),
+                    ..ConfigMapKeySelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        })
+}
+
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn ping_probe(http: PortSpec, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/ping".to_owned()),
+            port: IntOrString::String(http.name.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// Spread a component's pods over nodes unless the user set their own affinity.
+fn default_affinity(cluster: &NSQCluster, component: Component) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        topology_key: "kubernetes.io/hostname".to_owned(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector_labels(cluster, component)),
+                            ..LabelSelector::default()
+                        }),
+                        ..PodAffinityTerm::default()
+                    },
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
+fn non_empty_map(m: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!m.is_empty()).then_some(m)
+}
+
+fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) -> StatefulSet {
+    let component = w.component;
+    // Each pod announces its stable DNS name, never its IP.
+    let mut args = vec![format!(
+        "--broadcast-address=$(POD_NAME).{}.{}.svc",
+        component.headless_name(cluster),
+        namespace(cluster)
+    )];
+    args.extend(w.args);
+    args.extend(setting_args(cluster, component));
+    let mut env = vec![field_env("POD_NAME", "metadata.name")];
+    env.extend(w.env);
+    env.extend(setting_env(cluster, component));
+    let mut pod_labels = w.pod.pod_metadata.labels.clone();
+    pod_labels.extend(labels(cluster, component));
+    let mut annotations = w.pod.pod_metadata.annotations.clone();
+    annotations.insert(
+        CHECKSUM_ANNOTATION.to_owned(),
+        config_checksum(config_map, component),
+    );
+    annotations.insert("prometheus.io/scrape".to_owned(), "true".to_owned());
+    annotations.insert("prometheus.io/port".to_owned(), w.http.port.to_string());
+    annotations.insert("prometheus.io/path".to_owned(), "/metrics".to_owned());
+
+    let ports = component
+        .ports()
+        .iter()
+        .map(|p| ContainerPort {
+            name: Some(p.name.to_owned()),
+            container_port: p.port,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        })
+        .collect();
+    let container = Container {
+        name: component.as_str().to_owned(),
+        image: Some(
+            w.pod
+                .image
+                .clone()
+                .unwrap_or_else(|| w.default_image.to_owned()),
+        ),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(ports),
+        readiness_probe: Some(ping_probe(w.http, 5, 2)),
+        liveness_probe: Some(ping_probe(w.http, 10, 6)),
+        resources: w.pod.resources.clone(),
+        volume_mounts: non_empty(w.volume_mounts),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let scheduling = &w.pod.scheduling;
+    let pod = PodSpec {
+        containers: vec![container],
+        termination_grace_period_seconds: Some(w.termination_grace_period_seconds),
+        volumes: non_empty(w.volumes),
+        node_selector: non_empty_map(scheduling.node_selector.clone()),
+        tolerations: non_empty(scheduling.tolerations.clone()),
+        affinity: Some(
+            scheduling
+                .affinity
+                .clone()
+                .unwrap_or_else(|| default_affinity(cluster, component)),
+        ),
+        topology_spread_constraints: non_empty(scheduling.topology_spread_constraints.clone()),
+        enable_service_links: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            fs_group: Some(RUN_AS),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        ..PodSpec::default()
+    };
+    StatefulSet {
+        metadata: child_meta(cluster, component.name(cluster), labels(cluster, component)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(w.replicas),
+            service_name: Some(component.headless_name(cluster)),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(cluster, component)),
+                ..LabelSelector::default()
+            },
+            pod_management_policy: Some("Parallel".to_owned()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: non_empty(w.volume_claim_templates),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::children::config_map;
+    use crate::children::tests::cluster;
+    use crate::crd::NSQClusterSpec;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    fn build_broker(spec: NSQClusterSpec) -> StatefulSet {
+        let c = cluster(spec);
+        broker_statefulset(&c, "knsq/knsq-broker:1.0.0", &config_map(&c))
+    }
+
+    fn pod(sts: &StatefulSet) -> PodSpec {
+        sts.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.clone())
+            .expect("pod spec")
+    }
+
+    fn container(sts: &StatefulSet) -> Container {
+        pod(sts).containers[0].clone()
+    }
+
+    fn checksum(sts: &StatefulSet) -> String {
+        let template = &sts.spec.as_ref().expect("spec").template;
+        template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .expect("annotations")[CHECKSUM_ANNOTATION]
+            .clone()
+    }
+
+    #[test]
+    fn broker_args_give_identity_lookupds_and_settings() {
+        let sts = build_broker(NSQClusterSpec::default());
+        let args = container(&sts).args.expect("args");
+        assert_eq!(
+            args,
+            [
+                "--broadcast-address=$(POD_NAME).events-broker-headless.prod.svc",
+                "--tcp-address=0.0.0.0:4150",
+                "--http-address=0.0.0.0:4151",
+                "--data-path=/data",
+                "--node-id=$(POD_INDEX)",
+                "--lookupd-grpc-address=events-lookupd-0.events-lookupd-headless.prod.svc:4160",
+                "--lookupd-grpc-address=events-lookupd-1.events-lookupd-headless.prod.svc:4160",
+                "--lookupd-grpc-address=events-lookupd-2.events-lookupd-headless.prod.svc:4160",
+                "--mem-queue-size=$(BROKER_MEM_QUEUE_SIZE)",
+                "--msg-timeout=$(BROKER_MSG_TIMEOUT)",
+                "--max-msg-timeout=$(BROKER_MAX_MSG_TIMEOUT)",
+                "--max-msg-size=$(BROKER_MAX_MSG_SIZE)",
+                "--max-body-size=$(BROKER_MAX_BODY_SIZE)",
+                "--max-rdy-count=$(BROKER_MAX_RDY_COUNT)",
+                "--sync-every=$(BROKER_SYNC_EVERY)",
+                "--sync-timeout=$(BROKER_SYNC_TIMEOUT)",
+            ]
+        );
+        let env = container(&sts).env.expect("env");
+        let pod_index = env
+            .iter()
+            .find(|e| e.name == "POD_INDEX")
+            .and_then(|e| e.value_from.clone())
+            .and_then(|v| v.field_ref);
+        assert_eq!(
+            pod_index.map(|f| f.field_path).as_deref(),
+            Some("metadata.labels['apps.kubernetes.io/pod-index']")
+        );
+        let mem = env
+            .iter()
+            .find(|e| e.name == "BROKER_MEM_QUEUE_SIZE")
+            .and_then(|e| e.value_from.clone())
+            .and_then(|v| v.config_map_key_ref)
+            .expect("configMapKeyRef");
+        assert_eq!(
+            (mem.name.as_str(), mem.key.as_str()),
+            ("events-config", "BROKER_MEM_QUEUE_SIZE")
+        );
+    }
+
+    #[test]
+    fn broker_follows_the_lookupd_count() {
+        let mut spec = NSQClusterSpec::default();
+        spec.lookupd.replicas = 1;
+        let args = container(&build_broker(spec)).args.expect("args");
+        assert_eq!(
+            args.iter()
+                .filter(|a| a.starts_with("--lookupd-grpc-address="))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn broker_data_on_a_claim_template() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.storage.size = Quantity("50Gi".to_owned());
+        spec.broker.storage.storage_class_name = Some("fast".to_owned());
+        let sts = build_broker(spec);
+        let claims = sts
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_claim_templates.clone())
+            .expect("claims");
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
+        let claim = claims[0].spec.clone().expect("claim spec");
+        assert_eq!(claim.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(
+            claim.resources.and_then(|r| r.requests).expect("requests")["storage"],
+            Quantity("50Gi".to_owned())
+        );
+        assert_eq!(pod(&sts).volumes, None);
+        let mounts = container(&sts).volume_mounts.expect("mounts");
+        assert_eq!(
+            (mounts[0].name.as_str(), mounts[0].mount_path.as_str()),
+            ("data", "/data")
+        );
+    }
+
+    #[test]
+    fn ephemeral_broker_data_on_an_empty_dir() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.storage.ephemeral = true;
+        let sts = build_broker(spec);
+        assert_eq!(
+            sts.spec
+                .as_ref()
+                .and_then(|s| s.volume_claim_templates.clone()),
+            None
+        );
+        let volumes = pod(&sts).volumes.expect("volumes");
+        assert_eq!(volumes[0].name, "data");
+        assert_eq!(
+            volumes[0]
+                .empty_dir
+                .as_ref()
+                .and_then(|e| e.size_limit.clone()),
+            Some(Quantity("10Gi".to_owned()))
+        );
+    }
+
+    #[test]
+    fn probes_ports_and_grace() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.termination_grace_period_seconds = 300;
+        let sts = build_broker(spec);
+        let c = container(&sts);
+        for probe in [c.readiness_probe.clone(), c.liveness_probe.clone()] {
+            let get = probe.and_then(|p| p.http_get).expect("httpGet");
+            assert_eq!(get.path.as_deref(), Some("/ping"));
+            assert_eq!(get.port, IntOrString::String("http".to_owned()));
+        }
+        let ports: Vec<_> = c
+            .ports
+            .expect("ports")
+            .into_iter()
+            .map(|p| (p.name, p.container_port, p.protocol))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (Some("tcp".to_owned()), 4150, Some("TCP".to_owned())),
+                (Some("http".to_owned()), 4151, Some("TCP".to_owned()))
+            ]
+        );
+        assert_eq!(pod(&sts).termination_grace_period_seconds, Some(300));
+        assert_eq!(
+            sts.spec.as_ref().and_then(|s| s.service_name.as_deref()),
+            Some("events-broker-headless")
+        );
+    }
+
+    #[test]
+    fn replicas_image_and_pod_metadata() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.replicas = 5;
+        spec.broker.pod.image = Some("example/broker:2".to_owned());
+        spec.broker
+            .pod
+            .pod_metadata
+            .labels
+            .insert("team".to_owned(), "payments".to_owned());
+        spec.broker
+            .pod
+            .pod_metadata
+            .annotations
+            .insert("note".to_owned(), "x".to_owned());
+        let sts = build_broker(spec);
+        let s = sts.spec.as_ref().expect("spec");
+        assert_eq!(s.replicas, Some(5));
+        assert_eq!(container(&sts).image.as_deref(), Some("example/broker:2"));
+        let meta = s.template.metadata.as_ref().expect("template metadata");
+        let labels = meta.labels.as_ref().expect("labels");
+        assert_eq!(labels["team"], "payments");
+        assert_eq!(labels["app.kubernetes.io/component"], "broker");
+        assert_eq!(meta.annotations.as_ref().expect("annotations")["note"], "x");
+        assert_eq!(
+            s.selector
+                .match_labels
+                .as_ref()
+                .expect("selector")
+                .get("team"),
+            None
+        );
+        assert_eq!(
+            container(&build_broker(NSQClusterSpec::default()))
+                .image
+                .as_deref(),
+            Some("knsq/knsq-broker:1.0.0")
+        );
+    }
+
+    #[test]
+    fn settings_change_rolls_only_the_brokers() {
+        let base = build_broker(NSQClusterSpec::default());
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.settings.msg_timeout = "30s".to_owned();
+        assert_ne!(checksum(&base), checksum(&build_broker(spec)));
+        let mut spec = NSQClusterSpec::default();
+        spec.lookupd.settings.tombstone_lifetime = "1m".to_owned();
+        assert_eq!(checksum(&base), checksum(&build_broker(spec)));
+    }
+
+    #[test]
+    fn default_anti_affinity_unless_user_sets_one() {
+        let sts = build_broker(NSQClusterSpec::default());
+        let anti = pod(&sts)
+            .affinity
+            .and_then(|a| a.pod_anti_affinity)
+            .and_then(|a| a.preferred_during_scheduling_ignored_during_execution)
+            .expect("anti-affinity");
+        assert_eq!(
+            anti[0].pod_affinity_term.topology_key,
+            "kubernetes.io/hostname"
+        );
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.pod.scheduling.affinity = Some(Affinity::default());
+        assert_eq!(pod(&build_broker(spec)).affinity, Some(Affinity::default()));
+    }
+
+    #[test]
+    fn lookupd_statefulset_args() {
+        let c = cluster(NSQClusterSpec::default());
+        let sts = lookupd_statefulset(&c, "knsq/knsq-lookupd:1.0.0", &config_map(&c));
+        assert_eq!(sts.metadata.name.as_deref(), Some("events-lookupd"));
+        let s = sts.spec.as_ref().expect("spec");
+        assert_eq!(s.replicas, Some(3));
+        assert_eq!(s.volume_claim_templates, None);
+        assert_eq!(
+            container(&sts).args.expect("args"),
+            [
+                "--broadcast-address=$(POD_NAME).events-lookupd-headless.prod.svc",
+                "--grpc-address=0.0.0.0:4160",
+                "--http-address=0.0.0.0:4161",
+                "--inactive-producer-timeout=$(LOOKUPD_INACTIVE_PRODUCER_TIMEOUT)",
+                "--tombstone-lifetime=$(LOOKUPD_TOMBSTONE_LIFETIME)",
+            ]
+        );
+        let probe = container(&sts)
+            .readiness_probe
+            .and_then(|p| p.http_get)
+            .expect("probe");
+        assert_eq!(probe.port, IntOrString::String("http".to_owned()));
+    }
+}

@@ -1,0 +1,565 @@
+//! The reconciler: server-side applies every child of an `NSQCluster`, records events for what
+//! changed, and writes the status.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::children::{CHECKSUM_ANNOTATION, Children, Component, DefaultImages, MANAGER};
+use crate::crd::NSQCluster;
+use crate::metrics::Metrics;
+use crate::status::{self, Outcome};
+
+/// How often a healthy cluster is looked at again even when nothing changed.
+const RESYNC: Duration = Duration::from_secs(300);
+/// First retry delay after a failed reconcile; doubles per consecutive failure.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("NSQCluster {name} has no namespace")]
+    MissingNamespace { name: String },
+    #[error("reading {kind} {name}")]
+    Get {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("applying {kind} {name}")]
+    Apply {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting {kind} {name}")]
+    Delete {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("updating the status of NSQCluster {name}")]
+    Status {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("encoding {kind} {name}")]
+    Encode {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// The metrics label: the API server's reason (`Forbidden`, `Invalid`, …) when it answered,
+    /// otherwise what went wrong on our side.
+    pub fn reason(&self) -> String {
+        let source = match self {
+            Error::MissingNamespace { .. } => return "MissingNamespace".to_owned(),
+            Error::Encode { .. } => return "Encode".to_owned(),
+            Error::Get { source, .. }
+            | Error::Apply { source, .. }
+            | Error::Delete { source, .. }
+            | Error::Status { source, .. } => source,
+        };
+        match source {
+            kube::Error::Api(status) if !status.reason.is_empty() => status.reason.clone(),
+            kube::Error::Api(status) => format!("HTTP{}", status.code),
+            _ => "Transport".to_owned(),
+        }
+    }
+
+    /// The error with its whole source chain, for status messages and events.
+    fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
+    }
+}
+
+/// Everything a reconcile needs besides the cluster itself.
+pub struct Context {
+    pub client: Client,
+    pub images: DefaultImages,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// `policy/v1` PodDisruptionBudgets, or `policy/v1beta1` on clusters older than 1.21.
+    pub pdb_resource: ApiResource,
+    /// The ServiceMonitor resource, when the Prometheus operator's CRD is installed.
+    pub service_monitor_resource: Option<ApiResource>,
+    failures: Mutex<HashMap<ObjectRef<NSQCluster>, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        images: DefaultImages,
+        metrics: Metrics,
+        pdb_resource: ApiResource,
+        service_monitor_resource: Option<ApiResource>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self {
+            client,
+            images,
+            recorder,
+            metrics,
+            pdb_resource,
+            service_monitor_resource,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Consecutive failures of this cluster, after counting one more (or resetting on success).
+    fn record_failure(&self, cluster: &ObjectRef<NSQCluster>, failed: bool) -> u32 {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if failed {
+            let n = failures.entry(cluster.clone()).or_insert(0);
+            *n += 1;
+            *n
+        } else {
+            failures.remove(cluster);
+            0
+        }
+    }
+}
+
+/// Delay before retrying after `failures` consecutive failed reconciles.
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+/// The controller's error policy: count the failure and retry with exponential backoff.
+pub fn error_policy(cluster: Arc<NSQCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(&error.reason());
+    let failures = ctx.record_failure(&ObjectRef::from_obj(cluster.as_ref()), true);
+    let delay = backoff(failures);
+    warn!(cluster = %cluster.name_any(), error = %error.chain(), failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Reconcile one cluster.
+pub async fn reconcile(cluster: Arc<NSQCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!("reconcile", cluster = %cluster.name_any(), namespace = cluster.namespace().as_deref().unwrap_or(""), generation = cluster.metadata.generation);
+    let started = Instant::now();
+    let result = reconcile_inner(&cluster, &ctx).instrument(span).await;
+    ctx.metrics.reconciled(started.elapsed());
+    if result.is_ok() {
+        ctx.record_failure(&ObjectRef::from_obj(cluster.as_ref()), false);
+    }
+    result
+}
+
+async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, Error> {
+    let name = cluster.name_any();
+    let namespace = cluster
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace { name: name.clone() })?;
+    if cluster.metadata.deletion_timestamp.is_some() {
+        info!("being deleted; the garbage collector removes its children");
+        return Ok(Action::await_change());
+    }
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let lookupd_name = Component::Lookupd.name(cluster);
+    let broker_name = Component::Broker.name(cluster);
+    let before_lookupd = get_opt(&statefulsets, &lookupd_name).await?;
+    let before_broker = get_opt(&statefulsets, &broker_name).await?;
+
+    if cluster.is_paused() {
+        info!("reconciliation paused by annotation");
+        write_status(
+            cluster,
+            ctx,
+            before_lookupd.as_ref(),
+            before_broker.as_ref(),
+            &Outcome::Paused,
+        )
+        .await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+
+    let children = Children::build(cluster, &ctx.images);
+    match apply_children(ctx, &namespace, &children).await {
+        Ok((lookupd, broker)) => {
+            for (component, before, desired) in [
+                (Component::Lookupd, &before_lookupd, &children.lookupd),
+                (Component::Broker, &before_broker, &children.broker),
+            ] {
+                let related = desired.object_ref(&());
+                for (reason, note) in changes(component, before.as_ref(), desired) {
+                    publish(
+                        ctx,
+                        cluster,
+                        EventType::Normal,
+                        reason,
+                        note,
+                        Some(related.clone()),
+                    )
+                    .await;
+                }
+            }
+            write_status(
+                cluster,
+                ctx,
+                Some(&lookupd),
+                Some(&broker),
+                &Outcome::Applied,
+            )
+            .await?;
+            Ok(Action::requeue(RESYNC))
+        }
+        Err(error) => {
+            let message = error.chain();
+            publish(
+                ctx,
+                cluster,
+                EventType::Warning,
+                "ReconcileFailed",
+                message.clone(),
+                None,
+            )
+            .await;
+            let failed = Outcome::Failed(message);
+            if let Err(status_error) = write_status(
+                cluster,
+                ctx,
+                before_lookupd.as_ref(),
+                before_broker.as_ref(),
+                &failed,
+            )
+            .await
+            {
+                warn!(error = %status_error.chain(), "could not record the failure in the status");
+            }
+            Err(error)
+        }
+    }
+}
+
+async fn get_opt(api: &Api<StatefulSet>, name: &str) -> Result<Option<StatefulSet>, Error> {
+    api.get_opt(name).await.map_err(|source| Error::Get {
+        kind: "StatefulSet",
+        name: name.to_owned(),
+        source,
+    })
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + Debug,
+    K::DynamicType: Default,
+{
+    let name = object.name_any();
+    api.patch(&name, &apply_params(), &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: K::kind(&K::DynamicType::default()).into_owned(),
+            name,
+            source,
+        })
+}
+
+async fn apply_dynamic(
+    ctx: &Context,
+    namespace: &str,
+    resource: &ApiResource,
+    mut object: Value,
+) -> Result<(), Error> {
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    object["apiVersion"] = Value::String(resource.api_version.clone());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, resource);
+    api.patch(&name, &apply_params(), &Patch::Apply(&object))
+        .await
+        .map_err(|source| Error::Apply {
+            kind: resource.kind.clone(),
+            name,
+            source,
+        })?;
+    Ok(())
+}
+
+/// Delete an optional child the spec turned off; one that does not exist is fine.
+async fn delete_dynamic(
+    ctx: &Context,
+    namespace: &str,
+    resource: &ApiResource,
+    name: &str,
+) -> Result<(), Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, resource);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {
+            info!(kind = %resource.kind, name, "deleted what the spec turned off");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Delete {
+            kind: resource.kind.clone(),
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Apply every child in order, and delete the optional ones the spec turned off; returns the
+/// StatefulSets as the API server answered them.
+async fn apply_children(
+    ctx: &Context,
+    namespace: &str,
+    children: &Children,
+) -> Result<(StatefulSet, StatefulSet), Error> {
+    let client = &ctx.client;
+    apply(
+        &Api::namespaced(client.clone(), namespace),
+        &children.config_map,
+    )
+    .await?;
+    let services = Api::namespaced(client.clone(), namespace);
+    for service in &children.services {
+        apply(&services, service).await?;
+    }
+    let statefulsets = Api::namespaced(client.clone(), namespace);
+    let lookupd = apply(&statefulsets, &children.lookupd).await?;
+    let broker = apply(&statefulsets, &children.broker).await?;
+    for pdb in &children.pdbs {
+        let value = serde_json::to_value(pdb).map_err(|source| Error::Encode {
+            kind: "PodDisruptionBudget",
+            name: pdb.name_any(),
+            source,
+        })?;
+        apply_dynamic(ctx, namespace, &ctx.pdb_resource, value).await?;
+    }
+    for name in &children.disabled_pdbs {
+        delete_dynamic(ctx, namespace, &ctx.pdb_resource, name).await?;
+    }
+    if let Some(resource) = &ctx.service_monitor_resource {
+        match (
+            &children.service_monitor,
+            &children.disabled_service_monitor,
+        ) {
+            (Some(monitor), _) => apply_dynamic(ctx, namespace, resource, monitor.clone()).await?,
+            (None, Some(name)) => delete_dynamic(ctx, namespace, resource, name).await?,
+            (None, None) => {}
+        }
+    }
+    Ok((lookupd, broker))
+}
+
+fn replicas(sts: &StatefulSet) -> i32 {
+    sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+}
+
+fn image(sts: &StatefulSet) -> Option<&str> {
+    sts.spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .first()?
+        .image
+        .as_deref()
+}
+
+fn checksum(sts: &StatefulSet) -> Option<&str> {
+    sts.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(CHECKSUM_ANNOTATION)
+        .map(String::as_str)
+}
+
+/// What applying `desired` over `before` changes that a user should hear about, as event
+/// (reason, note) pairs.
+pub fn changes(
+    component: Component,
+    before: Option<&StatefulSet>,
+    desired: &StatefulSet,
+) -> Vec<(&'static str, String)> {
+    let what = component.as_str();
+    let Some(before) = before else {
+        return vec![(
+            "Created",
+            format!(
+                "created the {what} StatefulSet with {} replicas",
+                replicas(desired)
+            ),
+        )];
+    };
+    let mut out = Vec::new();
+    if replicas(before) != replicas(desired) {
+        out.push((
+            "Scaled",
+            format!(
+                "scaled {what}s from {} to {}",
+                replicas(before),
+                replicas(desired)
+            ),
+        ));
+    }
+    if image(before) != image(desired) {
+        out.push((
+            "ImageChanged",
+            format!(
+                "rolling {what}s to image {}",
+                image(desired).unwrap_or_default()
+            ),
+        ));
+    }
+    if checksum(before) != checksum(desired) {
+        out.push((
+            "SettingsChanged",
+            format!("{what} settings changed; rolling the pods"),
+        ));
+    }
+    out
+}
+
+/// Record an event on the cluster; `related` names the child it concerns, which also keeps
+/// events about different children from being merged into one series.
+async fn publish(
+    ctx: &Context,
+    cluster: &NSQCluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<ObjectReference>,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: related,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+        warn!(%error, reason, "could not record event");
+    }
+}
+
+/// Patch the status subresource when the computed status differs from the stored one.
+async fn write_status(
+    cluster: &NSQCluster,
+    ctx: &Context,
+    lookupd: Option<&StatefulSet>,
+    broker: Option<&StatefulSet>,
+    outcome: &Outcome,
+) -> Result<(), Error> {
+    let new = status::compute(cluster, lookupd, broker, outcome, Time(Timestamp::now()));
+    if cluster.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let name = cluster.name_any();
+    let api: Api<NSQCluster> = Api::namespaced(
+        ctx.client.clone(),
+        cluster.namespace().as_deref().unwrap_or("default"),
+    );
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": new })),
+    )
+    .await
+    .map_err(|source| Error::Status { name, source })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::children::tests::{cluster, images};
+    use crate::crd::NSQClusterSpec;
+
+    fn broker(spec: NSQClusterSpec) -> StatefulSet {
+        Children::build(&cluster(spec), &images()).broker
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let delays: Vec<u64> = [1, 2, 3, 4, 9, 10, 40]
+            .into_iter()
+            .map(|n| backoff(n).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 256, 300, 300]);
+    }
+
+    #[test]
+    fn change_events() {
+        let base = broker(NSQClusterSpec::default());
+        assert_eq!(
+            changes(Component::Broker, None, &base),
+            [(
+                "Created",
+                "created the broker StatefulSet with 3 replicas".to_owned()
+            )]
+        );
+        assert_eq!(changes(Component::Broker, Some(&base), &base), []);
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.replicas = 5;
+        spec.broker.pod.image = Some("example/broker:2".to_owned());
+        spec.broker.settings.max_rdy_count = 100;
+        let reasons: Vec<_> = changes(Component::Broker, Some(&base), &broker(spec))
+            .into_iter()
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("Scaled", "scaled brokers from 3 to 5".to_owned()),
+                (
+                    "ImageChanged",
+                    "rolling brokers to image example/broker:2".to_owned()
+                ),
+                (
+                    "SettingsChanged",
+                    "broker settings changed; rolling the pods".to_owned()
+                ),
+            ]
+        );
+    }
+}

@@ -1,0 +1,436 @@
+//! The `NSQCluster` custom resource (`knsq.io/v1alpha1`): its spec, status, schema defaults,
+//! bounds and CEL rules. The CRD YAML committed under `deploy/crds/` and `charts/knsq/crds/` is
+//! generated from these types (`knsq-operator crd`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Annotation that stops the operator from changing anything of the cluster while it is `"true"`.
+pub const PAUSE_ANNOTATION: &str = "knsq.io/pause-reconciliation";
+
+/// Go duration strings as nsqd's flags take them (`60s`, `1m30s`, `500ms`).
+const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h))+$";
+
+/// Desired state of a knsq cluster: lookupds, brokers, and how they are exposed and monitored.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "knsq.io",
+    version = "v1alpha1",
+    kind = "NSQCluster",
+    plural = "nsqclusters",
+    shortname = "nsqc",
+    category = "knsq",
+    namespaced,
+    cel,
+    status = "NSQClusterStatus",
+    derive = "PartialEq",
+    doc = "A knsq cluster: NSQ-compatible brokers with their lookupds, run by the knsq operator.",
+    printcolumn(name = "Brokers", type_ = "integer", description = "Ready brokers", json_path = ".status.broker.readyReplicas"),
+    printcolumn(name = "Lookupds", type_ = "integer", description = "Ready lookupds", json_path = ".status.lookupd.readyReplicas"),
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 40").message("metadata.name must be at most 40 characters so the names of the StatefulSets and Services derived from it stay valid")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NSQClusterSpec {
+    /// The brokers (knsq-broker, nsqd-compatible).
+    #[serde(default)]
+    pub broker: BrokerSpec,
+    /// The lookupds (knsq-lookupd, nsqlookupd-compatible).
+    #[serde(default)]
+    pub lookupd: LookupdSpec,
+    /// Prometheus integration.
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+}
+
+/// The broker StatefulSet.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerSpec {
+    /// Number of broker pods.
+    #[serde(default = "default_broker_replicas")]
+    #[schemars(range(min = 0, max = 1023))]
+    pub replicas: i32,
+    /// Image, resources, scheduling and pod metadata.
+    #[serde(flatten)]
+    pub pod: PodSettings,
+    /// Message storage.
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// nsqd options, passed to every broker.
+    #[serde(default)]
+    pub settings: BrokerSettings,
+    /// The PodDisruptionBudget of the brokers.
+    #[serde(default)]
+    pub pdb: PdbSpec,
+    /// Seconds a stopping broker has to flush its in-memory queues to disk.
+    #[serde(default = "default_termination_grace")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+}
+
+/// The lookupd StatefulSet.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LookupdSpec {
+    /// Number of lookupd pods; every broker registers with each of them.
+    #[serde(default = "default_lookupd_replicas")]
+    #[schemars(range(min = 1, max = 9))]
+    pub replicas: i32,
+    /// Image, resources, scheduling and pod metadata.
+    #[serde(flatten)]
+    pub pod: PodSettings,
+    /// nsqlookupd options.
+    #[serde(default)]
+    pub settings: LookupdSettings,
+    /// The PodDisruptionBudget of the lookupds.
+    #[serde(default)]
+    pub pdb: PdbSpec,
+}
+
+/// What the pods of either component take from the spec.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    /// Container image; the operator's `--broker-image` or `--lookupd-image` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Compute resources of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Where the pods may run.
+    #[serde(default)]
+    pub scheduling: Scheduling,
+    /// Extra pod annotations and labels.
+    #[serde(default)]
+    pub pod_metadata: PodMetadata,
+}
+
+/// Pod scheduling constraints, copied into the pod template.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+}
+
+/// Annotations and labels added to every pod of a component.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodMetadata {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('app.kubernetes.io/'))").message("labels under app.kubernetes.io/ are set by the operator and select its pods"))]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Broker storage: a PersistentVolumeClaim per broker, or an emptyDir when ephemeral. It cannot
+/// change after creation, because a StatefulSet's volume claim templates cannot.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self == oldSelf").message("storage cannot change once the cluster exists"),
+    validation = Rule::new("!self.ephemeral || !has(self.storageClassName)").message("storageClassName has no meaning when storage is ephemeral")
+)]
+pub struct StorageSpec {
+    /// Keep messages on an emptyDir that dies with the pod instead of a PersistentVolumeClaim.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Size of each broker's volume (or the emptyDir size limit when ephemeral).
+    #[serde(default = "default_storage_size")]
+    pub size: Quantity,
+    /// StorageClass of the claims; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// The nsqd options users tune, passed to every broker under nsqd's flag names.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.maxBodySize >= self.maxMsgSize").message("maxBodySize must be at least maxMsgSize"),
+    validation = Rule::new("duration(self.msgTimeout) <= duration(self.maxMsgTimeout)").message("msgTimeout must not exceed maxMsgTimeout")
+)]
+pub struct BrokerSettings {
+    /// `--mem-queue-size`: messages kept in memory per topic and channel before going to disk.
+    #[serde(default = "default_mem_queue_size")]
+    #[schemars(range(min = 0))]
+    pub mem_queue_size: i64,
+    /// `--msg-timeout`: default time a consumer has to finish a message.
+    #[serde(default = "default_msg_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub msg_timeout: String,
+    /// `--max-msg-timeout`: the longest timeout a consumer may ask for.
+    #[serde(default = "default_max_msg_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_msg_timeout: String,
+    /// `--max-msg-size`: largest single message, in bytes.
+    #[serde(default = "default_max_msg_size")]
+    #[schemars(range(min = 1))]
+    pub max_msg_size: i64,
+    /// `--max-body-size`: largest command body (MPUB), in bytes.
+    #[serde(default = "default_max_body_size")]
+    #[schemars(range(min = 1))]
+    pub max_body_size: i64,
+    /// `--max-rdy-count`: the highest RDY a consumer may set.
+    #[serde(default = "default_max_rdy_count")]
+    #[schemars(range(min = 1))]
+    pub max_rdy_count: i64,
+    /// `--sync-every`: messages between fsyncs of a disk queue.
+    #[serde(default = "default_sync_every")]
+    #[schemars(range(min = 1))]
+    pub sync_every: i64,
+    /// `--sync-timeout`: longest time between fsyncs of a disk queue.
+    #[serde(default = "default_sync_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub sync_timeout: String,
+}
+
+/// The nsqlookupd options users tune.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LookupdSettings {
+    /// `--inactive-producer-timeout`: how long a silent broker stays registered.
+    #[serde(default = "default_inactive_producer_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub inactive_producer_timeout: String,
+    /// `--tombstone-lifetime`: how long a tombstoned producer stays hidden.
+    #[serde(default = "default_tombstone_lifetime")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub tombstone_lifetime: String,
+}
+
+/// A PodDisruptionBudget limiting voluntary evictions of a component.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PdbSpec {
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    /// Pods that may be down at once through voluntary disruptions.
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable: i32,
+}
+
+/// Prometheus integration.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// A ServiceMonitor scraping brokers and lookupds, when the Prometheus operator's CRD exists.
+    #[serde(default)]
+    pub service_monitor: ServiceMonitorSpec,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Scrape interval.
+    #[serde(default = "default_scrape_interval")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: String,
+    /// Labels the Prometheus instance selects ServiceMonitors by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Observed state, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NSQClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub broker: ComponentStatus,
+    #[serde(default)]
+    pub lookupd: ComponentStatus,
+    /// Where clients connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+}
+
+/// Replica counts of one StatefulSet.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    pub updated_replicas: i32,
+}
+
+/// The in-cluster addresses clients use.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// NSQ TCP protocol of the brokers (`host:port`), for producers.
+    pub broker_tcp: String,
+    /// HTTP API of the brokers (`http://host:port`).
+    pub broker_http: String,
+    /// HTTP API of the lookupds (`http://host:port`), for consumers' `/lookup`.
+    pub lookupd_http: String,
+}
+
+impl Default for BrokerSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_broker_replicas(),
+            pod: PodSettings::default(),
+            storage: StorageSpec::default(),
+            settings: BrokerSettings::default(),
+            pdb: PdbSpec::default(),
+            termination_grace_period_seconds: default_termination_grace(),
+        }
+    }
+}
+
+impl Default for LookupdSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_lookupd_replicas(),
+            pod: PodSettings::default(),
+            settings: LookupdSettings::default(),
+            pdb: PdbSpec::default(),
+        }
+    }
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self {
+            ephemeral: false,
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            mem_queue_size: default_mem_queue_size(),
+            msg_timeout: default_msg_timeout(),
+            max_msg_timeout: default_max_msg_timeout(),
+            max_msg_size: default_max_msg_size(),
+            max_body_size: default_max_body_size(),
+            max_rdy_count: default_max_rdy_count(),
+            sync_every: default_sync_every(),
+            sync_timeout: default_sync_timeout(),
+        }
+    }
+}
+
+impl Default for LookupdSettings {
+    fn default() -> Self {
+        Self {
+            inactive_producer_timeout: default_inactive_producer_timeout(),
+            tombstone_lifetime: default_tombstone_lifetime(),
+        }
+    }
+}
+
+impl Default for PdbSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_unavailable: default_max_unavailable(),
+        }
+    }
+}
+
+impl Default for ServiceMonitorSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: default_scrape_interval(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl NSQCluster {
+    /// Whether the pause annotation stops reconciliation.
+    pub fn is_paused(&self) -> bool {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PAUSE_ANNOTATION))
+            .is_some_and(|v| v == "true")
+    }
+}
+
+/// The CRD as YAML, as `knsq-operator crd` prints it and the committed copies hold it.
+pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
+    serde_saphyr::to_string(&NSQCluster::crd())
+}
+
+fn default_broker_replicas() -> i32 {
+    3
+}
+fn default_lookupd_replicas() -> i32 {
+    3
+}
+fn default_termination_grace() -> i64 {
+    60
+}
+fn default_storage_size() -> Quantity {
+    Quantity("10Gi".to_owned())
+}
+fn default_mem_queue_size() -> i64 {
+    10_000
+}
+fn default_msg_timeout() -> String {
+    "60s".to_owned()
+}
+fn default_max_msg_timeout() -> String {
+    "15m".to_owned()
+}
+fn default_max_msg_size() -> i64 {
+    1_048_576
+}
+fn default_max_body_size() -> i64 {
+    5_242_880
+}
+fn default_max_rdy_count() -> i64 {
+    2500
+}
+fn default_sync_every() -> i64 {
+    2500
+}
+fn default_sync_timeout() -> String {
+    "2s".to_owned()
+}
+fn default_inactive_producer_timeout() -> String {
+    "300s".to_owned()
+}
+fn default_tombstone_lifetime() -> String {
+    "45s".to_owned()
+}
+fn enabled() -> bool {
+    true
+}
+fn default_max_unavailable() -> i32 {
+    1
+}
+fn default_scrape_interval() -> String {
+    "30s".to_owned()
+}

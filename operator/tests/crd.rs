@@ -1,0 +1,181 @@
+//! The generated CRD: the committed copies must not drift from it, its schema carries the
+//! defaults, bounds and printer columns, and its CEL rules accept and reject what they should
+//! (evaluated client-side by kube's `cel` feature, since the test API server predates CEL).
+
+use std::path::{Path, PathBuf};
+
+use kube::CustomResourceExt;
+use kube::core::cel::Validator;
+use operator::crd::{NSQCluster, NSQClusterSpec, crd_yaml};
+use serde_json::{Value, json};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+#[test]
+fn committed_crds_match_the_generated_one() {
+    let generated = crd_yaml().expect("render");
+    for copy in [
+        "deploy/crds/nsqclusters.knsq.io.yaml",
+        "charts/knsq/crds/nsqclusters.knsq.io.yaml",
+    ] {
+        let committed = std::fs::read_to_string(repo_root().join(copy)).expect("committed CRD");
+        assert!(
+            committed == generated,
+            "{copy} is out of date: regenerate it with `cargo run -p operator --bin knsq-operator -- crd > {copy}`"
+        );
+    }
+}
+
+fn schema() -> Value {
+    let crd = serde_json::to_value(NSQCluster::crd()).expect("encode");
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+#[test]
+fn schema_has_names_defaults_bounds_and_columns() {
+    let crd = serde_json::to_value(NSQCluster::crd()).expect("encode");
+    assert_eq!(crd["metadata"]["name"], "nsqclusters.knsq.io");
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["nsqc"]));
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["subresources"]["status"], json!({}));
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(columns, ["Brokers", "Lookupds", "Ready", "Age"]);
+
+    let broker = &schema()["properties"]["spec"]["properties"]["broker"]["properties"];
+    assert_eq!(broker["replicas"]["default"], 3);
+    assert_eq!(broker["replicas"]["minimum"], 0.0);
+    assert_eq!(
+        broker["settings"]["properties"]["memQueueSize"]["default"],
+        10000
+    );
+    assert_eq!(
+        broker["settings"]["properties"]["msgTimeout"]["pattern"],
+        "^([0-9]+(ns|us|ms|s|m|h))+$"
+    );
+    assert_eq!(broker["storage"]["properties"]["size"]["default"], "10Gi");
+    let lookupd = &schema()["properties"]["spec"]["properties"]["lookupd"]["properties"];
+    assert_eq!(lookupd["replicas"]["minimum"], 1.0);
+}
+
+/// Evaluate every CEL rule of the schema on `object` (with `old` for transition rules); the
+/// messages of the rules that failed.
+fn cel_failures(object: &Value, old: Option<&Value>) -> Vec<String> {
+    match Validator::new().validate(&schema(), object, old) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.into_vec().into_iter().map(|e| e.message).collect(),
+    }
+}
+
+fn object(spec: Value) -> Value {
+    json!({"apiVersion": "knsq.io/v1alpha1", "kind": "NSQCluster", "metadata": {"name": "events", "namespace": "prod"}, "spec": spec})
+}
+
+#[test]
+fn cel_accepts_valid_clusters() {
+    assert_eq!(cel_failures(&object(json!({})), None), Vec::<String>::new());
+    let typed = NSQCluster::new("events", NSQClusterSpec::default());
+    typed
+        .validate_cel()
+        .expect("the default cluster passes every rule");
+    let tuned = object(
+        json!({"broker": {"settings": {"msgTimeout": "1m30s", "maxMsgTimeout": "2m", "maxMsgSize": 10, "maxBodySize": 10}}}),
+    );
+    assert_eq!(cel_failures(&tuned, None), Vec::<String>::new());
+}
+
+#[test]
+fn cel_rejects_cross_field_mistakes() {
+    let cases = [
+        (
+            json!({"broker": {"settings": {"maxMsgSize": 2048, "maxBodySize": 1024}}}),
+            "maxBodySize must be at least maxMsgSize",
+        ),
+        (
+            json!({"broker": {"settings": {"msgTimeout": "20m"}}}),
+            "msgTimeout must not exceed maxMsgTimeout",
+        ),
+        (
+            json!({"broker": {"storage": {"ephemeral": true, "storageClassName": "fast"}}}),
+            "storageClassName has no meaning when storage is ephemeral",
+        ),
+        (
+            json!({"lookupd": {"podMetadata": {"labels": {"app.kubernetes.io/component": "x"}}}}),
+            "labels under app.kubernetes.io/ are set by the operator and select its pods",
+        ),
+    ];
+    for (spec, message) in cases {
+        assert_eq!(
+            cel_failures(&object(spec.clone()), None),
+            [message],
+            "{spec}"
+        );
+    }
+}
+
+#[test]
+fn cel_rejects_long_names() {
+    let mut long = object(json!({}));
+    long["metadata"]["name"] = json!("a".repeat(41));
+    let failures = cel_failures(&long, None);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].starts_with("metadata.name must be at most 40 characters"),
+        "{failures:?}"
+    );
+}
+
+#[test]
+fn cel_keeps_storage_immutable() {
+    let old = object(json!({"broker": {"storage": {"size": "10Gi"}}}));
+    let resized = object(json!({"broker": {"storage": {"size": "20Gi"}}}));
+    assert_eq!(
+        cel_failures(&resized, Some(&old)),
+        ["storage cannot change once the cluster exists"]
+    );
+    let scaled = object(json!({"broker": {"replicas": 7, "storage": {"size": "10Gi"}}}));
+    assert_eq!(cel_failures(&scaled, Some(&old)), Vec::<String>::new());
+
+    let mut typed_old = NSQCluster::new("events", NSQClusterSpec::default());
+    typed_old.metadata.namespace = Some("prod".to_owned());
+    let mut typed_new = typed_old.clone();
+    typed_new.spec.broker.storage.ephemeral = true;
+    assert!(typed_new.validate_cel_update(&typed_old).is_err());
+}
+
+#[test]
+fn examples_parse_and_pass_every_rule() {
+    let dir = repo_root().join("deploy/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read example");
+        let typed: NSQCluster =
+            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let raw: Value = serde_saphyr::from_str(&text).expect("example as JSON");
+        assert_eq!(
+            cel_failures(&raw, None),
+            Vec::<String>::new(),
+            "{}",
+            path.display()
+        );
+        typed
+            .validate_cel()
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        seen += 1;
+    }
+    assert!(seen >= 3, "expected the examples in {}", dir.display());
+}
