@@ -83,6 +83,7 @@ pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: Canc
         subscription: None,
         fins: Vec::new(),
         last_topic: None,
+        heartbeat: client.identity().heartbeat_interval,
         held: None,
         awaiting_topic: None,
         auth: None,
@@ -109,6 +110,9 @@ struct Connection {
     fins: Vec<MessageId>,
     /// The topic last published to, saving a registry lookup per PUB.
     last_topic: Option<Arc<Topic>>,
+    /// The client's heartbeat interval (`None`: disabled), kept here so reading a command
+    /// needs no look at the shared identity.
+    heartbeat: Option<Duration>,
     /// With `--sync-publish`: responses held back until the publishes before them are fsynced.
     held: Option<Held>,
     /// Lookupd hook: a command that creates a topic, run once the channels the lookupds know
@@ -159,7 +163,7 @@ impl Connection {
             if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
                 self.read_buf.reserve(self.read_size);
             }
-            let deadline = self.client.identity().heartbeat_interval.map(|hb| hb * 2);
+            let deadline = self.heartbeat.map(|hb| hb * 2);
             let before = self.read_buf.len();
             let read = async {
                 match deadline {
@@ -294,7 +298,7 @@ impl Connection {
     fn process_buffered(&mut self) -> bool {
         loop {
             let state = self.client.state();
-            let heartbeats = self.client.identity().heartbeat_interval.is_some();
+            let heartbeats = self.heartbeat.is_some();
             let auth_first = self.broker.auth.is_some() && self.auth.is_none();
             let decoded = self.decoder.decode(&mut self.read_buf, |name| {
                 check_state(name, state, heartbeats, auth_first)
@@ -496,6 +500,7 @@ impl Connection {
         let request = IdentifyRequest::parse(body)?;
         let applied = request.apply(&self.client.identity(), &self.broker.options)?;
         let response = request.response(&applied, &self.broker.options);
+        self.heartbeat = applied.heartbeat_interval;
         self.client.set_identity(applied);
         self.client.settings_changed.notify_one();
         self.send_response(&response);
