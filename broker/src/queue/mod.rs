@@ -168,13 +168,35 @@ pub(crate) fn unix_nanos() -> i64 {
         .unwrap_or(0)
 }
 
-/// A due time as the disk stores it: milliseconds since the Unix epoch.
+/// A due time as the disk stores it: milliseconds since the Unix epoch, rounded up, so a
+/// deferred message is never delivered before it is due.
 fn due_unix_ms(due: Instant, now: Instant) -> i64 {
-    unix_nanos() / 1_000_000 + due.saturating_duration_since(now).as_millis() as i64
+    let due_ns = unix_nanos() + due.saturating_duration_since(now).as_nanos() as i64;
+    (due_ns + 999_999).div_euclid(1_000_000)
 }
 
 /// A stored due time as an instant; `None` when it has passed.
 fn due_instant(due_unix_ms: i64, now: Instant) -> Option<Instant> {
-    let left = due_unix_ms - unix_nanos() / 1_000_000;
-    (left > 0).then(|| now + Duration::from_millis(left as u64))
+    let left_ns = due_unix_ms.saturating_mul(1_000_000) - unix_nanos();
+    (left_ns > 0).then(|| now + Duration::from_nanos(left_ns as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_due_times_never_come_back_early() {
+        for delay_us in [0u64, 1, 999, 1000, 1001, 1_500_000] {
+            let now = Instant::now();
+            let due = now + Duration::from_micros(delay_us);
+            let stored = due_unix_ms(due, now);
+            // Read back at once: the instant is not before the original one.
+            if let Some(back) = due_instant(stored, now) {
+                assert!(back >= due, "delay {delay_us} µs came back early");
+            } else {
+                assert!(delay_us < 1000, "delay {delay_us} µs was lost");
+            }
+        }
+    }
 }
