@@ -128,6 +128,17 @@ impl NsqConn {
         self.next_frame().await
     }
 
+    /// `SUB topic channel`, expecting its `OK`.
+    pub async fn subscribe(&mut self, topic: &str, channel: &str) -> Result<()> {
+        let name = |n: &str| proto::wire::Name::new(n).ok_or_else(|| anyhow!("invalid name {n:?}"));
+        self.send(&Command::Sub {
+            topic: name(topic)?,
+            channel: name(channel)?,
+        })
+        .await?;
+        self.expect_response(b"OK").await
+    }
+
     /// The next frame, or an error after [`WAIT`] or when the connection closes.
     pub async fn next_frame(&mut self) -> Result<Frame> {
         self.next_frame_within(WAIT).await

@@ -200,12 +200,7 @@ async fn subscriber(
     identify: Value,
 ) -> Result<NsqConn> {
     let mut conn = identified(b, identify).await?;
-    conn.send(&Command::Sub {
-        topic: name(topic_name),
-        channel: name(channel_name),
-    })
-    .await?;
-    conn.expect_response(b"OK").await?;
+    conn.subscribe(topic_name, channel_name).await?;
     Ok(conn)
 }
 

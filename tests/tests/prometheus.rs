@@ -245,12 +245,7 @@ async fn subscriber(
     identify: Value,
 ) -> Result<NsqConn> {
     let mut conn = identified(b, identify).await?;
-    conn.send(&Command::Sub {
-        topic: name(topic),
-        channel: name(channel),
-    })
-    .await?;
-    conn.expect_response(b"OK").await?;
+    conn.subscribe(topic, channel).await?;
     Ok(conn)
 }
 
