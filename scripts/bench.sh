@@ -5,10 +5,14 @@
 #   memory (default, --mem-queue-size=1000000 as in nsq's published figures),
 #   disk (--mem-queue-size=0: every message through disk), or
 #   sync (--sync-publish: every publish fsynced before OK; 4 publishers to show group commit).
+# WIRE picks what every bench connection negotiates in IDENTIFY:
+#   plain (default), tls (a throwaway CA and server certificate made with openssl),
+#   snappy, or deflate.
 # Extra arguments go to knsq-broker. Prints one line per workload and the broker's peak RSS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${MODE:-memory}
+WIRE=${WIRE:-plain}
 RUNFOR=${RUNFOR:-10s}
 TARGET=${CARGO_TARGET_DIR:-target}
 cargo build --release -q -p broker -p tests --bin knsq-broker --bin knsq-bench
@@ -19,6 +23,25 @@ case "$MODE" in
   disk) FLAGS=(--mem-queue-size=0); WRITERS=1 ;;
   sync) FLAGS=(--sync-publish); WRITERS=4 ;;
   *) echo "MODE must be memory, disk or sync" >&2; exit 2 ;;
+esac
+case "$WIRE" in
+  plain) WIRE_FLAGS=() ;;
+  tls)
+    # P-256 keys: quick to make, and the handshake is not what is measured.
+    EC=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    openssl req -x509 "${EC[@]}" -keyout "$DATA/ca-key.pem" -out "$DATA/ca.pem" -days 1 \
+      -subj "/CN=knsq bench CA" -addext basicConstraints=critical,CA:TRUE \
+      -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    openssl req "${EC[@]}" -keyout "$DATA/server-key.pem" -out "$DATA/server.csr" \
+      -subj "/CN=localhost" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$DATA/ext"
+    openssl x509 -req -in "$DATA/server.csr" -CA "$DATA/ca.pem" -CAkey "$DATA/ca-key.pem" \
+      -CAcreateserial -days 1 -extfile "$DATA/ext" -out "$DATA/server.pem" 2>/dev/null
+    FLAGS+=(--tls-cert="$DATA/server.pem" --tls-key="$DATA/server-key.pem")
+    WIRE_FLAGS=(--tls --tls-root-ca-file "$DATA/ca.pem") ;;
+  snappy) WIRE_FLAGS=(--snappy) ;;
+  deflate) WIRE_FLAGS=(--deflate) ;;
+  *) echo "WIRE must be plain, tls, snappy or deflate" >&2; exit 2 ;;
 esac
 "$TARGET/release/knsq-broker" --tcp-address=127.0.0.1:0 --http-address=127.0.0.1:0 \
   --data-path="$DATA" --log-level=warn "${FLAGS[@]}" "$@" 2>"$DATA/log" &
@@ -35,9 +58,9 @@ for a in $ADDRS; do
   # The TCP port answers the NSQ magic; the HTTP one does not take "  V2".
   if "$BENCH" writer --address "$a" --topic probe --batch-size 1 --count 1 --runfor 2s >/dev/null 2>&1; then TCP=$a; fi
 done
-echo "mode=$MODE broker=$TCP runfor=$RUNFOR"
+echo "mode=$MODE wire=$WIRE broker=$TCP runfor=$RUNFOR"
 # PUB first, on an empty broker: the 10M messages MPUB leaves queued would slow it down.
-"$BENCH" writer --address "$TCP" --topic pub --size 200 --batch-size 1 --runfor "$RUNFOR" -c "$WRITERS"
-"$BENCH" writer --address "$TCP" --topic mpub --size 200 --batch-size 200 --runfor "$RUNFOR" -c "$WRITERS"
-"$BENCH" reader --address "$TCP" --topic mpub --size 200 --rdy 2500 --runfor "$RUNFOR"
+"$BENCH" writer --address "$TCP" --topic pub --size 200 --batch-size 1 --runfor "$RUNFOR" -c "$WRITERS" ${WIRE_FLAGS[@]+"${WIRE_FLAGS[@]}"}
+"$BENCH" writer --address "$TCP" --topic mpub --size 200 --batch-size 200 --runfor "$RUNFOR" -c "$WRITERS" ${WIRE_FLAGS[@]+"${WIRE_FLAGS[@]}"}
+"$BENCH" reader --address "$TCP" --topic mpub --size 200 --rdy 2500 --runfor "$RUNFOR" ${WIRE_FLAGS[@]+"${WIRE_FLAGS[@]}"}
 echo "broker peak RSS: $(awk '/VmHWM/ {print $2, $3}' /proc/$PID/status)"

@@ -31,6 +31,8 @@ pub(crate) struct Broker {
     pub(crate) lookup: Lookup,
     /// The auth servers when `--auth-http-address` turns authorization on.
     pub(crate) auth: Option<AuthServers>,
+    /// TLS for clients when `--tls-cert` and `--tls-key` are given.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_client_id: AtomicU64,
@@ -39,9 +41,13 @@ pub(crate) struct Broker {
 }
 
 impl Broker {
+    // Each argument is a separately built part of the broker; bundling them would only
+    // move the list elsewhere.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         options: Options,
         auth: Option<AuthServers>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         settings: QueueSettings,
         tcp_address: SocketAddr,
         http_address: SocketAddr,
@@ -59,6 +65,7 @@ impl Broker {
             metrics,
             lookup,
             auth,
+            tls,
             topics: RwLock::new(BTreeMap::new()),
             clients: Mutex::new(HashMap::new()),
             next_client_id: AtomicU64::new(1),

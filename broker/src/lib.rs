@@ -24,6 +24,7 @@ mod queue;
 mod stats;
 mod storage;
 mod tcp;
+mod tls;
 
 pub use config::Options;
 pub use http::LogLevelSetter;
@@ -70,6 +71,8 @@ pub enum BrokerError {
 pub struct Listeners {
     tcp: TcpListener,
     http: TcpListener,
+    /// Only with TLS (`--tls-cert` and `--tls-key`), as nsqd.
+    https: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -86,10 +89,14 @@ impl Listeners {
                     })
             }
         };
-        Ok(Listeners {
-            tcp: bind("tcp-address", &options.tcp_address).await?,
-            http: bind("http-address", &options.http_address).await?,
-        })
+        let tcp = bind("tcp-address", &options.tcp_address).await?;
+        let http = bind("http-address", &options.http_address).await?;
+        let https = if options.tls.enabled() {
+            Some(bind("https-address", &options.tls.https_address).await?)
+        } else {
+            None
+        };
+        Ok(Listeners { tcp, http, https })
     }
 
     pub fn tcp_address(&self) -> std::io::Result<SocketAddr> {
@@ -98,6 +105,11 @@ impl Listeners {
 
     pub fn http_address(&self) -> std::io::Result<SocketAddr> {
         self.http.local_addr()
+    }
+
+    /// The HTTPS address, when TLS is on.
+    pub fn https_address(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.https.as_ref().map(TcpListener::local_addr).transpose()
     }
 }
 
@@ -125,6 +137,10 @@ pub async fn run(
     };
     let tcp_address = local(&listeners.tcp, "tcp-address")?;
     let http_address = local(&listeners.http, "http-address")?;
+    let https_address = match &listeners.https {
+        Some(l) => Some(local(l, "https-address")?),
+        None => None,
+    };
 
     let (metrics, server_metrics) = metrics::Metrics::new()?;
     let health = health::Health::new(
@@ -153,9 +169,11 @@ pub async fn run(
         shutdown.clone(),
     );
     let auth = auth::AuthServers::from_options(&options)?;
+    let client_tls = tls::server_config(&options.tls)?;
     let state = Arc::new(broker::Broker::new(
         options,
         auth,
+        client_tls,
         settings,
         tcp_address,
         http_address,
@@ -174,6 +192,9 @@ pub async fn run(
     );
     tracing::info!("TCP: listening on {tcp_address}");
     tracing::info!("HTTP: listening on {http_address}");
+    if let Some(address) = https_address {
+        tracing::info!("HTTPS: listening on {address}");
+    }
 
     let connections = TaskTracker::new();
     let tcp = tokio::spawn(tcp::serve(
@@ -188,7 +209,27 @@ pub async fn run(
         log_level: Arc::new(Mutex::new(state.options.log_level.clone())),
         set_log_level,
     };
-    let http = tokio::spawn(http::serve(listeners.http, app, shutdown.clone()));
+    // HTTPS serves the API with the TCP clients' TLS config, so the same client
+    // certificates are asked for; it needs listeners bound with TLS on.
+    let https = match (listeners.https, https_address, &state.tls) {
+        (Some(listener), Some(address), Some(tls)) => {
+            let listener = http::TlsListener::new(listener, address, http::https_config(tls));
+            Some(tokio::spawn(http::serve_https(
+                listener,
+                app.clone(),
+                shutdown.clone(),
+            )))
+        }
+        _ => None,
+    };
+    let plain = match state.options.tls.required() {
+        // nsqd sends plain-HTTP clients to HTTPS only for --tls-required=true.
+        config::TlsRequired::Yes => http::PlainHttp::TlsRequired {
+            https_port: https_address.map_or(0, |a| a.port()),
+        },
+        config::TlsRequired::No | config::TlsRequired::TcpOnly => http::PlainHttp::Api,
+    };
+    let http = tokio::spawn(http::serve(listeners.http, app, plain, shutdown.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing listeners and client connections");
@@ -199,6 +240,9 @@ pub async fn run(
         let _ = tcp.await;
         connections.wait().await;
         let _ = http.await;
+        if let Some(https) = https {
+            let _ = https.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -248,6 +292,7 @@ async fn sync_disks(broker: Arc<broker::Broker>, shutdown: CancellationToken) {
 pub struct Server {
     tcp_address: SocketAddr,
     http_address: SocketAddr,
+    https_address: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), BrokerError>>,
 }
@@ -257,20 +302,26 @@ impl Server {
     pub async fn start(options: Options) -> Result<Server, BrokerError> {
         options.validate()?;
         let listeners = Listeners::bind(&options).await?;
-        let bound = |r: std::io::Result<SocketAddr>, flag| {
-            r.map_err(|source| BrokerError::Bind {
+        let bind_error = |flag| {
+            move |source| BrokerError::Bind {
                 flag,
                 address: String::new(),
                 source,
-            })
+            }
         };
-        let tcp_address = bound(listeners.tcp_address(), "tcp-address")?;
-        let http_address = bound(listeners.http_address(), "http-address")?;
+        let tcp_address = listeners.tcp_address().map_err(bind_error("tcp-address"))?;
+        let http_address = listeners
+            .http_address()
+            .map_err(bind_error("http-address"))?;
+        let https_address = listeners
+            .https_address()
+            .map_err(bind_error("https-address"))?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(options, listeners, shutdown.clone(), None));
         Ok(Server {
             tcp_address,
             http_address,
+            https_address,
             shutdown,
             task,
         })
@@ -282,6 +333,11 @@ impl Server {
 
     pub fn http_address(&self) -> SocketAddr {
         self.http_address
+    }
+
+    /// The HTTPS address, when TLS is on (`--tls-cert` and `--tls-key`).
+    pub fn https_address(&self) -> Option<SocketAddr> {
+        self.https_address
     }
 
     /// Shuts the broker down and waits for it.

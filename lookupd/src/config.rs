@@ -7,6 +7,7 @@ use broker::config::{
     default_hostname, parse_go_bool, parse_go_command_line, parse_go_duration, parse_log_level,
 };
 use clap::Parser;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Parser)]
@@ -26,6 +27,20 @@ pub struct Options {
         default_value = "0.0.0.0:4160"
     )]
     pub grpc_address: String,
+
+    /// PEM certificate (chain) for the gRPC listener; with --grpc-tls-key, brokers must
+    /// register over TLS
+    #[arg(long, env = "KNSQ_LOOKUPD_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --grpc-tls-cert
+    #[arg(long, env = "KNSQ_LOOKUPD_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// PEM file of the certificate authorities that sign brokers' client certificates;
+    /// brokers must then present one (mutual TLS)
+    #[arg(long, env = "KNSQ_LOOKUPD_GRPC_TLS_CLIENT_CA_FILE")]
+    pub grpc_tls_client_ca_file: Option<PathBuf>,
 
     /// <addr>:<port> to listen on for HTTP clients
     #[arg(
@@ -89,6 +104,7 @@ impl Options {
                 reason: "must not be empty".into(),
             });
         }
+        crate::grpc::check_tls_options(self)?;
         Ok(())
     }
 

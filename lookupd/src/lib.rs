@@ -116,10 +116,12 @@ pub async fn run(
         broadcast_address = %options.broadcast_address,
         "knsq-lookupd starting"
     );
+    let grpc_server = grpc::server(&options)?;
     tracing::info!("GRPC: listening on {grpc_address}");
     tracing::info!("HTTP: listening on {http_address}");
 
     let grpc = tokio::spawn(grpc::serve(
+        grpc_server,
         listeners.grpc,
         directory.clone(),
         shutdown.clone(),

@@ -2,8 +2,10 @@
 //! this process ([`TestBroker`]) or as the real binary ([`BrokerProcess`]), and a raw NSQ
 //! connection ([`NsqConn`]) for byte-level protocol tests.
 
+pub mod certs;
 pub mod lookupd;
 mod process;
+pub mod transport;
 
 pub use process::ChildProcess;
 
@@ -13,9 +15,11 @@ use bytes::{BufMut, BytesMut};
 use proto::wire::{Command, Frame, MAGIC_V2};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use transport::{ClientStream, Compression};
 
 /// How long a test waits for any single expected event before failing.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -83,9 +87,10 @@ impl TestBroker {
     }
 }
 
-/// A raw NSQ TCP connection speaking through the `proto::wire` codec.
+/// A raw NSQ TCP connection speaking through the `proto::wire` codec, over plain TCP or, after
+/// [`NsqConn::upgrade`], TLS and/or compression.
 pub struct NsqConn {
-    stream: TcpStream,
+    stream: ClientStream,
     buf: BytesMut,
 }
 
@@ -101,14 +106,86 @@ impl NsqConn {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(NsqConn {
-            stream,
+            stream: ClientStream::tcp(stream),
             buf: BytesMut::with_capacity(64 * 1024),
         })
     }
 
+    /// Writes bytes as they are (compressed, once the connection is).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
         self.stream.write_all(bytes).await?;
+        // A no-op on plain TCP; pushes out TLS records and compressed bytes.
+        self.stream.flush().await?;
         Ok(())
+    }
+
+    /// Writes bytes under the compression layer (or as [`NsqConn::send_raw`] when there is
+    /// none), e.g. a corrupt compressed stream.
+    pub async fn send_below_compression(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_below_compression(bytes).await?;
+        Ok(())
+    }
+
+    /// Whether the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+
+    /// Sends IDENTIFY with `json` (which should ask for `feature_negotiation`), reads the JSON
+    /// response and then performs the upgrades it agreed to, in nsqd's order: TLS (with
+    /// `tls`, checking the name `localhost`), snappy, deflate at its `deflate_level`; each
+    /// answered by an `OK`. Returns the response.
+    pub async fn upgrade(
+        &mut self,
+        json: &serde_json::Value,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<serde_json::Value> {
+        let response = match self.identify(json).await? {
+            Frame::Response(body) => serde_json::from_slice::<serde_json::Value>(&body)
+                .with_context(|| {
+                    format!(
+                        "IDENTIFY response {:?} is not JSON",
+                        String::from_utf8_lossy(&body)
+                    )
+                })?,
+            other => bail!("IDENTIFY: expected a JSON response, got {other:?}"),
+        };
+        let agreed = |key: &str| response[key].as_bool() == Some(true);
+        if agreed("tls_v1") {
+            let config =
+                tls.ok_or_else(|| anyhow!("the server starts TLS but no client config was given"))?;
+            if !self.buf.is_empty() {
+                bail!(
+                    "{} unexpected bytes before the TLS handshake",
+                    self.buf.len()
+                );
+            }
+            self.stream
+                .start_tls(config, certs::loopback_name())
+                .await
+                .context("TLS handshake")?;
+            self.expect_response(proto::wire::OK)
+                .await
+                .context("after TLS")?;
+        }
+        let mut compress = |compression| {
+            // What was read past the last plain frame is the start of the compressed stream.
+            let already_read = self.buf.split();
+            self.stream.start_compression(compression, &already_read)
+        };
+        if agreed("snappy") {
+            compress(Compression::Snappy)?;
+            self.expect_response(proto::wire::OK)
+                .await
+                .context("after snappy")?;
+        } else if agreed("deflate") {
+            let level = response["deflate_level"].as_u64().unwrap_or(6);
+            compress(Compression::Deflate(u32::try_from(level).unwrap_or(9)))?;
+            self.expect_response(proto::wire::OK)
+                .await
+                .context("after deflate")?;
+        }
+        Ok(response)
     }
 
     pub async fn send(&mut self, command: &Command) -> Result<()> {

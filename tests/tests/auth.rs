@@ -654,14 +654,155 @@ async fn stats_show_who_authenticated() -> Result<()> {
 }
 
 #[tokio::test]
-async fn https_auth_servers_are_refused_at_startup() -> Result<()> {
-    let err = match auth_broker(&["https://auth.example/auth".into()], |_| {}).await {
+async fn https_auth_servers_need_a_usable_root_ca_file_when_one_is_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let not_pem = dir.path().join("not-pem.pem");
+    std::fs::write(&not_pem, "not a certificate\n")?;
+    for (ca_file, why) in [
+        (dir.path().join("missing.pem"), "missing.pem"),
+        (not_pem, "no PEM certificate"),
+    ] {
+        let servers = ["https://localhost:1/auth".to_string()];
+        let err = match auth_broker(&servers, |o| o.tls.tls_root_ca_file = Some(ca_file)).await {
+            Ok(_) => bail!("the broker started"),
+            Err(e) => e.to_string(),
+        };
+        ensure!(
+            err.contains("--tls-root-ca-file") && err.contains(why),
+            "{err}"
+        );
+    }
+    // Only the URL scheme is checked: anything else is no auth server.
+    let err = match auth_broker(&["ftp://auth.example/auth".into()], |_| {}).await {
         Ok(_) => bail!("the broker started"),
         Err(e) => e.to_string(),
     };
-    ensure!(
-        err.contains("--auth-http-address") && err.contains("TLS"),
-        "{err}"
+    ensure!(err.contains("--auth-http-address"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_clients_tell_the_auth_server_their_certificate_name() -> Result<()> {
+    let server = AuthServer::start(grant(3600, ".*", &[".*"], &["publish"])).await?;
+    let ca = tests::certs::TestCa::new()?;
+    let cert = ca.server("broker")?;
+    let ca_file = ca.ca_file().to_path_buf();
+    let b = auth_broker(&[server.addr.to_string()], |o| {
+        o.tls.tls_cert = Some(cert.cert.clone());
+        o.tls.tls_key = Some(cert.key.clone());
+        o.tls.tls_client_auth_policy = Some(broker::config::ClientAuthPolicy::RequireVerify);
+        o.tls.tls_root_ca_file = Some(ca_file);
+    })
+    .await?;
+    let identity = ca.client("client", "orders-service")?;
+    let mut c = b.connect().await?;
+    c.upgrade(
+        &json!({"feature_negotiation": true, "tls_v1": true}),
+        Some(ca.client_config(Some(&identity))?),
+    )
+    .await?;
+    auth(&mut c, "token").await?;
+    let requests = server.requests();
+    ensure!(requests.len() == 1, "{requests:?}");
+    assert_eq!(field(&requests[0], "tls").as_deref(), Some("true"));
+    assert_eq!(
+        field(&requests[0], "common_name").as_deref(),
+        Some("orders-service")
     );
+    Ok(())
+}
+
+/// An HTTPS front for an [`AuthServer`]: it ends TLS with a certificate for `localhost` and
+/// 127.0.0.1 from `ca` and passes the bytes on, so the server records the requests as ever.
+struct HttpsFront {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl HttpsFront {
+    async fn start(backend: SocketAddr, ca: &tests::certs::TestCa) -> Result<HttpsFront> {
+        let (certs, key) = ca.server("auth")?.load()?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A client that refuses the certificate ends here.
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        Ok(HttpsFront { addr, task })
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}/auth", self.addr.port())
+    }
+}
+
+impl Drop for HttpsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn https_auth_servers_trusted_through_the_root_ca_file_answer() -> Result<()> {
+    let ca = tests::certs::TestCa::new()?;
+    let server = AuthServer::start(grant(3600, "^orders$", &[".*"], &["publish"])).await?;
+    let front = HttpsFront::start(server.addr, &ca).await?;
+    let ca_file = ca.ca_file().to_path_buf();
+    let b = auth_broker(&[front.url()], |o| o.tls.tls_root_ca_file = Some(ca_file)).await?;
+    let mut c = b.connect().await?;
+    let answer = auth(&mut c, "s3cret").await?;
+    assert_eq!(answer["identity"], "alice");
+    c.send_raw(&pub_cmd("orders", b"m")).await?;
+    c.expect_response(b"OK").await?;
+    // The same request as over http://.
+    let requests = server.requests();
+    ensure!(requests.len() == 1, "{requests:?}");
+    let r = &requests[0];
+    assert_eq!(r.method, "GET");
+    assert_eq!(r.path(), "/auth");
+    assert_eq!(r.content_type, None);
+    assert_eq!(field(r, "secret").as_deref(), Some("s3cret"));
+    assert_eq!(field(r, "remote_ip").as_deref(), Some("127.0.0.1"));
+    assert_eq!(field(r, "tls").as_deref(), Some("false"));
+    assert_eq!(field(r, "common_name").as_deref(), Some(""));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_https_auth_server_with_an_untrusted_certificate_fails_auth_quickly() -> Result<()> {
+    let server_ca = tests::certs::TestCa::new()?;
+    let trusted_ca = tests::certs::TestCa::new()?;
+    let server = AuthServer::start(grant(3600, ".*", &[".*"], &["publish"])).await?;
+    let front = HttpsFront::start(server.addr, &server_ca).await?;
+    let ca_file = trusted_ca.ca_file().to_path_buf();
+    let b = auth_broker(&[front.url()], |o| o.tls.tls_root_ca_file = Some(ca_file)).await?;
+    let mut c = b.connect().await?;
+    let started = Instant::now();
+    c.send_raw(&sized("AUTH", b"secret")).await?;
+    expect_fatal(&mut c, "E_AUTH_FAILED AUTH failed").await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    ensure!(server.requests().is_empty(), "{:?}", server.requests());
     Ok(())
 }

@@ -148,8 +148,14 @@ async fn negotiated_values_are_reflected() -> Result<()> {
     assert_eq!(resp["output_buffer_size"], 16384, "{resp}");
     assert_eq!(resp["output_buffer_timeout"], 0, "{resp}");
 
-    // Requests for TLS and for one compression are answered "off" (the broker offers
-    // neither), and the connection goes on without any upgrade.
+    // Requests for TLS and for one compression are answered "off" by a broker without a
+    // certificate and with --snappy=false --deflate=false, and the connection goes on
+    // without any upgrade.
+    let b = TestBroker::start(|o| {
+        o.tls.snappy = false;
+        o.tls.deflate = false;
+    })
+    .await?;
     for ask in [
         json!({"feature_negotiation": true, "tls_v1": true, "snappy": true}),
         json!({"feature_negotiation": true, "deflate": true, "deflate_level": 9}),

@@ -5,18 +5,20 @@
 //! connection checks SUB, PUB, MPUB and DPUB against that answer and asks again once the TTL
 //! is over. Requests are bounded by `--http-client-connect-timeout` and
 //! `--http-client-request-timeout`, so an unreachable auth server fails a client quickly.
+//! `https://` servers are reached over TLS ([`connector`]).
 
 mod authorizations;
+mod connector;
 
 pub(crate) use authorizations::{AuthState, Permission};
 
 use crate::config::{ConfigError, Options};
 use bytes::Bytes;
+use connector::AuthConnector;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use std::fmt;
 use std::net::IpAddr;
@@ -109,21 +111,19 @@ pub(crate) struct AuthServers {
     endpoints: Vec<Uri>,
     method: RequestMethod,
     request_timeout: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<AuthConnector, Full<Bytes>>,
 }
 
 impl AuthServers {
     /// The auth servers `--auth-http-address` names; `None` when auth is off.
     pub(crate) fn from_options(o: &Options) -> Result<Option<AuthServers>, ConfigError> {
-        let Some((endpoints, method)) = settings(o)? else {
+        let Some(s) = settings(o)? else {
             return Ok(None);
         };
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(o.http_client_connect_timeout));
-        connector.set_nodelay(true);
+        let connector = AuthConnector::new(o.http_client_connect_timeout, s.tls);
         Ok(Some(AuthServers {
-            endpoints,
-            method,
+            endpoints: s.endpoints,
+            method: s.method,
             request_timeout: o.http_client_request_timeout,
             client: Client::builder(TokioExecutor::new()).build(connector),
         }))
@@ -194,8 +194,16 @@ pub(crate) fn check_options(o: &Options) -> Result<(), ConfigError> {
     settings(o).map(|_| ())
 }
 
-/// The endpoints and method the flags give; `None` when no auth server is configured.
-fn settings(o: &Options) -> Result<Option<(Vec<Uri>, RequestMethod)>, ConfigError> {
+/// What the auth flags give.
+struct Settings {
+    endpoints: Vec<Uri>,
+    method: RequestMethod,
+    /// Only when some endpoint is `https://`, so plain servers need no certificates.
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// The auth settings; `None` when no auth server is configured.
+fn settings(o: &Options) -> Result<Option<Settings>, ConfigError> {
     if o.auth_http_addresses.is_empty() {
         return Ok(None);
     }
@@ -219,11 +227,20 @@ fn settings(o: &Options) -> Result<Option<(Vec<Uri>, RequestMethod)>, ConfigErro
             });
         }
     };
-    Ok(Some((endpoints, method)))
+    let tls = if endpoints.iter().any(|e| e.scheme_str() == Some("https")) {
+        Some(connector::tls_connector(o)?)
+    } else {
+        None
+    };
+    Ok(Some(Settings {
+        endpoints,
+        method,
+        tls,
+    }))
 }
 
-/// An `--auth-http-address` as a URL: `host:port` means `http://host:port/auth`; anything
-/// with `://` is used as given.
+/// An `--auth-http-address` as a URL: `host:port` means `http://host:port/auth`; an
+/// `http://` or `https://` URL is used as given.
 fn endpoint(address: &str) -> Result<Uri, String> {
     let address = address.trim();
     if address.is_empty() {
@@ -238,11 +255,10 @@ fn endpoint(address: &str) -> Result<Uri, String> {
         .parse()
         .map_err(|e| format!("{address:?} is not a host:port or URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") if uri.host().is_some() => Ok(uri),
-        Some("https") => Err(format!(
-            "{address:?}: HTTPS auth servers need TLS, which knsq-broker does not support yet; use http://"
+        Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(uri),
+        _ => Err(format!(
+            "{address:?} is not a host:port or http:// or https:// URL"
         )),
-        _ => Err(format!("{address:?} is not a host:port or http:// URL")),
     }
 }
 
@@ -300,8 +316,12 @@ mod tests {
                 .to_string(),
             "http://auth.example:8080/v1/check?realm=x"
         );
-        let err = endpoint("https://auth.example/auth").unwrap_err();
-        assert!(err.contains("TLS"), "{err}");
+        assert_eq!(
+            endpoint("https://auth.example:8443/auth")
+                .unwrap()
+                .to_string(),
+            "https://auth.example:8443/auth"
+        );
         assert!(endpoint("").is_err());
         assert!(endpoint("ftp://auth.example/x").is_err());
         assert!(endpoint("not a host").is_err());
@@ -345,9 +365,108 @@ mod tests {
         o.auth_http_request_method = "put".into();
         let err = AuthServers::from_options(&o).unwrap_err();
         assert_eq!(err.flag, "auth-http-request-method");
-        o.auth_http_request_method = "get".into();
-        o.auth_http_addresses = vec!["https://h/auth".into()];
+    }
+
+    /// A server on 127.0.0.1 that never answers a request: with `tls`, it first shows a
+    /// self-signed certificate for `localhost`; without, it does not even start TLS.
+    async fn unhelpful_server(tls: bool) -> std::net::SocketAddr {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            // Plain connections stay open, unread, until the test ends.
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                if tls {
+                    tokio::spawn(acceptor.clone().accept(stream));
+                } else {
+                    held.push(stream);
+                }
+            }
+        });
+        addr
+    }
+
+    /// Options asking the https auth server at `addr` and trusting a CA written to `dir`
+    /// that signed nothing the servers show.
+    fn https_options(dir: &std::path::Path, addr: std::net::SocketAddr) -> Options {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, params.self_signed(&key).unwrap().pem()).unwrap();
+        let mut o = Options::for_tests(dir);
+        o.tls.tls_root_ca_file = Some(ca_file);
+        o.auth_http_addresses = vec![format!("https://localhost:{}/auth", addr.port())];
+        o
+    }
+
+    fn query() -> Query<'static> {
+        Query {
+            remote_ip: "127.0.0.1".parse().unwrap(),
+            tls: false,
+            secret: b"s",
+            common_name: "",
+        }
+    }
+
+    #[tokio::test]
+    async fn untrusted_certificates_fail_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = https_options(dir.path(), unhelpful_server(true).await);
+        let servers = AuthServers::from_options(&o).unwrap().unwrap();
+        let err = servers.query(query()).await.unwrap_err().to_string();
+        assert!(err.contains("TLS handshake failed"), "{err}");
+        assert!(err.contains("invalid peer certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_connect_timeout_covers_the_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = https_options(dir.path(), unhelpful_server(false).await);
+        o.http_client_connect_timeout = Duration::from_millis(200);
+        o.http_client_request_timeout = Duration::from_secs(10);
+        let servers = AuthServers::from_options(&o).unwrap().unwrap();
+        let started = Instant::now();
+        let err = servers.query(query()).await.unwrap_err().to_string();
+        assert!(err.contains("--http-client-connect-timeout"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+    }
+
+    #[test]
+    fn https_servers_need_a_readable_ca_file_when_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        let mut o = Options::for_tests(".");
+        o.tls.tls_root_ca_file = Some(ca_file.clone());
+        // Plain servers do not read it.
+        o.auth_http_addresses = vec!["127.0.0.1:1".into()];
+        AuthServers::from_options(&o).unwrap().unwrap();
+        o.auth_http_addresses = vec!["127.0.0.1:1".into(), "https://h/auth".into()];
         let err = AuthServers::from_options(&o).unwrap_err();
-        assert_eq!(err.flag, "auth-http-address");
+        assert_eq!(err.flag, "tls-root-ca-file");
+        assert!(check_options(&o).is_err());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca_file, params.self_signed(&key).unwrap().pem()).unwrap();
+        let servers = AuthServers::from_options(&o).unwrap().unwrap();
+        assert_eq!(servers.endpoints[1].scheme_str(), Some("https"));
+        check_options(&o).unwrap();
     }
 }

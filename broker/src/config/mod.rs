@@ -3,9 +3,11 @@
 
 mod duration;
 mod go_flags;
+mod tls;
 
 pub use duration::{format_go_duration, parse_go_duration};
 pub use go_flags::{normalize_go_flags, parse_go_command_line};
+pub use tls::{ClientAuthPolicy, TlsMinVersion, TlsOptions, TlsRequired};
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -55,6 +57,31 @@ pub struct Options {
         value_delimiter = ','
     )]
     pub lookupd_grpc_addresses: Vec<String>,
+
+    /// knsq only: TLS on every lookupd connection; lookupds are verified against
+    /// --lookupd-tls-root-ca-file, or the system's CA certificates without it
+    #[arg(long, env = "KNSQ_LOOKUPD_TLS", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
+    pub lookupd_tls: bool,
+
+    /// knsq only: PEM file of the certificate authorities that sign lookupds' certificates
+    /// (implies --lookupd-tls)
+    #[arg(long, env = "KNSQ_LOOKUPD_TLS_ROOT_CA_FILE")]
+    pub lookupd_tls_root_ca_file: Option<PathBuf>,
+
+    /// knsq only: PEM client certificate (chain) for lookupds that require one (mutual TLS;
+    /// implies --lookupd-tls)
+    #[arg(long, env = "KNSQ_LOOKUPD_TLS_CERT")]
+    pub lookupd_tls_cert: Option<PathBuf>,
+
+    /// knsq only: PEM private key of --lookupd-tls-cert
+    #[arg(long, env = "KNSQ_LOOKUPD_TLS_KEY")]
+    pub lookupd_tls_key: Option<PathBuf>,
+
+    /// knsq only: name checked in every lookupd's certificate (default: the host of each
+    /// --lookupd-grpc-address)
+    #[arg(long, env = "KNSQ_LOOKUPD_TLS_SERVER_NAME")]
+    pub lookupd_tls_server_name: Option<String>,
 
     /// <addr>:<port> or http:// URL of an auth server to query with clients' AUTH secrets;
     /// repeatable (any one given turns authorization on)
@@ -184,6 +211,9 @@ pub struct Options {
     #[arg(long, env = "KNSQ_VERBOSE", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
     pub verbose: bool,
+
+    #[command(flatten)]
+    pub tls: TlsOptions,
 }
 
 impl Options {
@@ -264,6 +294,8 @@ impl Options {
                 format!("{empty:?} is not an address"),
             );
         }
+        crate::lookup::check_tls_options(self)?;
+        self.tls.validate()?;
         crate::auth::check_options(self)?;
         if self.http_client_connect_timeout.is_zero() {
             return fail(
@@ -301,6 +333,7 @@ impl Options {
         let mut o = Options::from_args(["knsq-broker"]).unwrap_or_else(|e| panic!("{e}"));
         o.tcp_address = "127.0.0.1:0".into();
         o.http_address = "127.0.0.1:0".into();
+        o.tls.https_address = "127.0.0.1:0".into();
         o.broadcast_address = "127.0.0.1".into();
         o.data_path = data_path.into();
         o.node_id = 1;
@@ -348,7 +381,7 @@ impl Options {
             "e2e_processing_latency_window_time" => ns(self.e2e_processing_latency_window_time),
             "log_level" => json!(self.log_level),
             "verbose" => json!(self.verbose),
-            _ => return None,
+            _ => return self.tls.config_value(name),
         })
     }
 }
@@ -552,7 +585,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--auth-http-request-method"), "{err}");
-        let err = parse(&["--auth-http-address=https://auth/x"])
+        let err = parse(&["--auth-http-address=ftp://auth/x"])
             .unwrap()
             .validate()
             .unwrap_err();

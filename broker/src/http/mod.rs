@@ -1,4 +1,5 @@
-//! nsqd's HTTP API on `--http-address`, plus `/metrics` for Prometheus.
+//! nsqd's HTTP API on `--http-address` and, with TLS, `--https-address`, plus `/metrics` for
+//! Prometheus.
 //!
 //! Routes, parameters, status codes and error texts follow nsqd 1.3; every V1 response
 //! carries `X-NSQ-Content-Type: nsq; version=1.0`.
@@ -9,17 +10,21 @@ mod node;
 mod params;
 mod publish;
 mod stats_text;
+mod tls_listener;
 
 pub use error::{
     ApiError, NSQ_CONTENT_TYPE, NSQ_V1, json_response, metrics_response, text_response,
 };
 pub use params::Params;
+pub(crate) use tls_listener::{TlsListener, https_config};
 
 use crate::broker::Broker;
 use crate::metrics::Metrics;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use axum::serve::Listener;
+use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -61,13 +66,89 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on an already-bound listener until `shutdown`.
+/// What plain HTTP offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PlainHttp {
+    /// The API, as over HTTPS.
+    Api,
+    /// Only nsqd's 403 pointing at the HTTPS port (`--tls-required=true`).
+    TlsRequired { https_port: u16 },
+}
+
+/// nsqd's answer to every plain-HTTP request while TLS is required, byte for byte (its body
+/// is formatted by hand, hence the spaces). A router of only a fallback answers every method
+/// and path, as nsqd checks before routing.
+fn refuse_plain_http(https_port: u16) -> Router {
+    let refusal = move || async move {
+        json_response(
+            StatusCode::FORBIDDEN,
+            format!(r#"{{"message": "TLS_REQUIRED", "https_port": {https_port}}}"#),
+        )
+    };
+    Router::new().fallback(refusal)
+}
+
+/// Serves plain HTTP on an already-bound listener until `shutdown`.
 pub(crate) async fn serve(
     listener: TcpListener,
     state: AppState,
+    plain: PlainHttp,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let app = match plain {
+        PlainHttp::Api => router(state),
+        PlainHttp::TlsRequired { https_port } => refuse_plain_http(https_port),
+    };
+    serve_on(listener, app, shutdown).await
+}
+
+/// Serves the API over HTTPS until `shutdown`.
+pub(crate) async fn serve_https(
+    listener: TlsListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve_on(listener, router(state), shutdown).await
+}
+
+async fn serve_on<L>(listener: L, app: Router, shutdown: CancellationToken) -> std::io::Result<()>
+where
+    L: Listener,
+    L::Addr: Debug,
+{
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::{Body, to_bytes};
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn plain_http_is_refused_while_tls_is_required() {
+        let app = refuse_plain_http(4152);
+        for (method, path) in [("GET", "/ping"), ("POST", "/pub?topic=t"), ("GET", "/nope")] {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .unwrap();
+            let resp = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            assert_eq!(resp.headers()[NSQ_CONTENT_TYPE], NSQ_V1);
+            assert_eq!(
+                resp.headers()["content-type"],
+                "application/json; charset=utf-8"
+            );
+            let body = to_bytes(resp.into_body(), 1024).await.unwrap();
+            assert_eq!(
+                &body[..],
+                br#"{"message": "TLS_REQUIRED", "https_port": 4152}"#
+            );
+        }
+    }
 }

@@ -17,12 +17,17 @@
 //! Pre-creation: before a client's command creates a topic, [`Lookup::topic_channels`] asks
 //! every registered lookupd for the channels it knows (`TopicChannels`, one second at most in
 //! all), and the broker creates the non-ephemeral ones with the topic.
+//!
+//! With `--lookupd-tls` (or any `--lookupd-tls-*` file) every connection is gRPC over TLS
+//! ([`tls`]), mutual when the broker has a client certificate.
 
 mod backoff;
 mod peer;
 mod sync;
+mod tls;
 
 pub(crate) use sync::Registrations;
+pub(crate) use tls::check_options as check_tls_options;
 
 use crate::broker::Broker;
 use prometheus::core::Collector;
@@ -61,6 +66,8 @@ struct State {
     peers: BTreeMap<String, Peer>,
     /// Set by [`Lookup::start`]; tasks started later (runtime changes) need it.
     broker: Option<Weak<Broker>>,
+    /// Read by [`Lookup::start`] from the `--lookupd-tls*` files.
+    tls: peer::Transport,
 }
 
 #[derive(Debug)]
@@ -136,6 +143,16 @@ impl Lookup {
     pub(crate) fn start(&self, broker: &Arc<Broker>) {
         let mut state = self.lock();
         state.broker = Some(Arc::downgrade(broker));
+        state.tls = match tls::ClientTls::from_options(&broker.options) {
+            Ok(None) => peer::Transport::Plain,
+            Ok(Some(tls)) => peer::Transport::Tls(Arc::new(tls)),
+            // The flags' validation read the files already, so one changed since. Never fall
+            // back to plain text: every attempt fails with this reason instead.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up TLS for lookupds");
+                peer::Transport::Broken(e.to_string().into())
+            }
+        };
         let addresses = state.addresses.clone();
         self.sync_peers(&mut state, &addresses);
     }
@@ -182,6 +199,7 @@ impl Lookup {
                 link: link.clone(),
                 broker: broker.clone(),
                 heartbeat: self.heartbeat,
+                tls: state.tls.clone(),
                 metrics: self.metrics.clone(),
                 registered: self.registered.clone(),
             };

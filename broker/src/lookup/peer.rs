@@ -2,10 +2,12 @@
 
 use super::backoff::Backoff;
 use super::sync::{self, Registrations};
+use super::tls::{ClientTls, endpoint_uri};
 use super::{Link, LookupMetrics};
 use crate::broker::Broker;
 use proto::cluster::v1::registry_client::RegistryClient;
 use proto::cluster::v1::{BrokerMessage, Heartbeat, Identify, LookupdMessage, lookupd_message};
+use std::error::Error;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status, Streaming};
 
-/// Connecting (TCP and HTTP/2) gives up after this long; then the backoff applies.
+/// Connecting (TCP, TLS and HTTP/2) gives up after this long; then the backoff applies.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the lookupd may take to answer `Identify`.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,14 +30,35 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// of topic changes is being sent, and a full buffer just makes the task wait (reading acks).
 const OUTBOUND: usize = 64;
 
+/// How a broker talks to its lookupds.
+#[derive(Debug, Clone, Default)]
+pub(super) enum Transport {
+    #[default]
+    Plain,
+    Tls(Arc<ClientTls>),
+    /// TLS is configured but its files could not be read: why.
+    Broken(Arc<str>),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SessionError {
     #[error("bad lookupd address: {0}")]
-    Address(#[source] tonic::transport::Error),
-    #[error("cannot connect: {0}")]
+    Address(String),
+    #[error("TLS for lookupds is not usable: {0}")]
+    Tls(Arc<str>),
+    // tonic's transport errors say only "transport error" themselves; the reason, such as
+    // a TLS handshake failure, is in their sources.
+    #[error("cannot connect: {}", with_sources(.0))]
     Connect(#[source] tonic::transport::Error),
     #[error("{}", describe_status(.0))]
     Status(#[from] Status),
+    /// A failure before registering that TLS on one side only, or a refused client
+    /// certificate, would explain.
+    #[error("{error}; {hint}")]
+    Explained {
+        error: Box<SessionError>,
+        hint: &'static str,
+    },
     #[error("the lookupd ended the stream")]
     Ended,
     #[error("no Identified answer within {0:?}")]
@@ -51,22 +74,73 @@ fn describe_status(status: &Status) -> String {
         Code::InvalidArgument => "lookupd refused a message",
         _ => "stream failed",
     };
-    format!("{why}: {:?} {}", status.code(), status.message())
+    match status.source() {
+        // A connection refused during the TLS handshake (say, a lookupd requiring a client
+        // certificate) surfaces on the first call, its reason only in the sources.
+        Some(source) => format!(
+            "{why}: {:?} {}: {}",
+            status.code(),
+            status.message(),
+            with_sources(source)
+        ),
+        None => format!("{why}: {:?} {}", status.code(), status.message()),
+    }
 }
 
-/// `host:port` as nsqd takes lookupd addresses; a full `http://…` URI is taken as it is.
-fn endpoint_uri(address: &str) -> String {
-    if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+/// What a failure to open the stream likely means. A TLS handshake with the wrong partner
+/// fails in a way that names no cause: a TLS lookupd closes a plain connection, and one that
+/// refuses a broker's client certificate (or its lack of one) closes the connection right
+/// after the handshake (TLS 1.3 checks it last), so the first call fails with a closed
+/// connection instead of the lookupd's alert.
+fn explain(error: SessionError, tls: Option<&Arc<ClientTls>>) -> SessionError {
+    let transport = match &error {
+        SessionError::Connect(e) => with_sources(e),
+        SessionError::Status(status) => status.source().map(with_sources).unwrap_or_default(),
+        _ => String::new(),
+    };
+    let hint = match tls {
+        _ if transport.is_empty() || transport.contains("alert") => None,
+        None if matches!(error, SessionError::Status(_)) => {
+            Some("the lookupd may require TLS: see --lookupd-tls")
+        }
+        Some(_) if transport.contains("InvalidContentType") => {
+            Some("the lookupd does not seem to speak TLS (its --grpc-tls-cert)")
+        }
+        Some(tls) if matches!(error, SessionError::Status(_)) => Some(if tls.has_identity() {
+            "the lookupd may have refused the client certificate of --lookupd-tls-cert"
+        } else {
+            "the lookupd may require a client certificate: see --lookupd-tls-cert and --lookupd-tls-key"
+        }),
+        _ => None,
+    };
+    match hint {
+        Some(hint) => SessionError::Explained {
+            error: Box::new(error),
+            hint,
+        },
+        None => error,
     }
+}
+
+/// An error and its chain of sources, `: `-separated, each said once.
+fn with_sources(error: &dyn Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let said = e.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        source = e.source();
+    }
+    text
 }
 
 pub(super) struct PeerTask {
     pub(super) link: Arc<Link>,
     pub(super) broker: Arc<Broker>,
     pub(super) heartbeat: Duration,
+    pub(super) tls: Transport,
     pub(super) metrics: LookupMetrics,
     pub(super) registered: Arc<AtomicUsize>,
 }
@@ -147,15 +221,28 @@ impl PeerTask {
     /// cleanly). Sets `registered` once the lookupd has answered `Identify`.
     async fn session(&self, registered: &mut bool) -> Result<(), SessionError> {
         let link = &self.link;
-        let channel = Endpoint::from_shared(endpoint_uri(&link.address))
-            .map_err(SessionError::Address)?
+        let tls = match &self.tls {
+            Transport::Plain => None,
+            Transport::Tls(tls) => Some(tls),
+            Transport::Broken(why) => return Err(SessionError::Tls(why.clone())),
+        };
+        // Runtime address changes are not validated as flags are: a mismatch shows here.
+        let uri = endpoint_uri(&link.address, tls.is_some()).map_err(SessionError::Address)?;
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| SessionError::Address(with_sources(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls.config(CONNECT_TIMEOUT))
+                .map_err(|e| SessionError::Address(with_sources(&e)))?;
+        }
+        let channel = endpoint
             .connect()
             .await
-            .map_err(SessionError::Connect)?;
+            .map_err(|e| explain(SessionError::Connect(e), tls))?;
         let mut client = RegistryClient::new(channel);
         let (outbound, rx) = mpsc::channel(OUTBOUND);
         // Queued before the call, so the lookupd has it as soon as the stream opens.
@@ -167,7 +254,7 @@ impl PeerTask {
         })
         .await
         .map_err(|_| SessionError::IdentifyTimeout(IDENTIFY_TIMEOUT))?;
-        let (inbound, reply) = opened?;
+        let (inbound, reply) = opened.map_err(|status| explain(status.into(), tls))?;
         let identified = match reply.and_then(|m| m.kind) {
             Some(lookupd_message::Kind::Identified(identified)) => identified,
             Some(other) => return Err(SessionError::Unexpected(format!("{other:?}"))),

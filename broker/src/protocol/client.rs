@@ -2,6 +2,7 @@
 
 use super::outbox::Outbox;
 use crate::stats::{ClientStats, PubCount};
+use crate::tls::TlsSummary;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
@@ -40,6 +41,14 @@ pub(crate) struct AuthSummary {
     pub(crate) identity_url: String,
 }
 
+/// What `/stats` shows of the layers IDENTIFY put on the connection.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TransportSummary {
+    pub(crate) tls: Option<TlsSummary>,
+    pub(crate) snappy: bool,
+    pub(crate) deflate: bool,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) ready_count: AtomicU64,
@@ -63,6 +72,7 @@ pub(crate) struct Client {
     pub(crate) state: AtomicI32,
     identity: Mutex<Identity>,
     auth: Mutex<AuthSummary>,
+    transport: Mutex<TransportSummary>,
     /// Messages published per topic; nsqd reports the first topic only.
     pub_counts: Mutex<Vec<PubCount>>,
 }
@@ -88,6 +98,7 @@ impl Client {
             state: AtomicI32::new(STATE_INIT),
             identity: Mutex::new(identity),
             auth: Mutex::new(AuthSummary::default()),
+            transport: Mutex::new(TransportSummary::default()),
             pub_counts: Mutex::new(Vec::new()),
         }
     }
@@ -105,6 +116,17 @@ impl Client {
 
     pub(crate) fn set_auth(&self, auth: AuthSummary) {
         *self.auth.lock().unwrap_or_else(|e| e.into_inner()) = auth;
+    }
+
+    pub(crate) fn transport(&self) -> TransportSummary {
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_transport(&self, transport: TransportSummary) {
+        *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = transport;
     }
 
     pub(crate) fn state(&self) -> i32 {
@@ -139,6 +161,9 @@ impl Client {
     pub(crate) fn stats(&self, topic: Option<&str>) -> ClientStats {
         let id = self.identity();
         let auth = self.auth.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let transport = self.transport();
+        let tls = transport.tls.unwrap_or_default();
+        let is_tls = !tls.version.is_empty();
         let c = &self.counters;
         let pub_counts: Vec<PubCount> = {
             let counts = self.pub_counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -160,8 +185,8 @@ impl Client {
             requeue_count: c.requeue_count.load(Relaxed),
             connect_ts: self.connect_ts,
             sample_rate: i32::from(id.sample_rate),
-            deflate: false,
-            snappy: false,
+            deflate: transport.deflate,
+            snappy: transport.snappy,
             user_agent: id.user_agent,
             authed: auth.authed,
             auth_identity: auth.identity,
@@ -169,11 +194,12 @@ impl Client {
             topology_zone: String::new(),
             topology_region: String::new(),
             pub_counts,
-            tls: false,
-            tls_cipher_suite: String::new(),
-            tls_version: String::new(),
-            tls_negotiated_protocol: String::new(),
-            tls_negotiated_protocol_is_mutual: false,
+            tls: is_tls,
+            tls_cipher_suite: tls.cipher_suite,
+            tls_version: tls.version.to_string(),
+            tls_negotiated_protocol: tls.negotiated_protocol,
+            // Go reports true for every TLS session (the field is deprecated there).
+            tls_negotiated_protocol_is_mutual: is_tls,
         }
     }
 }

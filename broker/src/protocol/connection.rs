@@ -3,17 +3,23 @@
 //! The reader runs here; a [`writer`](super::writer) task owns the socket's write half.
 //! Consecutive FINs in one read are applied together under a single channel lock.
 
-use super::client::{AuthSummary, Client, Identity, STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED};
-use super::identify::IdentifyRequest;
+use super::client::{
+    AuthSummary, Client, Identity, STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED, TransportSummary,
+};
+use super::identify::{IdentifyRequest, Negotiated};
+use super::transport::Inbound;
 use super::writer;
 use crate::auth::{AuthError, AuthState, Permission, Query};
 use crate::broker::Broker;
+use crate::config::TlsRequired;
 use crate::queue::{Channel, PublishError, SubscribeError, Topic};
 use bytes::{Bytes, BytesMut};
+use proto::wire::compression::{Compressor, Decompressor};
 use proto::wire::frame::{write_error, write_response};
 use proto::wire::{
     Command, CommandName, Decoder, ErrorCode, MAGIC_V2, MessageId, Precheck, ProtocolError,
 };
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -29,6 +35,10 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// while reads keep filling it.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 64 * 1024;
+/// How long a client has to finish the TLS handshake after IDENTIFY (nsqd's deadline).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Socket reads of an upgraded connection.
+const LAYERED_READ: usize = 16 * 1024;
 
 pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: CancellationToken) {
     let Ok(peer) = stream.peer_addr() else {
@@ -89,6 +99,11 @@ pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: Canc
         auth: None,
         secret: Bytes::new(),
         awaiting_auth: None,
+        upgrade: None,
+        inbound: Inbound::default(),
+        peer_closed: false,
+        tls_required: broker.tls.is_some() && broker.options.tls.required() != TlsRequired::No,
+        common_name: String::new(),
     };
     conn.read_loop(&mut reader).await;
     conn.leave();
@@ -125,6 +140,16 @@ struct Connection {
     /// Auth hook: an AUTH, or a command whose check found the authorizations expired, run
     /// once the auth server has answered.
     awaiting_auth: Option<Command>,
+    /// IDENTIFY agreed on TLS or compression: set up before anything else is read.
+    upgrade: Option<Negotiated>,
+    /// TLS and decompression of what the client sends, once upgraded.
+    inbound: Inbound,
+    /// The client ended its TLS session: what was read is processed, then the connection ends.
+    peer_closed: bool,
+    /// `--tls-required` applies to TCP: only IDENTIFY until the connection is TLS.
+    tls_required: bool,
+    /// The subject common name of the client's TLS certificate, for the auth server.
+    common_name: String,
 }
 
 /// What happens after a command was started.
@@ -159,6 +184,22 @@ impl Connection {
             }
             if !self.release_held().await || !open {
                 return;
+            }
+            if let Some(agreed) = self.upgrade.take() {
+                if !self.upgrade(reader, agreed).await {
+                    return;
+                }
+                continue;
+            }
+            if self.inbound.is_layered() {
+                match self.read_layered(reader).await {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::info!(client = self.client.id, error = %e, "bad stream from client; closing");
+                        return;
+                    }
+                }
             }
             if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
                 self.read_buf.reserve(self.read_size);
@@ -198,6 +239,152 @@ impl Connection {
         }
     }
 
+    /// The next step of an upgraded connection's input: decompressed bytes already received,
+    /// or a socket read through TLS and decompression. False at the end of the stream.
+    async fn read_layered(&mut self, reader: &mut OwnedReadHalf) -> io::Result<bool> {
+        let decompressed = self
+            .inbound
+            .decompress(&mut self.read_buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if decompressed > 0 {
+            return Ok(true);
+        }
+        if self.peer_closed {
+            return Ok(false);
+        }
+        self.inbound.raw.reserve(LAYERED_READ);
+        let read = async {
+            match self.heartbeat {
+                Some(hb) => timeout(hb * 2, reader.read_buf(&mut self.inbound.raw)).await,
+                None => Ok(reader.read_buf(&mut self.inbound.raw).await),
+            }
+        };
+        let n = tokio::select! {
+            _ = self.client.closed.cancelled() => return Ok(false),
+            r = read => match r {
+                Ok(r) => r?,
+                Err(_) => {
+                    tracing::info!(client = self.client.id, "no command within two heartbeats; closing");
+                    return Ok(false);
+                }
+            },
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        if self.inbound.tls {
+            let mut plain = self.inbound.plain_buffer();
+            let decrypted = self
+                .client
+                .outbox
+                .decrypt(&mut self.inbound.raw, &mut plain);
+            self.inbound.take_plain(&plain, &mut self.read_buf);
+            self.inbound.return_plain_buffer(plain);
+            self.peer_closed = !decrypted?;
+        } else {
+            let raw = std::mem::take(&mut self.inbound.raw);
+            self.inbound.take_plain(&raw, &mut self.read_buf);
+            self.inbound.raw = raw;
+            self.inbound.raw.clear();
+        }
+        Ok(true)
+    }
+
+    /// Sets up what IDENTIFY agreed on, in nsqd's order, each confirmed by an `OK` sent
+    /// through it: TLS, then snappy or deflate. False when the connection must close.
+    async fn upgrade(&mut self, reader: &mut OwnedReadHalf, agreed: Negotiated) -> bool {
+        // Whatever the client sent after IDENTIFY already belongs to the upgraded stream.
+        let mut after_identify = self.read_buf.split();
+        let mut transport = TransportSummary::default();
+        if agreed.tls {
+            let Some(config) = self.broker.tls.clone() else {
+                return false;
+            };
+            let session = match rustls::ServerConnection::new(config) {
+                Ok(session) => session,
+                Err(e) => {
+                    tracing::warn!(client = self.client.id, error = %e, "cannot start TLS");
+                    return false;
+                }
+            };
+            self.client.outbox.start_tls(session);
+            self.inbound.tls = true;
+            self.inbound.raw.extend_from_slice(&after_identify);
+            after_identify.clear();
+            let handshake = timeout(
+                TLS_HANDSHAKE_TIMEOUT,
+                self.handshake(reader, &mut after_identify),
+            );
+            match handshake.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(client = self.client.id, error = %e, "TLS handshake failed; closing");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::info!(client = self.client.id, "TLS handshake timed out; closing");
+                    return false;
+                }
+            }
+            let summary = self.client.outbox.tls_summary().unwrap_or_default();
+            self.common_name = summary.common_name.clone();
+            tracing::debug!(client = self.client.id, version = summary.version, "TLS on");
+            transport.tls = Some(summary);
+            self.client.set_transport(transport.clone());
+            self.send_response(proto::wire::OK);
+        }
+        if agreed.snappy || agreed.deflate {
+            let (compressor, decompressor) = if agreed.snappy {
+                (Compressor::snappy(), Decompressor::snappy())
+            } else {
+                (
+                    Compressor::deflate(agreed.deflate_level),
+                    Decompressor::deflate(),
+                )
+            };
+            self.client.outbox.start_compression(compressor);
+            self.inbound.decompressor = Some(decompressor);
+            transport.snappy = agreed.snappy;
+            transport.deflate = agreed.deflate;
+            self.client.set_transport(transport);
+            self.send_response(proto::wire::OK);
+        }
+        self.inbound.take_plain(&after_identify, &mut self.read_buf);
+        true
+    }
+
+    /// Runs the server side of the TLS handshake; application bytes that follow it in the
+    /// same records go to `early`.
+    async fn handshake(
+        &mut self,
+        reader: &mut OwnedReadHalf,
+        early: &mut BytesMut,
+    ) -> io::Result<()> {
+        let out = &self.client.outbox;
+        loop {
+            if !self.inbound.raw.is_empty() && !out.decrypt(&mut self.inbound.raw, early)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client ended the session during the handshake",
+                ));
+            }
+            if !out.is_handshaking() {
+                return Ok(());
+            }
+            self.inbound.raw.reserve(LAYERED_READ);
+            let n = tokio::select! {
+                _ = self.client.closed.cancelled() => return Err(io::ErrorKind::ConnectionAborted.into()),
+                n = reader.read_buf(&mut self.inbound.raw) => n?,
+            };
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed the connection during the handshake",
+                ));
+            }
+        }
+    }
+
     /// Runs the command set aside (and any it leads to: an authorized publish may still need
     /// its topic prepared) before anything read after it. False when the connection must close.
     async fn run_set_aside(&mut self) -> bool {
@@ -216,9 +403,9 @@ impl Connection {
                 };
                 let query = Query {
                     remote_ip: self.client.remote_address.ip(),
-                    tls: false,
+                    tls: self.inbound.tls,
                     secret: &self.secret,
-                    common_name: "",
+                    common_name: &self.common_name,
                 };
                 let answer = tokio::select! {
                     _ = self.client.closed.cancelled() => return false,
@@ -300,8 +487,9 @@ impl Connection {
             let state = self.client.state();
             let heartbeats = self.heartbeat.is_some();
             let auth_first = self.broker.auth.is_some() && self.auth.is_none();
+            let tls_missing = self.tls_required && !self.inbound.tls;
             let decoded = self.decoder.decode(&mut self.read_buf, |name| {
-                check_state(name, state, heartbeats, auth_first)
+                check_state(name, state, heartbeats, auth_first, tls_missing)
             });
             let command = match decoded {
                 Ok(Some(command)) => command,
@@ -318,6 +506,8 @@ impl Connection {
             }
             self.apply_fins();
             match self.start(command, true) {
+                // After an IDENTIFY that upgrades, the rest of the buffer is the new stream.
+                Next::Continue if self.upgrade.is_some() => return true,
                 Next::Continue => {}
                 Next::Wait => return true,
                 Next::Close => return false,
@@ -498,12 +688,17 @@ impl Connection {
 
     fn identify(&mut self, body: &[u8]) -> Result<(), ProtocolError> {
         let request = IdentifyRequest::parse(body)?;
-        let applied = request.apply(&self.client.identity(), &self.broker.options)?;
-        let response = request.response(&applied, &self.broker.options);
+        let options = &self.broker.options;
+        let applied = request.apply(&self.client.identity(), options)?;
+        let agreed = request.negotiate(options, self.broker.tls.is_some())?;
+        let response = request.response(&applied, &agreed, options);
         self.heartbeat = applied.heartbeat_interval;
         self.client.set_identity(applied);
         self.client.settings_changed.notify_one();
         self.send_response(&response);
+        if agreed.tls || agreed.snappy || agreed.deflate {
+            self.upgrade = Some(agreed);
+        }
         Ok(())
     }
 
@@ -683,16 +878,23 @@ fn auth_first(name: CommandName) -> ProtocolError {
     )
 }
 
-/// The state rules nsqd applies before reading a command's parameters and body; with
-/// `auth_first` (auth on, no AUTH yet) an MPUB is refused before its body is read, as nsqd
-/// checks MPUB's authorization before reading it.
+/// The rules nsqd applies before reading a command's parameters and body: TLS first when it
+/// is required and missing, then the state; with `auth_first` (auth on, no AUTH yet) an MPUB
+/// is refused before its body is read, as nsqd checks MPUB's authorization before reading it.
 fn check_state(
     name: CommandName,
     state: i32,
     heartbeats: bool,
     auth_first: bool,
+    tls_missing: bool,
 ) -> Result<Precheck, ProtocolError> {
     let cannot = || ProtocolError::invalid(format!("cannot {} in current state", name.as_str()));
+    if tls_missing && name != CommandName::Identify {
+        return Err(ProtocolError::invalid(format!(
+            "cannot {} in current state (TLS required)",
+            name.as_str()
+        )));
+    }
     match name {
         // nsqd ignores RDY from a closing client before even parsing its count.
         CommandName::Rdy if state == STATE_CLOSING => Ok(Precheck::Skip),

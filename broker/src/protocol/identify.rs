@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 
-/// nsqd's default `--max-deflate-level`; compression arrives with its own issue.
-const MAX_DEFLATE_LEVEL: i64 = 6;
+/// nsqd's deflate level when a client asks for deflate without one.
+const DEFAULT_DEFLATE_LEVEL: i64 = 6;
 
 /// The settings a client asked for.
 #[derive(Debug, Default, PartialEq)]
@@ -29,6 +29,18 @@ pub(crate) struct IdentifyRequest {
     deflate_level: i64,
     deflate: bool,
     snappy: bool,
+    tls_v1: bool,
+}
+
+/// The connection upgrades agreed on: what the IDENTIFY response offers and the connection
+/// then sets up, in this order.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Negotiated {
+    pub(crate) tls: bool,
+    pub(crate) snappy: bool,
+    pub(crate) deflate: bool,
+    /// 1 to 9: the client's level capped by `--max-deflate-level`.
+    pub(crate) deflate_level: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,10 +94,7 @@ impl IdentifyRequest {
                 "deflate_level" => req.deflate_level = int()?,
                 "deflate" => req.deflate = flag()?,
                 "snappy" => req.snappy = flag()?,
-                // Accepted with its type checked; negotiated as off until TLS lands.
-                "tls_v1" => {
-                    flag()?;
-                }
+                "tls_v1" => req.tls_v1 = flag()?,
                 "topology_region" | "topology_zone" => {
                     text()?;
                 }
@@ -157,18 +166,47 @@ impl IdentifyRequest {
             v if v >= 1000 && v <= max_ms(o.max_msg_timeout) => next.msg_timeout = ms(v),
             v => return Err(bad_body(format!("IDENTIFY msg timeout ({v}) is invalid"))),
         }
-        // As nsqd with its default --deflate and --snappy: one compression at most.
-        if self.deflate && self.snappy {
+        Ok(next)
+    }
+
+    /// The upgrades both sides want (`tls_available`: the broker has a certificate). Only a
+    /// client asking for feature negotiation gets them; asking for both compressions fails.
+    pub(crate) fn negotiate(
+        &self,
+        o: &Options,
+        tls_available: bool,
+    ) -> Result<Negotiated, ProtocolError> {
+        let deflate = o.tls.deflate && self.deflate;
+        let snappy = o.tls.snappy && self.snappy;
+        if deflate && snappy {
             return Err(ProtocolError::new(
                 ErrorCode::IdentifyFailed,
                 "cannot enable both deflate and snappy compression",
             ));
         }
-        Ok(next)
+        let mut level = DEFAULT_DEFLATE_LEVEL;
+        if deflate && self.deflate_level > 0 {
+            level = self.deflate_level;
+        }
+        let level = level.min(i64::from(o.tls.max_deflate_level)).max(1) as u32;
+        let wanted = Negotiated {
+            tls: tls_available && self.tls_v1,
+            snappy,
+            deflate,
+            deflate_level: level,
+        };
+        Ok(if self.feature_negotiation {
+            wanted
+        } else {
+            Negotiated {
+                deflate_level: level,
+                ..Negotiated::default()
+            }
+        })
     }
 
     /// What to answer: `OK`, or the negotiated settings as JSON.
-    pub(crate) fn response(&self, applied: &Identity, o: &Options) -> Vec<u8> {
+    pub(crate) fn response(&self, applied: &Identity, agreed: &Negotiated, o: &Options) -> Vec<u8> {
         if !self.feature_negotiation {
             return proto::wire::OK.to_vec();
         }
@@ -177,11 +215,11 @@ impl IdentifyRequest {
             version: NSQ_COMPAT_VERSION,
             max_msg_timeout: o.max_msg_timeout.as_millis() as u64,
             msg_timeout: applied.msg_timeout.as_millis() as u64,
-            tls_v1: false,
-            deflate: false,
-            deflate_level: 6.min(MAX_DEFLATE_LEVEL),
-            max_deflate_level: MAX_DEFLATE_LEVEL,
-            snappy: false,
+            tls_v1: agreed.tls,
+            deflate: agreed.deflate,
+            deflate_level: i64::from(agreed.deflate_level),
+            max_deflate_level: i64::from(o.tls.max_deflate_level),
+            snappy: agreed.snappy,
             sample_rate: applied.sample_rate,
             auth_required: !o.auth_http_addresses.is_empty(),
             output_buffer_size: applied.output_buffer_size,
@@ -297,7 +335,8 @@ mod tests {
             IdentifyRequest::parse(br#"{"feature_negotiation":true,"tls_v1":true,"snappy":true}"#)
                 .unwrap();
         let id = req.apply(&defaults(), &options()).unwrap();
-        let v: Value = serde_json::from_slice(&req.response(&id, &options())).unwrap();
+        let agreed = req.negotiate(&options(), false).unwrap();
+        let v: Value = serde_json::from_slice(&req.response(&id, &agreed, &options())).unwrap();
         for key in [
             "max_rdy_count",
             "version",
@@ -317,16 +356,71 @@ mod tests {
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
+        // No certificate: no TLS; snappy is on offer by default.
         assert_eq!(v["tls_v1"], false);
-        assert_eq!(v["snappy"], false);
+        assert_eq!(v["snappy"], true);
+        assert_eq!(v["deflate"], false);
         assert_eq!(v["max_rdy_count"], 2500);
         assert_eq!(v["msg_timeout"], 60000);
         assert_eq!(v["auth_required"], false);
         let mut with_auth = options();
         with_auth.auth_http_addresses = vec!["127.0.0.1:4181".into()];
-        let v: Value = serde_json::from_slice(&req.response(&id, &with_auth)).unwrap();
+        let v: Value = serde_json::from_slice(&req.response(&id, &agreed, &with_auth)).unwrap();
         assert_eq!(v["auth_required"], true);
         let plain = IdentifyRequest::parse(b"{}").unwrap();
-        assert_eq!(plain.response(&id, &options()), b"OK");
+        assert_eq!(plain.response(&id, &agreed, &options()), b"OK");
+    }
+
+    fn negotiate(json: &str, o: &Options, tls: bool) -> Result<Negotiated, String> {
+        IdentifyRequest::parse(json.as_bytes())
+            .unwrap()
+            .negotiate(o, tls)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn upgrades_need_both_sides_and_feature_negotiation() {
+        let o = options();
+        let all = r#"{"feature_negotiation":true,"tls_v1":true,"deflate":true,"deflate_level":9}"#;
+        let agreed = negotiate(all, &o, true).unwrap();
+        assert!(agreed.tls && agreed.deflate && !agreed.snappy);
+        // Capped by --max-deflate-level (6).
+        assert_eq!(agreed.deflate_level, 6);
+        assert!(!negotiate(all, &o, false).unwrap().tls);
+        let agreed = negotiate(r#"{"deflate":true,"tls_v1":true}"#, &o, true).unwrap();
+        assert_eq!(
+            agreed,
+            Negotiated {
+                deflate_level: 6,
+                ..Negotiated::default()
+            }
+        );
+        let level = |json: &str| negotiate(json, &o, false).unwrap().deflate_level;
+        assert_eq!(
+            level(r#"{"feature_negotiation":true,"deflate":true,"deflate_level":2}"#),
+            2
+        );
+        assert_eq!(level(r#"{"feature_negotiation":true,"deflate":true}"#), 6);
+        let mut off = options();
+        off.tls.snappy = false;
+        off.tls.deflate = false;
+        let agreed =
+            negotiate(r#"{"feature_negotiation":true,"snappy":true}"#, &off, false).unwrap();
+        assert!(!agreed.snappy);
+        // Turned off, asking for both is no conflict (as nsqd checks what it would grant).
+        assert!(negotiate(r#"{"snappy":true,"deflate":true}"#, &off, false).is_ok());
+    }
+
+    #[test]
+    fn both_compressions_fail() {
+        for json in [
+            r#"{"snappy":true,"deflate":true}"#,
+            r#"{"feature_negotiation":true,"snappy":true,"deflate":true}"#,
+        ] {
+            assert_eq!(
+                negotiate(json, &options(), false).unwrap_err(),
+                "E_IDENTIFY_FAILED cannot enable both deflate and snappy compression"
+            );
+        }
     }
 }

@@ -6,6 +6,7 @@ mod client;
 mod connection;
 mod identify;
 mod outbox;
+mod transport;
 mod writer;
 
 pub(crate) use client::Client;

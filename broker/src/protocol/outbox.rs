@@ -6,9 +6,14 @@
 //! without waking any other task. Only when the socket is full does the connection's writer
 //! task take over, waiting for it to drain; it also runs the heartbeat and flush timers.
 //! Every write happens under the lock from the front of the buffer, so frames keep their
-//! order whoever writes them.
+//! order whoever writes them. After a TLS or compression upgrade the frames pass through the
+//! connection's [`Layers`] on their way, still under the lock.
 
+use super::transport::Layers;
+use crate::tls::TlsSummary;
 use bytes::{Buf, BytesMut};
+use proto::wire::compression::Compressor;
+use rustls::ServerConnection;
 use std::io::ErrorKind;
 use std::net::Shutdown;
 use std::sync::{Mutex, MutexGuard};
@@ -36,6 +41,8 @@ struct State {
     /// Messages wait for the output buffer timeout; the writer's flush timer runs only then,
     /// so idle connections cost no timer wakeups.
     waiting: bool,
+    /// TLS and compression, once IDENTIFY negotiated them.
+    layers: Option<Box<Layers>>,
 }
 
 impl Outbox {
@@ -50,6 +57,7 @@ impl Outbox {
                 buffer_size,
                 stalled: false,
                 waiting: false,
+                layers: None,
             }),
             socket,
             stalled: Notify::new(),
@@ -115,10 +123,92 @@ impl Outbox {
         let _ = socket2::SockRef::from(self.socket.as_ref()).shutdown(Shutdown::Write);
     }
 
+    /// The layers to install a new one into: frames already queued leave as the layers in
+    /// place before it had them (in clear before TLS, uncompressed before compression).
+    fn layers_for_upgrade<'a>(&self, st: &'a mut State) -> &'a mut Layers {
+        if let Some(layers) = &mut st.layers
+            && !st.buf.is_empty()
+            && let Err(e) = layers.encode(&st.buf)
+        {
+            tracing::debug!(error = %e, "encoding for client failed; closing");
+            self.closed.cancel();
+        }
+        let queued = std::mem::take(&mut st.buf);
+        st.layers
+            .get_or_insert_with(|| Box::new(Layers::with_queued(queued)))
+    }
+
+    /// Starts TLS: frames pushed from now on are encrypted.
+    pub(crate) fn start_tls(&self, conn: ServerConnection) {
+        let mut st = self.lock();
+        self.layers_for_upgrade(&mut st).start_tls(conn);
+    }
+
+    /// Starts compression: frames pushed from now on are compressed (then encrypted).
+    pub(crate) fn start_compression(&self, compressor: Compressor) {
+        let mut st = self.lock();
+        self.layers_for_upgrade(&mut st)
+            .start_compression(compressor);
+    }
+
+    /// Decrypts socket bytes (consuming `raw`) into `plain`, sending what the TLS session
+    /// answers. `Ok(false)` once the client closed the session.
+    pub(crate) fn decrypt(
+        &self,
+        raw: &mut BytesMut,
+        plain: &mut BytesMut,
+    ) -> std::io::Result<bool> {
+        let mut st = self.lock();
+        let result = match &mut st.layers {
+            Some(layers) => layers.decrypt(raw, plain),
+            None => Err(std::io::Error::other("no TLS session")),
+        };
+        self.send(&mut st);
+        result
+    }
+
+    pub(crate) fn is_handshaking(&self) -> bool {
+        self.lock()
+            .layers
+            .as_ref()
+            .is_some_and(|l| l.is_handshaking())
+    }
+
+    pub(crate) fn tls_summary(&self) -> Option<TlsSummary> {
+        let st = self.lock();
+        st.layers.as_ref()?.tls().map(TlsSummary::of)
+    }
+
+    /// Ends a TLS session with its close_notify.
+    pub(crate) fn close_tls(&self) {
+        let mut st = self.lock();
+        if let Some(layers) = &mut st.layers {
+            layers.close();
+        }
+        self.send(&mut st);
+    }
+
     fn send(&self, st: &mut State) {
-        while !st.buf.is_empty() {
-            match self.socket.try_write(&st.buf) {
-                Ok(n) => st.buf.advance(n),
+        let State { buf, layers, .. } = st;
+        let out = match layers {
+            None => buf,
+            Some(layers) => {
+                if !buf.is_empty() {
+                    let encoded = layers.encode(buf);
+                    buf.clear();
+                    if let Err(e) = encoded {
+                        tracing::debug!(error = %e, "encoding for client failed; closing");
+                        layers.wire.clear();
+                        self.closed.cancel();
+                        return;
+                    }
+                }
+                &mut layers.wire
+            }
+        };
+        while !out.is_empty() {
+            match self.socket.try_write(out) {
+                Ok(n) => out.advance(n),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if !st.stalled {
                         st.stalled = true;
@@ -128,7 +218,7 @@ impl Outbox {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "write to client failed; closing");
-                    st.buf.clear();
+                    out.clear();
                     self.closed.cancel();
                     return;
                 }

@@ -100,7 +100,7 @@ pub(super) async fn run(client: Arc<Client>) {
         }
     }
     let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
-        out.flush();
+        out.close_tls();
         while out.is_stalled() && out.writable().await.is_ok() {
             out.flush();
         }

@@ -1,6 +1,8 @@
 //! The `knsq.cluster.v1.Registry` gRPC service on `--grpc-address`: brokers register over
-//! one stream each, and ask which channels a topic has.
+//! one stream each, and ask which channels a topic has. Over TLS when `--grpc-tls-cert` is
+//! given ([`tls`]).
 
+mod tls;
 mod validate;
 
 use crate::directory::Directory;
@@ -16,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 use validate::{Event, InvalidMessage};
@@ -37,9 +40,33 @@ pub(crate) struct RegistryService {
     shutdown: CancellationToken,
 }
 
+/// Checks the `--grpc-tls-*` flags and reads their files.
+pub(crate) fn check_tls_options(o: &crate::Options) -> Result<(), crate::config::ConfigError> {
+    tls::server_config(o).map(|_| ())
+}
+
+/// The gRPC server as the options configure it: plain, TLS or mutual TLS. Built before the
+/// lookupd says it listens, so a TLS setup that fails ends the start.
+pub(crate) fn server(o: &crate::Options) -> Result<Server, crate::LookupdError> {
+    let server = Server::builder();
+    match tls::server_config(o)? {
+        Some(tls) => {
+            let mutual = if o.grpc_tls_client_ca_file.is_some() {
+                "required"
+            } else {
+                "not asked for"
+            };
+            tracing::info!("GRPC: TLS on, broker certificates {mutual}");
+            Ok(server.tls_config(tls)?)
+        }
+        None => Ok(server),
+    }
+}
+
 /// Serves the registry on an already-bound listener until `shutdown`; open streams are ended
 /// with `UNAVAILABLE` so brokers reconnect elsewhere or later.
 pub(crate) async fn serve(
+    server: Server,
     listener: TcpListener,
     directory: Arc<Directory>,
     shutdown: CancellationToken,
@@ -48,7 +75,7 @@ pub(crate) async fn serve(
         directory,
         shutdown: shutdown.clone(),
     };
-    tonic::transport::Server::builder()
+    server
         // A broker whose connection vanished without a FIN or RST (a partition, a dead node)
         // stops answering pings; its stream then ends and its registrations go, well before
         // --inactive-producer-timeout would hide it.

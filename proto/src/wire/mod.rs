@@ -6,6 +6,8 @@
 //! same order as nsqd 1.3, so a client sees the same error for the same bad input.
 
 pub mod command;
+#[cfg(feature = "compression")]
+pub mod compression;
 pub mod error;
 pub mod frame;
 pub mod message;

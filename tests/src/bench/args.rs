@@ -1,6 +1,7 @@
 //! Command-line flags of `knsq-bench`, named after nsq's `bench_writer` and `bench_reader`.
 
 use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Load generator for NSQ-compatible brokers: publishes (`writer`), consumes (`reader`) or
@@ -98,6 +99,26 @@ pub(crate) struct Opts {
     /// IDENTIFY output_buffer_timeout for readers (milliseconds; -1 disables timed flushes).
     #[arg(long, allow_negative_numbers = true)]
     pub(crate) output_buffer_timeout: Option<i64>,
+    /// Upgrade every connection to TLS (IDENTIFY tls_v1); needs --tls-root-ca-file or
+    /// --tls-skip-verify.
+    #[arg(long)]
+    pub(crate) tls: bool,
+    /// PEM file of the CA(s) that signed the broker's certificate, which must name the host
+    /// of --address.
+    #[arg(long, requires = "tls")]
+    pub(crate) tls_root_ca_file: Option<PathBuf>,
+    /// Accept any broker certificate.
+    #[arg(long, requires = "tls", conflicts_with = "tls_root_ca_file")]
+    pub(crate) tls_skip_verify: bool,
+    /// Compress every connection with snappy (IDENTIFY snappy).
+    #[arg(long, conflicts_with = "deflate")]
+    pub(crate) snappy: bool,
+    /// Compress every connection with deflate (IDENTIFY deflate).
+    #[arg(long)]
+    pub(crate) deflate: bool,
+    /// IDENTIFY deflate_level (1-9; the broker caps it at its --max-deflate-level).
+    #[arg(long, requires = "deflate", value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub(crate) deflate_level: Option<u32>,
     /// Runtime worker threads (default: one per connection, at most one per core).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
@@ -182,6 +203,9 @@ mod tests {
         assert_eq!(o.pipeline, 1);
         assert_eq!(o.count, None);
         assert_eq!(o.rate, None);
+        assert!(!o.tls && !o.tls_skip_verify && !o.snappy && !o.deflate);
+        assert_eq!(o.tls_root_ca_file, None);
+        assert_eq!(o.deflate_level, None);
         assert!(!o.json);
         assert_eq!(cli.mode.sides(), &[Side::Writer]);
     }
@@ -238,6 +262,55 @@ mod tests {
         assert!(o.json);
         assert_eq!(cli.mode.sides(), &[Side::Reader, Side::Writer]);
         assert!(matches!(parse(&["reader"]).unwrap().mode, Mode::Reader(_)));
+    }
+
+    #[test]
+    fn wire_flags_parse() {
+        let cli = parse(&[
+            "reader",
+            "--tls",
+            "--tls-root-ca-file",
+            "/ca.pem",
+            "--snappy",
+        ])
+        .unwrap();
+        let o = cli.mode.opts();
+        assert!(o.tls && o.snappy && !o.deflate && !o.tls_skip_verify);
+        assert_eq!(o.tls_root_ca_file, Some(PathBuf::from("/ca.pem")));
+        let cli = parse(&[
+            "writer",
+            "--tls",
+            "--tls-skip-verify",
+            "--deflate",
+            "--deflate-level",
+            "9",
+        ])
+        .unwrap();
+        let o = cli.mode.opts();
+        assert!(o.tls && o.tls_skip_verify && o.deflate && !o.snappy);
+        assert_eq!(o.deflate_level, Some(9));
+        assert!(parse(&["both", "--deflate"]).unwrap().mode.opts().deflate);
+    }
+
+    #[test]
+    fn inconsistent_wire_flags_are_rejected() {
+        for bad in [
+            &["writer", "--snappy", "--deflate"][..],
+            &["writer", "--tls-root-ca-file", "/ca.pem"],
+            &["writer", "--tls-skip-verify"],
+            &[
+                "writer",
+                "--tls",
+                "--tls-skip-verify",
+                "--tls-root-ca-file",
+                "/ca.pem",
+            ],
+            &["writer", "--deflate-level", "6"],
+            &["writer", "--deflate", "--deflate-level", "0"],
+            &["writer", "--deflate", "--deflate-level", "10"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]

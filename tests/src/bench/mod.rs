@@ -10,9 +10,9 @@ pub(crate) mod writer;
 #[cfg(test)]
 mod fake;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use args::{Mode, Side};
-use conn::{Conn, IdentifyOpts};
+use conn::{Conn, IdentifyOpts, TlsSetup};
 use proto::wire::command::Name;
 use stats::{Histogram, Report};
 use std::sync::Arc;
@@ -87,13 +87,22 @@ pub(crate) async fn run(mode: &Mode, root: CancellationToken) -> Result<Vec<Repo
     let identify = IdentifyOpts {
         output_buffer_size: o.output_buffer_size,
         output_buffer_timeout: o.output_buffer_timeout,
+        tls_v1: o.tls,
+        snappy: o.snappy,
+        deflate: o.deflate,
+        deflate_level: o.deflate_level,
+    };
+    let tls = match (o.tls, &o.tls_root_ca_file, o.tls_skip_verify) {
+        (false, _, _) => None,
+        (true, None, false) => bail!("--tls needs --tls-root-ca-file or --tls-skip-verify"),
+        (true, ca, _) => Some(TlsSetup::new(&o.address, ca.as_deref())?),
     };
 
     // Connect everything before the clock starts; readers subscribe before anything is sent.
     let mut conns: Vec<(Side, Conn)> = Vec::new();
     for &side in mode.sides() {
         for i in 0..o.connections {
-            let (mut conn, negotiated) = Conn::open(&o.address, &identify)
+            let (mut conn, negotiated) = Conn::open(&o.address, &identify, tls.as_ref())
                 .await
                 .with_context(|| format!("{} connection {i}", side.as_str()))?;
             if side == Side::Reader {
@@ -467,5 +476,119 @@ mod tests {
         let m = mode(&["reader", "--address", &addr, "--topic", "bad topic"]);
         let err = run(&m, CancellationToken::new()).await.unwrap_err();
         assert!(err.to_string().contains("not a valid NSQ name"), "{err}");
+    }
+
+    /// A fake that agrees to TLS with a certificate from a fresh CA, and that CA's file.
+    fn tls_features() -> (fake::Features, ::tests::certs::TestCa) {
+        let ca = ::tests::certs::TestCa::new().unwrap();
+        let (certs, key) = ca.server("fake").unwrap().load().unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let features = fake::Features {
+            tls: Some(Arc::new(config)),
+            ..fake::Features::default()
+        };
+        (features, ca)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_wire_upgrades_writers_and_readers() {
+        let (features, ca) = tls_features();
+        let ca_file = ca.ca_file().to_str().unwrap().to_string();
+        let wires: [&[&str]; 6] = [
+            &["--snappy"],
+            &["--deflate"],
+            &["--deflate", "--deflate-level", "1"],
+            &["--tls", "--tls-root-ca-file", &ca_file],
+            &["--tls", "--tls-root-ca-file", &ca_file, "--snappy"],
+            &["--tls", "--tls-skip-verify", "--deflate"],
+        ];
+        for wire in wires {
+            let (addr, seen) = fake::start_with(300, features.clone()).await.unwrap();
+            let addr = addr.to_string();
+            let mut args = vec!["both", "--address", &addr, "--count", "300"];
+            args.extend_from_slice(&["--batch-size", "7", "--size", "5000"]);
+            args.extend_from_slice(wire);
+            let reports = run(&mode(&args), CancellationToken::new()).await.unwrap();
+            let sides: Vec<_> = reports
+                .iter()
+                .map(|r| (r.side, r.msgs, r.error.clone()))
+                .collect();
+            assert_eq!(
+                sides,
+                [("writer", 300, None), ("reader", 300, None)],
+                "{wire:?}"
+            );
+            assert_eq!(seen.published.load(Relaxed), 300, "{wire:?}");
+            eventually("300 FINs", || seen.fins.load(Relaxed) == 300).await;
+            let has = |flag: &str| wire.contains(&flag);
+            let upgraded = |n: &AtomicU64, on: bool| n.load(Relaxed) == if on { 2 } else { 0 };
+            assert!(upgraded(&seen.tls, has("--tls")), "{wire:?}");
+            assert!(upgraded(&seen.snappy, has("--snappy")), "{wire:?}");
+            assert!(upgraded(&seen.deflate, has("--deflate")), "{wire:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_upgrades_are_setup_errors() {
+        let refusing = fake::Features {
+            refuse_compression: true,
+            ..fake::Features::default()
+        };
+        let (addr, _seen) = fake::start_with(0, refusing).await.unwrap();
+        let addr = addr.to_string();
+        for (flag, want) in [
+            ("--snappy", "server refused snappy"),
+            ("--deflate", "server refused deflate"),
+        ] {
+            let err = run(
+                &mode(&["writer", "--address", &addr, flag]),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        }
+        let tls = ["writer", "--address", &addr, "--tls", "--tls-skip-verify"];
+        let err = run(&mode(&tls), CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("server refused TLS"), "{err:#}");
+        let unverified = ["writer", "--address", &addr, "--tls"];
+        let err = run(&mode(&unverified), CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--tls-root-ca-file or --tls-skip-verify"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_broker_certificate_fails_the_handshake() {
+        let (features, _ca) = tls_features();
+        let other = ::tests::certs::TestCa::new().unwrap();
+        let (addr, _seen) = fake::start_with(0, features).await.unwrap();
+        let addr = addr.to_string();
+        let ca_file = other.ca_file().to_str().unwrap();
+        let args = [
+            "writer",
+            "--address",
+            &addr,
+            "--tls",
+            "--tls-root-ca-file",
+            ca_file,
+        ];
+        let err = run(&mode(&args), CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("TLS handshake"), "{err:#}");
     }
 }

@@ -10,7 +10,6 @@ use proto::wire::{Command, Frame};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -128,7 +127,7 @@ async fn publish(
             let sent_at = Instant::now();
             tokio::select! {
                 biased;
-                written = conn.stream.write_all(command) => written?,
+                written = conn.write_now(command) => written?,
                 // A broker that stopped reading must not hold the run past its grace time.
                 _ = abort.cancelled() => return Ok(()),
             }

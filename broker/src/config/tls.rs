@@ -1,0 +1,285 @@
+//! nsqd's flags for TLS and compressed client connections.
+
+use super::{ConfigError, parse_go_bool};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Where TLS is required of clients (`--tls-required`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRequired {
+    No,
+    /// TCP clients and HTTP clients.
+    Yes,
+    /// TCP clients only: plain HTTP stays allowed (`tcp-https`).
+    TcpOnly,
+}
+
+impl TlsRequired {
+    /// nsqd's number for the setting (`/config/tls_required`).
+    pub fn as_nsqd_int(self) -> u8 {
+        match self {
+            TlsRequired::No => 0,
+            TlsRequired::TcpOnly => 1,
+            TlsRequired::Yes => 2,
+        }
+    }
+}
+
+/// The oldest TLS version offered (`--tls-min-version`). rustls speaks TLS 1.2 and 1.3 only,
+/// so older minimums nsqd accepts mean TLS 1.2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMinVersion {
+    /// `ssl3.0`, `tls1.0`, `tls1.1` or `tls1.2`: TLS 1.2 and 1.3.
+    Tls12,
+    Tls13,
+}
+
+/// Client certificates asked of TCP and HTTPS clients (`--tls-client-auth-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthPolicy {
+    /// Any certificate, not verified (`require`).
+    Require,
+    /// A certificate signed by `--tls-root-ca-file` (`require-verify`).
+    RequireVerify,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TlsOptions {
+    /// Path to a PEM certificate (chain) for TLS with clients
+    #[arg(long, env = "KNSQ_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Path to the PEM private key of --tls-cert
+    #[arg(long, env = "KNSQ_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Client certificate policy: require (any certificate) or require-verify (signed by
+    /// --tls-root-ca-file); either makes TLS required
+    #[arg(long, env = "KNSQ_TLS_CLIENT_AUTH_POLICY", value_parser = parse_client_auth_policy)]
+    pub tls_client_auth_policy: Option<ClientAuthPolicy>,
+
+    /// Path to a PEM file of certificate authorities that sign client certificates
+    #[arg(long, env = "KNSQ_TLS_ROOT_CA_FILE")]
+    pub tls_root_ca_file: Option<PathBuf>,
+
+    /// Require TLS of clients: true, false, or tcp-https (TCP only, plain HTTP allowed)
+    #[arg(long, env = "KNSQ_TLS_REQUIRED", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", value_parser = parse_tls_required)]
+    pub tls_required: TlsRequired,
+
+    /// Oldest TLS version accepted: ssl3.0, tls1.0, tls1.1, tls1.2 or tls1.3 (below tls1.2
+    /// means tls1.2, the oldest knsq speaks)
+    #[arg(long, env = "KNSQ_TLS_MIN_VERSION", default_value = "tls1.0", value_parser = parse_tls_min_version)]
+    pub tls_min_version: TlsMinVersion,
+
+    /// <addr>:<port> to listen on for HTTPS clients (only with --tls-cert and --tls-key)
+    #[arg(long, env = "KNSQ_HTTPS_ADDRESS", default_value = "0.0.0.0:4152")]
+    pub https_address: String,
+
+    /// Offer snappy compression to clients
+    #[arg(long, env = "KNSQ_SNAPPY", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "true", value_parser = parse_go_bool)]
+    pub snappy: bool,
+
+    /// Offer deflate compression to clients
+    #[arg(long, env = "KNSQ_DEFLATE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "true", value_parser = parse_go_bool)]
+    pub deflate: bool,
+
+    /// Highest deflate level a client may ask for, 1 to 9
+    #[arg(long, env = "KNSQ_MAX_DEFLATE_LEVEL", default_value_t = 6)]
+    pub max_deflate_level: u8,
+}
+
+impl TlsOptions {
+    /// Whether TLS is on for clients.
+    pub fn enabled(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_key.is_some()
+    }
+
+    /// `--tls-required` as nsqd applies it: a client auth policy requires TLS.
+    pub fn required(&self) -> TlsRequired {
+        if self.tls_client_auth_policy.is_some() && self.tls_required == TlsRequired::No {
+            TlsRequired::Yes
+        } else {
+            self.tls_required
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |flag, reason: &str| {
+            Err(ConfigError {
+                flag,
+                reason: reason.into(),
+            })
+        };
+        if !(1..=9).contains(&self.max_deflate_level) {
+            return fail("max-deflate-level", "must be in [1,9]");
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return fail("tls-key", "is needed with --tls-cert"),
+            (None, Some(_)) => return fail("tls-cert", "is needed with --tls-key"),
+            _ => {}
+        }
+        if !self.enabled() && self.required() != TlsRequired::No {
+            let flag = if self.tls_client_auth_policy.is_some() {
+                "tls-client-auth-policy"
+            } else {
+                "tls-required"
+            };
+            return fail(
+                flag,
+                "cannot require TLS client connections without --tls-cert and --tls-key",
+            );
+        }
+        if self.tls_client_auth_policy == Some(ClientAuthPolicy::RequireVerify)
+            && self.tls_root_ca_file.is_none()
+        {
+            return fail(
+                "tls-client-auth-policy",
+                "require-verify needs --tls-root-ca-file to verify client certificates with",
+            );
+        }
+        Ok(())
+    }
+
+    /// nsqd's config value for `name`, if it is one of these options.
+    pub(super) fn config_value(&self, name: &str) -> Option<serde_json::Value> {
+        use serde_json::json;
+        let path = |p: &Option<PathBuf>| {
+            json!(
+                p.as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )
+        };
+        Some(match name {
+            "tls_cert" => path(&self.tls_cert),
+            "tls_key" => path(&self.tls_key),
+            "tls_root_ca_file" => path(&self.tls_root_ca_file),
+            "tls_client_auth_policy" => json!(match self.tls_client_auth_policy {
+                None => "",
+                Some(ClientAuthPolicy::Require) => "require",
+                Some(ClientAuthPolicy::RequireVerify) => "require-verify",
+            }),
+            "tls_required" => json!(self.required().as_nsqd_int()),
+            // Go's tls.VersionTLS12 / VersionTLS13.
+            "tls_min_version" => json!(match self.tls_min_version {
+                TlsMinVersion::Tls12 => 0x0303,
+                TlsMinVersion::Tls13 => 0x0304,
+            }),
+            "https_address" => json!(self.https_address),
+            "snappy" => json!(self.snappy),
+            "deflate" => json!(self.deflate),
+            "max_deflate_level" => json!(self.max_deflate_level),
+            _ => return None,
+        })
+    }
+}
+
+fn parse_tls_required(text: &str) -> Result<TlsRequired, String> {
+    let lower = text.to_ascii_lowercase();
+    if lower == "tcp-https" {
+        return Ok(TlsRequired::TcpOnly);
+    }
+    match parse_go_bool(&lower) {
+        Ok(true) => Ok(TlsRequired::Yes),
+        Ok(false) => Ok(TlsRequired::No),
+        Err(_) => Err(format!("{text:?} is not true, false or tcp-https")),
+    }
+}
+
+fn parse_tls_min_version(text: &str) -> Result<TlsMinVersion, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "ssl3.0" | "tls1.0" | "tls1.1" | "tls1.2" => Ok(TlsMinVersion::Tls12),
+        "tls1.3" => Ok(TlsMinVersion::Tls13),
+        _ => Err(format!(
+            "{text:?} is not one of ssl3.0, tls1.0, tls1.1, tls1.2, tls1.3"
+        )),
+    }
+}
+
+fn parse_client_auth_policy(text: &str) -> Result<ClientAuthPolicy, String> {
+    match text {
+        "require" => Ok(ClientAuthPolicy::Require),
+        "require-verify" => Ok(ClientAuthPolicy::RequireVerify),
+        _ => Err(format!("{text:?} is not require or require-verify")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Options;
+
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
+        Options::from_args(std::iter::once("knsq-broker").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_nsqds() {
+        let o = parse(&[]).unwrap();
+        assert!(!o.tls.enabled());
+        assert_eq!(o.tls.required(), super::TlsRequired::No);
+        assert!(o.tls.snappy && o.tls.deflate);
+        assert_eq!(o.tls.max_deflate_level, 6);
+        assert_eq!(o.tls.https_address, "0.0.0.0:4152");
+        o.validate().unwrap();
+    }
+
+    #[test]
+    fn go_syntax_and_values() {
+        let o = parse(&[
+            "-snappy=false",
+            "--deflate=false",
+            "-tls-required",
+            "-tls-cert=c.pem",
+            "-tls-key",
+            "k.pem",
+            "-tls-min-version=tls1.3",
+        ])
+        .unwrap();
+        assert!(!o.tls.snappy && !o.tls.deflate);
+        assert_eq!(o.tls.required(), super::TlsRequired::Yes);
+        assert_eq!(o.tls.tls_min_version, super::TlsMinVersion::Tls13);
+        o.validate().unwrap();
+        let o = parse(&["--tls-required=tcp-https"]).unwrap();
+        assert_eq!(o.tls.tls_required, super::TlsRequired::TcpOnly);
+        assert!(parse(&["--tls-required=maybe"]).is_err());
+        assert!(parse(&["--tls-min-version=tls2"]).is_err());
+        assert!(parse(&["--tls-client-auth-policy=sometimes"]).is_err());
+    }
+
+    #[test]
+    fn bad_combinations_name_their_flag() {
+        let flag = |args: &[&str]| parse(args).unwrap().validate().unwrap_err().flag;
+        assert_eq!(flag(&["--max-deflate-level=0"]), "max-deflate-level");
+        assert_eq!(flag(&["--max-deflate-level=10"]), "max-deflate-level");
+        assert_eq!(flag(&["--tls-cert=c.pem"]), "tls-key");
+        assert_eq!(flag(&["--tls-key=k.pem"]), "tls-cert");
+        assert_eq!(flag(&["--tls-required"]), "tls-required");
+        assert_eq!(
+            flag(&["--tls-client-auth-policy=require"]),
+            "tls-client-auth-policy"
+        );
+        assert_eq!(
+            flag(&[
+                "--tls-cert=c",
+                "--tls-key=k",
+                "--tls-client-auth-policy=require-verify"
+            ]),
+            "tls-client-auth-policy"
+        );
+    }
+
+    #[test]
+    fn auth_policy_makes_tls_required() {
+        let o = parse(&[
+            "--tls-cert=c",
+            "--tls-key=k",
+            "--tls-client-auth-policy=require",
+        ])
+        .unwrap();
+        assert_eq!(o.tls.required(), super::TlsRequired::Yes);
+        assert_eq!(o.config_value("tls_required"), Some(serde_json::json!(2)));
+    }
+}

@@ -1,0 +1,288 @@
+//! TLS for client connections: the rustls server config built from nsqd's flags, and what a
+//! finished handshake tells `/stats` and the auth server.
+
+use crate::config::{ClientAuthPolicy, ConfigError, TlsMinVersion, TlsOptions};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerConnection, WebPkiClientVerifier};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
+use std::path::Path;
+use std::sync::Arc;
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The server config for TCP (and HTTPS) clients, or `None` without `--tls-cert`.
+pub(crate) fn server_config(o: &TlsOptions) -> Result<Option<Arc<ServerConfig>>, ConfigError> {
+    let (Some(cert_path), Some(key_path)) = (&o.tls_cert, &o.tls_key) else {
+        return Ok(None);
+    };
+    let certs = load_certs("tls-cert", cert_path)?;
+    let key =
+        PrivateKeyDer::from_pem_file(key_path).map_err(|e| config_error("tls-key", key_path, e))?;
+    let provider = provider();
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match o.tls_min_version {
+        TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| ConfigError {
+            flag: "tls-min-version",
+            reason: e.to_string(),
+        })?;
+    let builder = match o.tls_client_auth_policy {
+        None => builder.with_no_client_auth(),
+        Some(ClientAuthPolicy::Require) => {
+            builder.with_client_cert_verifier(Arc::new(AnyClientCert {
+                algorithms: provider.signature_verification_algorithms,
+            }))
+        }
+        Some(ClientAuthPolicy::RequireVerify) => {
+            let Some(ca_path) = &o.tls_root_ca_file else {
+                return Err(ConfigError {
+                    flag: "tls-client-auth-policy",
+                    reason: "require-verify needs --tls-root-ca-file".into(),
+                });
+            };
+            let mut roots = RootCertStore::empty();
+            for cert in load_certs("tls-root-ca-file", ca_path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| config_error("tls-root-ca-file", ca_path, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| config_error("tls-root-ca-file", ca_path, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| config_error("tls-key", key_path, e))?;
+    Ok(Some(Arc::new(config)))
+}
+
+fn load_certs(
+    flag: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| config_error(flag, path, e))?;
+    if certs.is_empty() {
+        return Err(config_error(flag, path, "no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
+fn config_error(flag: &'static str, path: &Path, e: impl std::fmt::Display) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: format!("{}: {e}", path.display()),
+    }
+}
+
+/// `--tls-client-auth-policy=require`: a client must show a certificate (and prove it holds
+/// its key), which nobody vouches for, as Go's `RequireAnyClientCert`.
+#[derive(Debug)]
+struct AnyClientCert {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A client's TLS session as `/stats` reports it (nsqd's names) and the auth server is told.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct TlsSummary {
+    /// Go's name: `TLS12`, `TLS13`.
+    pub(crate) version: &'static str,
+    /// Go's name, e.g. `TLS_AES_128_GCM_SHA256`.
+    pub(crate) cipher_suite: String,
+    pub(crate) negotiated_protocol: String,
+    /// The subject common name of the client's certificate, if it sent one.
+    pub(crate) common_name: String,
+}
+
+impl TlsSummary {
+    pub(crate) fn of(conn: &ServerConnection) -> TlsSummary {
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLS12",
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLS13",
+            _ => "Unknown",
+        };
+        let cipher_suite = conn
+            .negotiated_cipher_suite()
+            .map(|s| {
+                let suite = s.suite();
+                let name = suite
+                    .as_str()
+                    .map_or_else(|| format!("{suite:?}"), str::to_string);
+                // rustls names TLS 1.3 suites TLS13_*; Go (and so nsqd) names them TLS_*.
+                match name.strip_prefix("TLS13_") {
+                    Some(rest) => format!("TLS_{rest}"),
+                    None => name,
+                }
+            })
+            .unwrap_or_default();
+        TlsSummary {
+            version,
+            cipher_suite,
+            negotiated_protocol: conn
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default(),
+            common_name: conn
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| common_name(cert))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The subject common name of a DER certificate: Certificate → tbsCertificate → the subject
+/// (after an optional version, the serial, the signature algorithm, the issuer, the validity)
+/// → the first attribute with OID 2.5.4.3.
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+    const SEQUENCE: u8 = 0x30;
+    const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
+    let (tag, certificate, _) = read_tlv(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, mut tbs, _) = read_tlv(certificate)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    // [0] version, when present.
+    if tbs.first() == Some(&0xa0) {
+        tbs = read_tlv(tbs)?.2;
+    }
+    // serial, signature, issuer, validity
+    for _ in 0..4 {
+        tbs = read_tlv(tbs)?.2;
+    }
+    let (tag, mut subject, _) = read_tlv(tbs)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    while !subject.is_empty() {
+        let (_, mut set, rest) = read_tlv(subject)?;
+        subject = rest;
+        while !set.is_empty() {
+            let (_, attribute, rest) = read_tlv(set)?;
+            set = rest;
+            let (oid_tag, oid, value) = read_tlv(attribute)?;
+            if oid_tag == 0x06 && oid == CN_OID {
+                let (_, text, _) = read_tlv(value)?;
+                return std::str::from_utf8(text).ok().map(str::to_string);
+            }
+        }
+    }
+    None
+}
+
+/// One DER element: its tag, its contents and what follows it.
+fn read_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let len = rest[..count]
+            .iter()
+            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+        rest = &rest[count..];
+        len
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (contents, after) = rest.split_at(len);
+    Some((tag, contents, after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair};
+
+    fn cert_with_cn(cn: Option<&str>) -> Vec<u8> {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "knsq");
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn common_name_is_read_from_the_subject() {
+        assert_eq!(
+            common_name(&cert_with_cn(Some("client-7"))).as_deref(),
+            Some("client-7")
+        );
+        assert_eq!(common_name(&cert_with_cn(None)), None);
+    }
+
+    #[test]
+    fn common_name_of_garbage_is_none() {
+        let der = cert_with_cn(Some("x"));
+        for cut in [0, 1, 2, 10, der.len() / 2, der.len() - 1] {
+            // Truncations must not panic; most are refused.
+            let _ = common_name(&der[..cut]);
+        }
+        assert_eq!(common_name(b"\x30\x84\xff\xff\xff\xff"), None);
+        assert_eq!(common_name(b"hello"), None);
+    }
+}

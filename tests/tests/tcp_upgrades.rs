@@ -1,0 +1,430 @@
+//! TLS, snappy and deflate on NSQ TCP connections, as IDENTIFY negotiates them: the upgrade
+//! order, what `/stats` reports, `--tls-required`, client certificates, and bad handshakes
+//! and corrupt compressed streams that close one connection and no other.
+
+use anyhow::{Result, ensure};
+use serde_json::{Value, json};
+use std::time::Duration;
+use tests::certs::{CertFiles, TestCa};
+use tests::{NsqConn, TestBroker};
+use tokio::time::Instant;
+
+struct TlsBroker {
+    ca: TestCa,
+    broker: TestBroker,
+}
+
+/// A broker with a certificate from a fresh test CA; `configure` may change more options.
+async fn tls_broker(configure: impl FnOnce(&mut broker::Options, &TestCa)) -> Result<TlsBroker> {
+    let ca = TestCa::new()?;
+    let server = ca.server("broker")?;
+    let broker = TestBroker::start(|o| {
+        o.tls.tls_cert = Some(server.cert.clone());
+        o.tls.tls_key = Some(server.key.clone());
+        configure(o, &ca);
+    })
+    .await?;
+    Ok(TlsBroker { ca, broker })
+}
+
+fn negotiation(extra: Value) -> Value {
+    let mut json = json!({"feature_negotiation": true, "client_id": "upgrades"});
+    if let (Some(into), Some(from)) = (json.as_object_mut(), extra.as_object()) {
+        into.extend(from.clone());
+    }
+    json
+}
+
+/// The `/stats` entry of the one client subscribed to `topic`/`c`.
+async fn subscriber_stats(broker: &TestBroker, topic: &str) -> Result<Value> {
+    let stats = broker.stats().await?;
+    let client = stats["topics"]
+        .as_array()
+        .and_then(|topics| topics.iter().find(|t| t["topic_name"] == topic))
+        .and_then(|t| t["channels"][0]["clients"][0].as_object())
+        .cloned();
+    client
+        .map(Value::Object)
+        .ok_or_else(|| anyhow::anyhow!("no client on {topic}: {stats}"))
+}
+
+/// Subscribes, publishes two messages over the same connection, receives and finishes them.
+async fn exercise(conn: &mut NsqConn, topic: &str) -> Result<()> {
+    conn.subscribe(topic, "c").await?;
+    let body = vec![b'x'; 40_000];
+    conn.send_raw(format!("PUB {topic}\n").as_bytes()).await?;
+    conn.send_raw(&(body.len() as u32).to_be_bytes()).await?;
+    conn.send_raw(&body).await?;
+    conn.expect_response(b"OK").await?;
+    conn.send_raw(format!("PUB {topic}\n\0\0\0\x05hello").as_bytes())
+        .await?;
+    conn.expect_response(b"OK").await?;
+    conn.send_raw(b"RDY 10\n").await?;
+    let first = conn.expect_message().await?;
+    ensure!(
+        first.body.len() == body.len(),
+        "first body has the wrong size"
+    );
+    let second = conn.expect_message().await?;
+    ensure!(
+        &second.body[..] == b"hello",
+        "second body: {:?}",
+        second.body
+    );
+    for m in [first, second] {
+        conn.send_raw(format!("FIN {}\n", m.id).as_bytes()).await?;
+    }
+    conn.send_raw(b"NOP\n").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_upgrade_carries_commands_and_shows_in_stats() -> Result<()> {
+    let b = tls_broker(|_, _| {}).await?;
+    let mut c = b.broker.connect().await?;
+    let resp = c
+        .upgrade(
+            &negotiation(json!({"tls_v1": true})),
+            Some(b.ca.client_config(None)?),
+        )
+        .await?;
+    ensure!(resp["tls_v1"] == true, "{resp}");
+    ensure!(c.is_tls());
+    exercise(&mut c, "tls").await?;
+    let stats = subscriber_stats(&b.broker, "tls").await?;
+    ensure!(stats["tls"] == true, "{stats}");
+    ensure!(stats["tls_version"] == "TLS13", "{stats}");
+    ensure!(
+        stats["tls_cipher_suite"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("TLS_")),
+        "{stats}"
+    );
+    ensure!(
+        stats["tls_negotiated_protocol_is_mutual"] == true,
+        "{stats}"
+    );
+    ensure!(
+        stats["snappy"] == false && stats["deflate"] == false,
+        "{stats}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_min_version_13_refuses_a_tls12_client() -> Result<()> {
+    let b = tls_broker(|o, _| o.tls.tls_min_version = broker::config::TlsMinVersion::Tls13).await?;
+    let tls12_only = {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::pem::PemObject::pem_file_iter(b.ca.ca_file())? {
+            roots.add(cert?)?;
+        }
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+    };
+    let mut c = b.broker.connect().await?;
+    let upgraded = c
+        .upgrade(
+            &negotiation(json!({"tls_v1": true})),
+            Some(std::sync::Arc::new(tls12_only)),
+        )
+        .await;
+    ensure!(upgraded.is_err(), "a TLS 1.2 client was accepted");
+    // TLS 1.3 clients are fine.
+    let mut c = b.broker.connect().await?;
+    c.upgrade(
+        &negotiation(json!({"tls_v1": true})),
+        Some(b.ca.client_config(None)?),
+    )
+    .await?;
+    c.subscribe("t", "c").await
+}
+
+#[tokio::test]
+async fn compression_upgrades_carry_commands_and_show_in_stats() -> Result<()> {
+    let b = TestBroker::start(|o| o.tls.max_deflate_level = 4).await?;
+    for (ask, topic, key) in [
+        (json!({"snappy": true}), "snappy", "snappy"),
+        (
+            json!({"deflate": true, "deflate_level": 9}),
+            "deflate",
+            "deflate",
+        ),
+    ] {
+        let mut c = b.connect().await?;
+        let resp = c.upgrade(&negotiation(ask), None).await?;
+        ensure!(resp[key] == true, "{resp}");
+        if key == "deflate" {
+            ensure!(resp["deflate_level"] == 4, "level not capped: {resp}");
+            ensure!(resp["max_deflate_level"] == 4, "{resp}");
+        }
+        exercise(&mut c, topic).await?;
+        let stats = subscriber_stats(&b, topic).await?;
+        ensure!(stats[key] == true, "{stats}");
+        ensure!(stats["tls"] == false, "{stats}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_then_compression() -> Result<()> {
+    let b = tls_broker(|_, _| {}).await?;
+    for (ask, topic, key) in [
+        (
+            json!({"tls_v1": true, "snappy": true}),
+            "tls_snappy",
+            "snappy",
+        ),
+        (
+            json!({"tls_v1": true, "deflate": true}),
+            "tls_deflate",
+            "deflate",
+        ),
+    ] {
+        let mut c = b.broker.connect().await?;
+        let resp = c
+            .upgrade(&negotiation(ask), Some(b.ca.client_config(None)?))
+            .await?;
+        ensure!(resp["tls_v1"] == true && resp[key] == true, "{resp}");
+        exercise(&mut c, topic).await?;
+        let stats = subscriber_stats(&b.broker, topic).await?;
+        ensure!(stats["tls"] == true && stats[key] == true, "{stats}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_feature_negotiation_nothing_is_upgraded() -> Result<()> {
+    let b = tls_broker(|_, _| {}).await?;
+    let mut c = b.broker.connect().await?;
+    let frame = c.identify(&json!({"tls_v1": true, "snappy": true})).await?;
+    ensure!(
+        frame == proto::wire::Frame::Response(b"OK".to_vec().into()),
+        "{frame:?}"
+    );
+    c.subscribe("plain", "c").await?;
+    let stats = subscriber_stats(&b.broker, "plain").await?;
+    ensure!(stats["tls"] == false && stats["snappy"] == false, "{stats}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_required_allows_only_identify_before_tls() -> Result<()> {
+    let b = tls_broker(|o, _| o.tls.tls_required = broker::config::TlsRequired::Yes).await?;
+    let mut c = b.broker.connect().await?;
+    c.send_raw(b"PUB t\n\0\0\0\x01x").await?;
+    c.expect_error("E_INVALID cannot PUB in current state (TLS required)")
+        .await?;
+    c.expect_closed().await?;
+    // IDENTIFY without TLS is answered, the next command is refused.
+    let mut c = b.broker.connect().await?;
+    c.upgrade(&negotiation(json!({})), None).await?;
+    c.send_raw(b"NOP\n").await?;
+    c.expect_error("E_INVALID cannot NOP in current state (TLS required)")
+        .await?;
+    // With TLS everything works; tcp-https applies to TCP too.
+    for required in [
+        broker::config::TlsRequired::Yes,
+        broker::config::TlsRequired::TcpOnly,
+    ] {
+        let b = tls_broker(|o, _| o.tls.tls_required = required).await?;
+        let mut c = b.broker.connect().await?;
+        c.upgrade(
+            &negotiation(json!({"tls_v1": true})),
+            Some(b.ca.client_config(None)?),
+        )
+        .await?;
+        exercise(&mut c, "required").await?;
+    }
+    Ok(())
+}
+
+fn client_auth(
+    policy: broker::config::ClientAuthPolicy,
+) -> impl FnOnce(&mut broker::Options, &TestCa) {
+    move |o, ca| {
+        o.tls.tls_client_auth_policy = Some(policy);
+        o.tls.tls_root_ca_file = Some(ca.ca_file().to_path_buf());
+        // TCP only: the test reads /stats over plain HTTP.
+        o.tls.tls_required = broker::config::TlsRequired::TcpOnly;
+    }
+}
+
+#[tokio::test]
+async fn require_verify_needs_a_certificate_from_the_root_ca() -> Result<()> {
+    use broker::config::ClientAuthPolicy::RequireVerify;
+    let b = tls_broker(client_auth(RequireVerify)).await?;
+    let ask = negotiation(json!({"tls_v1": true}));
+    // No certificate: the handshake fails.
+    let mut c = b.broker.connect().await?;
+    let refused = async {
+        c.upgrade(&ask, Some(b.ca.client_config(None)?)).await?;
+        c.send_raw(b"NOP\n").await?;
+        c.next_frame().await
+    };
+    ensure!(
+        refused.await.is_err(),
+        "a client without a certificate got in"
+    );
+    // A certificate from another CA: refused too.
+    let other = TestCa::new()?;
+    let stranger = other.client("stranger", "stranger")?;
+    let mut c = b.broker.connect().await?;
+    let refused = async {
+        c.upgrade(&ask, Some(b.ca.client_config(Some(&stranger))?))
+            .await?;
+        c.send_raw(b"NOP\n").await?;
+        c.next_frame().await
+    };
+    ensure!(
+        refused.await.is_err(),
+        "a certificate from another CA got in"
+    );
+    // A certificate from the root CA.
+    let mut c = b.broker.connect().await?;
+    let id: CertFiles = b.ca.client("client", "knsq-client")?;
+    c.upgrade(&ask, Some(b.ca.client_config(Some(&id))?))
+        .await?;
+    exercise(&mut c, "verified").await?;
+    let stats = subscriber_stats(&b.broker, "verified").await?;
+    ensure!(stats["tls"] == true, "{stats}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn require_takes_any_certificate_but_needs_one() -> Result<()> {
+    use broker::config::ClientAuthPolicy::Require;
+    let b = tls_broker(client_auth(Require)).await?;
+    let ask = negotiation(json!({"tls_v1": true}));
+    let other = TestCa::new()?;
+    let stranger = other.client("stranger", "stranger")?;
+    let mut c = b.broker.connect().await?;
+    c.upgrade(&ask, Some(b.ca.client_config(Some(&stranger))?))
+        .await?;
+    exercise(&mut c, "any").await?;
+    let mut c = b.broker.connect().await?;
+    let refused = async {
+        c.upgrade(&ask, Some(b.ca.client_config(None)?)).await?;
+        c.send_raw(b"NOP\n").await?;
+        c.next_frame().await
+    };
+    ensure!(
+        refused.await.is_err(),
+        "a client without a certificate got in"
+    );
+    Ok(())
+}
+
+/// A connection that has sent IDENTIFY asking for TLS and read the response; the handshake
+/// is up to the test.
+async fn identified_for_tls(b: &TlsBroker) -> Result<NsqConn> {
+    let mut c = b.broker.connect().await?;
+    let frame = c.identify(&negotiation(json!({"tls_v1": true}))).await?;
+    ensure!(
+        matches!(&frame, proto::wire::Frame::Response(body) if body.starts_with(b"{")),
+        "{frame:?}"
+    );
+    Ok(c)
+}
+
+/// Another client is served normally.
+async fn others_are_served(b: &TlsBroker, topic: &str) -> Result<()> {
+    let mut c = b.broker.connect().await?;
+    c.upgrade(
+        &negotiation(json!({"tls_v1": true})),
+        Some(b.ca.client_config(None)?),
+    )
+    .await?;
+    exercise(&mut c, topic).await
+}
+
+#[tokio::test]
+async fn garbage_instead_of_a_client_hello_closes_only_that_connection() -> Result<()> {
+    let b = tls_broker(|_, _| {}).await?;
+    let mut bad = identified_for_tls(&b).await?;
+    // A client that stays silent in its handshake meanwhile blocks nobody.
+    let _silent = identified_for_tls(&b).await?;
+    bad.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    // rustls answers with an alert record, then the connection ends.
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if bad.next_frame_within(Duration::from_secs(3)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    ensure!(closed.is_ok(), "the connection stayed open");
+    others_are_served(&b, "after_garbage").await
+}
+
+#[tokio::test]
+async fn a_handshake_never_finished_times_out() -> Result<()> {
+    let b = tls_broker(|_, _| {}).await?;
+    let mut silent = identified_for_tls(&b).await?;
+    let started = Instant::now();
+    others_are_served(&b, "while_silent").await?;
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            if silent
+                .next_frame_within(Duration::from_secs(8))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    ensure!(closed.is_ok(), "a silent client kept its connection");
+    ensure!(
+        started.elapsed() >= Duration::from_secs(4),
+        "closed before the handshake deadline: {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupt_compressed_stream_closes_only_that_connection() -> Result<()> {
+    let b = TestBroker::start(|_| {}).await?;
+    for ask in [json!({"snappy": true}), json!({"deflate": true})] {
+        let mut bad = b.connect().await?;
+        bad.upgrade(&negotiation(ask.clone()), None).await?;
+        let mut good = b.connect().await?;
+        good.upgrade(&negotiation(ask.clone()), None).await?;
+        // A snappy chunk with a wrong checksum / bytes that are no deflate stream.
+        bad.send_below_compression(
+            b"\x00\x0a\x00\x00\xde\xad\xbe\xef\x04\x0cNOP\n\xff\xff\xff\xff\xff\xff\xff",
+        )
+        .await?;
+        bad.expect_closed().await?;
+        exercise(&mut good, "after_corruption").await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn compression_can_be_turned_off() -> Result<()> {
+    let b = TestBroker::start(|o| {
+        o.tls.snappy = false;
+        o.tls.deflate = false;
+    })
+    .await?;
+    let mut c = b.connect().await?;
+    let resp = c
+        .upgrade(&negotiation(json!({"snappy": true})), None)
+        .await?;
+    ensure!(
+        resp["snappy"] == false && resp["deflate"] == false,
+        "{resp}"
+    );
+    exercise(&mut c, "uncompressed").await?;
+    let stats = subscriber_stats(&b, "uncompressed").await?;
+    ensure!(stats["snappy"] == false, "{stats}");
+    Ok(())
+}
