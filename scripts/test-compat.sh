@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Client-compatibility tests: drives the real pynsq and nsqjs client libraries against the real
-# knsq-broker binary. Installs what they need on a fresh machine (a Python virtualenv at .venv,
-# compat/node/node_modules, debug builds of the broker and the lookupd); a second run reinstalls
-# nothing.
+# knsq-broker binary. Installs what they need on a fresh machine (openssl via apt-get, a Python
+# virtualenv at .venv, compat/node/node_modules, debug builds of the broker and the lookupd); a
+# second run reinstalls nothing.
 # Runs both suites even if the first fails; exits non-zero if anything failed.
 #
 # KNSQ_BROKER_BIN=/path/to/knsq-broker (KNSQ_LOOKUPD_BIN=/path/to/knsq-lookupd) skips building
@@ -24,6 +24,15 @@ write_stamp() { # write_stamp <stamp-file> <input-file>...
 }
 
 step() { printf '\n== %s\n' "$*"; }
+
+step "openssl: the TLS tests make their CA and certificates with the openssl CLI"
+if ! command -v openssl >/dev/null 2>&1; then
+  as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl
+else
+  echo "up to date"
+fi
 
 step "python: .venv with compat/python/requirements.txt"
 if ! .venv/bin/python -c 'import sys' 2>/dev/null; then

@@ -4,8 +4,10 @@
 // everything when a test ends. Every wait is bounded, so no test can hang.
 
 const assert = require('node:assert/strict')
-const {spawn} = require('node:child_process')
+const {execFileSync, spawn} = require('node:child_process')
+const crypto = require('node:crypto')
 const fs = require('node:fs')
+const https = require('node:https')
 const os = require('node:os')
 const path = require('node:path')
 const {test} = require('node:test')
@@ -33,8 +35,14 @@ function within(ms, promise, what) {
 }
 
 class Broker {
-  constructor(args) {
+  /**
+   * `httpsClient` ({ca, cert?, key?} Buffers): talk to the HTTP API over `--https-address`
+   * (which `args` must set) with these TLS options, as a broker with `--tls-required=true` or a
+   * client-auth policy refuses plain HTTP.
+   */
+  constructor(args, {httpsClient = null} = {}) {
     this.args = args
+    this.httpsClient = httpsClient
     this.dataPath = fs.mkdtempSync(path.join(os.tmpdir(), 'knsq-compat-node-'))
     this.log = []
     this.addresses = {}
@@ -56,15 +64,18 @@ class Broker {
         resolve({code: null, signal: null, error: err})
       })
     })
+    const patterns = {tcp: /TCP: listening on (\S+)/, http: /HTTP: listening on (\S+)/}
+    if (this.args.some((arg) => arg.startsWith('--https-address'))) {
+      patterns.https = /HTTPS: listening on (\S+)/
+    }
     const listening = new Promise((resolve) => {
-      const patterns = {tcp: /TCP: listening on (\S+)/, http: /HTTP: listening on (\S+)/}
       const onLine = (line) => {
         this.log.push(line)
         for (const [kind, re] of Object.entries(patterns)) {
           const m = re.exec(line)
           if (m && !this.addresses[kind]) this.addresses[kind] = m[1]
         }
-        if (this.addresses.tcp && this.addresses.http) resolve()
+        if (Object.keys(patterns).every((kind) => this.addresses[kind])) resolve()
       }
       for (const stream of [this.proc.stdout, this.proc.stderr]) {
         let pending = ''
@@ -131,6 +142,14 @@ class Broker {
   // --- HTTP API ---
 
   async http(method, pathAndQuery, body) {
+    if (this.httpsClient) {
+      return httpsRequest(method, `https://${this.addresses.https}${pathAndQuery}`, this.httpsClient, body)
+    }
+    return this.plainHttp(method, pathAndQuery, body)
+  }
+
+  /** A request to the plain `--http-address`, even when the broker is used over HTTPS. */
+  async plainHttp(method, pathAndQuery, body) {
     const res = await fetch(`http://${this.addresses.http}${pathAndQuery}`, {
       method,
       body,
@@ -183,6 +202,73 @@ class Broker {
   }
 }
 
+/** One HTTPS request with node:https (fetch cannot take a CA): resolves with {status, text}. */
+function httpsRequest(method, url, tlsOptions, body) {
+  return new Promise((resolve, reject) => {
+    const req = https.request(url, {method, ...tlsOptions, agent: false, timeout: 10000}, (res) => {
+      let text = ''
+      res.setEncoding('utf8')
+      res.on('data', (chunk) => (text += chunk))
+      res.on('end', () => resolve({status: res.statusCode, text}))
+      res.on('error', reject)
+    })
+    req.on('timeout', () => req.destroy(new Error(`timed out after 10000 ms: ${method} ${url}`)))
+    req.on('error', reject)
+    req.end(body)
+  })
+}
+
+/**
+ * A throw-away PKI made with the `openssl` CLI in a temporary directory: a CA, a server
+ * certificate for `localhost` and 127.0.0.1, and a client certificate (CN `knsq-test-client`),
+ * both signed by the CA, plus a self-signed client certificate (`rogue`). Gives file paths (for
+ * broker flags) and PEM Buffers (for nsqjs); `remove()` deletes the directory.
+ */
+function makeCerts() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'knsq-compat-certs-'))
+  const file = (name) => path.join(dir, name)
+  const openssl = (...args) => {
+    try {
+      execFileSync('openssl', args, {cwd: dir, stdio: ['ignore', 'pipe', 'pipe'], timeout: 30000})
+    } catch (err) {
+      throw new Error(`openssl ${args.join(' ')} failed: ${err.message}\n${err.stderr || ''}`)
+    }
+  }
+  const newKey = ['-newkey', 'rsa:2048', '-nodes']
+  openssl('req', '-x509', ...newKey, '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2',
+    '-subj', '/CN=knsq-test-ca',
+    '-addext', 'basicConstraints=critical,CA:TRUE',
+    '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
+  const issue = (name, cn, extensions) => {
+    fs.writeFileSync(file(`${name}.ext`), extensions.join('\n') + '\n')
+    openssl('req', ...newKey, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${cn}`)
+    openssl('x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.pem', '-CAkey', 'ca.key',
+      '-set_serial', `0x${crypto.randomBytes(8).toString('hex')}`,
+      '-days', '2', '-sha256', '-extfile', `${name}.ext`, '-out', `${name}.pem`)
+  }
+  const leaf = ['basicConstraints=critical,CA:FALSE', 'keyUsage=critical,digitalSignature,keyEncipherment']
+  issue('server', 'localhost', [...leaf, 'extendedKeyUsage=serverAuth', 'subjectAltName=DNS:localhost,IP:127.0.0.1'])
+  issue('client', 'knsq-test-client', [...leaf, 'extendedKeyUsage=clientAuth'])
+  // A self-signed client certificate no CA vouches for.
+  openssl('req', '-x509', ...newKey, '-keyout', 'rogue.key', '-out', 'rogue.pem', '-days', '2',
+    '-subj', '/CN=knsq-rogue-client', ...leaf.flatMap((ext) => ['-addext', ext]),
+    '-addext', 'extendedKeyUsage=clientAuth')
+  return {
+    dir,
+    caFile: file('ca.pem'),
+    serverCertFile: file('server.pem'),
+    serverKeyFile: file('server.key'),
+    clientCertFile: file('client.pem'),
+    clientKeyFile: file('client.key'),
+    ca: fs.readFileSync(file('ca.pem')),
+    clientCert: fs.readFileSync(file('client.pem')),
+    clientKey: fs.readFileSync(file('client.key')),
+    rogueCert: fs.readFileSync(file('rogue.pem')),
+    rogueKey: fs.readFileSync(file('rogue.key')),
+    remove: () => fs.rmSync(dir, {recursive: true, force: true}),
+  }
+}
+
 /** Collects deliveries ({message, at, reader}) and lets a test await a count of them. */
 class Deliveries {
   constructor() {
@@ -221,6 +307,8 @@ class Deliveries {
 class Reader extends nsq.Reader {
   registerConnectionListeners(conn) {
     super.registerConnectionListeners(conn)
+    // Every NSQDConnection it opened (its statemachine keeps the IDENTIFY response).
+    this.nsqdConnections = [...(this.nsqdConnections || []), conn]
     this.heartbeatsAnswered = this.heartbeatsAnswered || 0
     const write = conn.write.bind(conn)
     conn.write = (data) => {
@@ -309,18 +397,18 @@ class Clients {
  * factory. The body is bounded by TEST_TIMEOUT_MS; clients and broker are always torn down, and
  * a failure carries the tail of the broker's log.
  */
-function brokerTest(name, {brokerArgs = [], timeoutMs = TEST_TIMEOUT_MS} = {}, body) {
+function brokerTest(name, {brokerArgs = [], httpsClient = null, timeoutMs = TEST_TIMEOUT_MS} = {}, body) {
   test(name, {timeout: timeoutMs + STARTUP_TIMEOUT_MS + 2 * STOP_TIMEOUT_MS}, () =>
-    runWithBroker(name, brokerArgs, timeoutMs, body)
+    runWithBroker(name, brokerArgs, timeoutMs, body, {httpsClient})
   )
 }
 
 /** brokerTest's body: a fresh broker and clients around `body`, always torn down. */
-async function runWithBroker(name, brokerArgs, timeoutMs, body) {
+async function runWithBroker(name, brokerArgs, timeoutMs, body, brokerOptions = {}) {
   if (!fs.existsSync(BROKER_BIN)) {
     assert.fail(`broker binary ${BROKER_BIN} not found: run \`cargo build -p broker\` or set KNSQ_BROKER_BIN`)
   }
-  const broker = await new Broker(brokerArgs).start()
+  const broker = await new Broker(brokerArgs, brokerOptions).start()
   const clients = new Clients(broker)
   let failure = null
   try {
@@ -544,4 +632,4 @@ function clusterTest(name, {brokers: count = 3, timeoutMs = TEST_TIMEOUT_MS} = {
   })
 }
 
-module.exports = {AuthServer, authTest, brokerTest, clusterTest, Deliveries, Reader, sleep, within}
+module.exports = {AuthServer, authTest, brokerTest, clusterTest, Deliveries, makeCerts, Reader, sleep, within}

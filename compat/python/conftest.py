@@ -463,7 +463,13 @@ class Reader(nsq.Reader):
     def __init__(self, *args, **kwargs):
         self.errors: list = []
         self.heartbeats = 0
+        self.identify_responses: list[dict] = []
         super().__init__(*args, **kwargs)
+
+    def _on_connection_identify_response(self, conn, data, **kwargs):
+        # The broker's IDENTIFY response: which features it granted this connection.
+        self.identify_responses.append(data)
+        return super()._on_connection_identify_response(conn, data, **kwargs)
 
     def heartbeat(self, conn):
         # Called for each _heartbeat_ frame, after pynsq has answered it with NOP.
@@ -480,7 +486,12 @@ class Writer(nsq.Writer):
     def __init__(self, *args, **kwargs):
         self.connected = asyncio.Event()
         self.closed = asyncio.Event()
+        self.identify_responses: list[dict] = []
         super().__init__(*args, **kwargs)
+
+    def _on_connection_identify_response(self, conn, data, **kwargs):
+        self.identify_responses.append(data)
+        return super()._on_connection_identify_response(conn, data, **kwargs)
 
     def _on_connection_close(self, conn, **kwargs):
         super()._on_connection_close(conn, **kwargs)

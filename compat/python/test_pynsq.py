@@ -429,7 +429,7 @@ def test_heartbeats_at_negotiated_interval_keep_idle_connections_open(broker):
 
 
 def test_clients_requesting_deflate_still_work(broker):
-    # Deflate may be unsupported (advertised false) or negotiated; either way the connection works.
+    # With the broker's defaults deflate is negotiated; test_deflate.py checks that in /stats.
     async def body(clients):
         deliveries = Deliveries()
         clients.collecting_reader(TOPIC, "ch", deliveries, deflate=True)

@@ -10,9 +10,22 @@ use proto::wire::compression::{CompressionError, Compressor, Decompressor};
 use rustls::ServerConnection;
 use std::io::{self, ErrorKind, Read, Write};
 
-/// Decompressed bytes handed to the decoder per step: a small compressed input can expand a
-/// thousandfold, so it is taken in steps the decoder consumes between.
-pub(super) const DECOMPRESS_STEP: usize = 64 * 1024;
+/// The blocks the decoder's buffer grows by once upgraded. A step of decompression fills at
+/// most the room left in the block: a small compressed input can expand a thousandfold, so
+/// it is taken in steps the decoder consumes between.
+const DECOMPRESS_STEP: usize = 64 * 1024;
+
+/// Less free space than this in the decoder's buffer gets a new [`DECOMPRESS_STEP`] block.
+const MIN_SPARE: usize = 4 * 1024;
+
+/// Makes room for `needed` more bytes in the decoder's buffer. Message bodies keep the blocks
+/// they were read into alive, so new blocks are big (many small messages share one) and a
+/// block is filled before the next is taken (one message must not pin a mostly empty one).
+fn ensure_spare(commands: &mut BytesMut, needed: usize) {
+    if commands.capacity() - commands.len() < needed {
+        commands.reserve(needed.max(DECOMPRESS_STEP));
+    }
+}
 
 /// Outgoing layers of an upgraded connection.
 #[derive(Debug, Default)]
@@ -168,18 +181,25 @@ impl Inbound {
     pub(super) fn take_plain(&mut self, plain: &[u8], commands: &mut BytesMut) {
         match &mut self.decompressor {
             Some(d) => d.feed(plain),
-            None => commands.extend_from_slice(plain),
+            None => {
+                ensure_spare(commands, plain.len());
+                commands.extend_from_slice(plain);
+            }
         }
     }
 
-    /// Decompresses the next step of what was fed into `commands`; 0 when the decompressor
-    /// needs more input (or there is none).
+    /// Decompresses the next step of what was fed into `commands`, filling the space it has
+    /// left; 0 when the decompressor needs more input (or there is none).
     pub(super) fn decompress(
         &mut self,
         commands: &mut BytesMut,
     ) -> Result<usize, CompressionError> {
         match &mut self.decompressor {
-            Some(d) if d.has_pending() => d.decompress(commands, DECOMPRESS_STEP),
+            Some(d) if d.has_pending() => {
+                ensure_spare(commands, MIN_SPARE);
+                let room = commands.capacity() - commands.len();
+                d.decompress(commands, room)
+            }
             _ => Ok(0),
         }
     }
