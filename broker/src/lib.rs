@@ -10,6 +10,7 @@
 //! [`Server`] wraps both for tests and embedding.
 
 pub mod config;
+pub mod pem;
 pub mod signals;
 
 mod auth;

@@ -2,15 +2,13 @@
 //! finished handshake tells `/stats` and the auth server.
 
 use crate::config::{ClientAuthPolicy, ConfigError, TlsMinVersion, TlsOptions};
+use crate::pem;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
-use rustls::{
-    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
-};
+use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,9 +21,7 @@ pub(crate) fn server_config(o: &TlsOptions) -> Result<Option<Arc<ServerConfig>>,
     let (Some(cert_path), Some(key_path)) = (&o.tls_cert, &o.tls_key) else {
         return Ok(None);
     };
-    let certs = load_certs("tls-cert", cert_path)?;
-    let key =
-        PrivateKeyDer::from_pem_file(key_path).map_err(|e| config_error("tls-key", key_path, e))?;
+    let identity = pem::identity("tls-cert", cert_path, "tls-key", key_path)?;
     let provider = provider();
     let versions: &[&'static rustls::SupportedProtocolVersion] = match o.tls_min_version {
         TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -51,12 +47,7 @@ pub(crate) fn server_config(o: &TlsOptions) -> Result<Option<Arc<ServerConfig>>,
                     reason: "require-verify needs --tls-root-ca-file".into(),
                 });
             };
-            let mut roots = RootCertStore::empty();
-            for cert in load_certs("tls-root-ca-file", ca_path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| config_error("tls-root-ca-file", ca_path, e))?;
-            }
+            let roots = pem::root_store("tls-root-ca-file", ca_path)?.store;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| config_error("tls-root-ca-file", ca_path, e))?;
@@ -64,22 +55,9 @@ pub(crate) fn server_config(o: &TlsOptions) -> Result<Option<Arc<ServerConfig>>,
         }
     };
     let config = builder
-        .with_single_cert(certs, key)
+        .with_single_cert(identity.certs, identity.key)
         .map_err(|e| config_error("tls-key", key_path, e))?;
     Ok(Some(Arc::new(config)))
-}
-
-fn load_certs(
-    flag: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| config_error(flag, path, e))?;
-    if certs.is_empty() {
-        return Err(config_error(flag, path, "no PEM certificate in it"));
-    }
-    Ok(certs)
 }
 
 fn config_error(flag: &'static str, path: &Path, e: impl std::fmt::Display) -> ConfigError {
@@ -264,6 +242,49 @@ mod tests {
         }
         let key = KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn tls_options(args: &[String]) -> TlsOptions {
+        let args = std::iter::once("knsq-broker".to_string()).chain(args.iter().cloned());
+        crate::Options::from_args(args).unwrap().tls
+    }
+
+    #[test]
+    fn the_files_of_the_tls_flags_are_read_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = crate::pem::self_signed(dir.path(), "a");
+        let (_, other_key) = crate::pem::self_signed(dir.path(), "b");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not PEM").unwrap();
+        let [cert, key, other_key, garbage] =
+            [cert, key, other_key, garbage].map(|p| p.display().to_string());
+        let error = |args: &[String]| server_config(&tls_options(args)).unwrap_err();
+
+        assert!(server_config(&tls_options(&[])).unwrap().is_none());
+        let files = [format!("--tls-cert={cert}"), format!("--tls-key={key}")];
+        assert!(server_config(&tls_options(&files)).unwrap().is_some());
+        let verify = "--tls-client-auth-policy=require-verify".to_string();
+        let with_ca = |ca: &str| {
+            [
+                &files[..],
+                &[verify.clone(), format!("--tls-root-ca-file={ca}")],
+            ]
+            .concat()
+        };
+        assert!(
+            server_config(&tls_options(&with_ca(&cert)))
+                .unwrap()
+                .is_some()
+        );
+
+        let e = error(&[format!("--tls-cert={garbage}"), files[1].clone()]);
+        assert_eq!(e.flag, "tls-cert");
+        let e = error(&[files[0].clone(), format!("--tls-key={other_key}")]);
+        assert_eq!(e.flag, "tls-key");
+        assert!(e.reason.contains("does not fit the certificate"), "{e}");
+        let e = error(&with_ca(&garbage));
+        assert_eq!(e.flag, "tls-root-ca-file");
+        assert!(e.reason.starts_with("no PEM certificate in"), "{e}");
     }
 
     #[test]

@@ -345,10 +345,18 @@ async fn commands_before_auth_are_refused() -> Result<()> {
         c.send_raw(&command).await?;
         expect_fatal(&mut c, want).await?;
     }
-    // MPUB is refused before its body is read: the line alone gets the error.
+    // MPUB is refused before its body is read: the line alone gets the error, after the
+    // topic name is checked (nsqd's order).
     let mut c = b.connect().await?;
     c.send_raw(b"MPUB t\n").await?;
     expect_fatal(&mut c, "E_AUTH_FIRST AUTH required before MPUB").await?;
+    let mut c = b.connect().await?;
+    c.send_raw(b"MPUB b$d\n").await?;
+    expect_fatal(
+        &mut c,
+        r#"E_BAD_TOPIC E_BAD_TOPIC MPUB topic name "b$d" is not valid"#,
+    )
+    .await?;
     ensure!(
         server.requests().is_empty(),
         "nothing to ask the auth server"
@@ -382,8 +390,9 @@ async fn allowed_and_denied_publishes() -> Result<()> {
         2
     );
 
+    // A denied MPUB is refused on its line, before the body arrives.
     let mut c = authed(&b, "secret").await?;
-    c.send_raw(&mpub_cmd("payments", &[b"x"])).await?;
+    c.send_raw(b"MPUB payments\n").await?;
     expect_fatal(
         &mut c,
         r#"E_UNAUTHORIZED AUTH failed for MPUB on "payments" """#,

@@ -5,16 +5,15 @@
 //! handshake together.
 
 use crate::config::{ConfigError, Options, TlsMinVersion};
+use crate::pem;
 use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use std::future::Future;
 use std::io;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -189,8 +188,11 @@ impl Write for AuthStream {
 /// The TLS client for `https://` auth servers.
 pub(super) fn tls_connector(o: &Options) -> Result<TlsConnector, ConfigError> {
     let roots = match &o.tls.tls_root_ca_file {
-        Some(path) => file_roots(path)?,
-        None => system_roots(rustls_native_certs::load_native_certs())?,
+        Some(path) => pem::root_store("tls-root-ca-file", path)?.store,
+        None => pem::system_roots(
+            "auth-http-address",
+            "https:// auth servers need --tls-root-ca-file or the system's CA certificates",
+        )?,
     };
     let versions: &[&'static rustls::SupportedProtocolVersion] = match o.tls.tls_min_version {
         TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -208,60 +210,9 @@ pub(super) fn tls_connector(o: &Options) -> Result<TlsConnector, ConfigError> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-/// `--tls-root-ca-file`: every certificate in it must be usable as a CA, since a file with
-/// one bad entry is more likely a mistake than a wish to trust the rest.
-fn file_roots(path: &Path) -> Result<RootCertStore, ConfigError> {
-    let fail = |reason: String| ConfigError {
-        flag: "tls-root-ca-file",
-        reason: format!("{}: {reason}", path.display()),
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| fail(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(fail("no PEM certificate in it".into()));
-    }
-    let mut roots = RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        roots
-            .add(cert)
-            .map_err(|e| fail(format!("certificate {} is not usable as a CA: {e}", i + 1)))?;
-    }
-    Ok(roots)
-}
-
-/// The system's CA certificates; the odd unparsable one is skipped, as TLS clients do, but
-/// finding none at all is an error rather than an auth server no answer can be trusted from.
-fn system_roots(
-    found: rustls_native_certs::CertificateResult,
-) -> Result<RootCertStore, ConfigError> {
-    let mut roots = RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added > 0 {
-        return Ok(roots);
-    }
-    let mut reason = "https:// auth servers need --tls-root-ca-file or the system's CA \
-                      certificates, and no usable system CA certificate was found"
-        .to_string();
-    for e in &found.errors {
-        reason.push_str(&format!("; {e}"));
-    }
-    Err(ConfigError {
-        flag: "auth-http-address",
-        reason,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn no_system_certificates_is_an_auth_address_error() {
-        let err = system_roots(Default::default()).unwrap_err();
-        assert_eq!(err.flag, "auth-http-address");
-        assert!(err.reason.contains("--tls-root-ca-file"), "{}", err.reason);
-    }
 
     #[test]
     fn certificates_are_checked_against_the_host() {
@@ -274,19 +225,5 @@ mod tests {
         assert_eq!(name("https://auth.example:8443/a"), "auth.example");
         assert_eq!(name("https://127.0.0.1/a"), "127.0.0.1");
         assert_eq!(name("https://[::1]:443/a"), "::1");
-    }
-
-    #[test]
-    fn ca_files_must_hold_certificates() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("missing.pem");
-        let err = file_roots(&missing).unwrap_err();
-        assert_eq!(err.flag, "tls-root-ca-file");
-        assert!(err.reason.contains("missing.pem"), "{}", err.reason);
-        let empty = dir.path().join("empty.pem");
-        std::fs::write(&empty, "not PEM\n").unwrap();
-        let err = file_roots(&empty).unwrap_err();
-        assert_eq!(err.flag, "tls-root-ca-file");
-        assert!(err.reason.contains("no PEM certificate"), "{}", err.reason);
     }
 }

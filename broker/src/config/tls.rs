@@ -116,11 +116,12 @@ impl TlsOptions {
         if !(1..=9).contains(&self.max_deflate_level) {
             return fail("max-deflate-level", "must be in [1,9]");
         }
-        match (&self.tls_cert, &self.tls_key) {
-            (Some(_), None) => return fail("tls-key", "is needed with --tls-cert"),
-            (None, Some(_)) => return fail("tls-cert", "is needed with --tls-key"),
-            _ => {}
-        }
+        crate::pem::cert_and_key(
+            "tls-cert",
+            self.tls_cert.as_deref(),
+            "tls-key",
+            self.tls_key.as_deref(),
+        )?;
         if !self.enabled() && self.required() != TlsRequired::No {
             let flag = if self.tls_client_auth_policy.is_some() {
                 "tls-client-auth-policy"

@@ -4,12 +4,8 @@
 //! until a restart.
 
 use crate::config::{ConfigError, Options};
-use rustls::RootCertStore;
-use rustls::crypto::ring;
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
-use rustls::sign::CertifiedKey;
-use std::path::Path;
+use crate::pem;
+use rustls::pki_types::TrustAnchor;
 use std::time::Duration;
 use tonic::transport::{ClientTlsConfig, Identity};
 
@@ -36,17 +32,24 @@ impl ClientTls {
             return Ok(None);
         }
         let roots = match &o.lookupd_tls_root_ca_file {
-            Some(path) => read_roots(path).map_err(|reason| ConfigError {
-                flag: "lookupd-tls-root-ca-file",
-                reason,
-            })?,
-            None => system_roots(rustls_native_certs::load_native_certs())?,
+            Some(path) => pem::root_store("lookupd-tls-root-ca-file", path)?.store,
+            None => pem::system_roots(
+                "lookupd-tls",
+                "TLS to lookupds needs --lookupd-tls-root-ca-file or the system's CA certificates",
+            )?,
         };
-        let identity = match (&o.lookupd_tls_cert, &o.lookupd_tls_key) {
-            (None, None) => None,
-            (Some(_), None) => return Err(missing("lookupd-tls-key", "--lookupd-tls-cert")),
-            (None, Some(_)) => return Err(missing("lookupd-tls-cert", "--lookupd-tls-key")),
-            (Some(cert), Some(key)) => Some(read_identity(cert, key)?),
+        let files = pem::cert_and_key(
+            "lookupd-tls-cert",
+            o.lookupd_tls_cert.as_deref(),
+            "lookupd-tls-key",
+            o.lookupd_tls_key.as_deref(),
+        )?;
+        let identity = match files {
+            None => None,
+            Some((cert, key)) => {
+                let id = pem::identity("lookupd-tls-cert", cert, "lookupd-tls-key", key)?;
+                Some(Identity::from_pem(id.cert_pem, id.key_pem))
+            }
         };
         let server_name = match o.lookupd_tls_server_name.as_deref().map(str::trim) {
             Some("") => {
@@ -58,7 +61,7 @@ impl ClientTls {
             name => name.map(String::from),
         };
         Ok(Some(ClientTls {
-            roots,
+            roots: roots.roots,
             identity,
             server_name,
         }))
@@ -123,114 +126,10 @@ pub(crate) fn check_options(o: &Options) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn missing(flag: &'static str, with: &str) -> ConfigError {
-    ConfigError {
-        flag,
-        reason: format!("is needed with {with}"),
-    }
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("no PEM certificate in {}", path.display()));
-    }
-    Ok(certs)
-}
-
-/// Every certificate in the file must be a usable trust anchor: a CA file with one bad
-/// entry is more likely a mistake than a wish to trust the rest.
-fn read_roots(path: &Path) -> Result<Vec<TrustAnchor<'static>>, String> {
-    let pem = read(path)?;
-    let mut store = RootCertStore::empty();
-    for (i, cert) in certificates(&pem, path)?.into_iter().enumerate() {
-        store.add(cert).map_err(|e| {
-            format!(
-                "certificate {} in {} is not usable as a CA: {e}",
-                i + 1,
-                path.display()
-            )
-        })?;
-    }
-    Ok(store.roots)
-}
-
-/// The system's CA certificates; the odd unparsable one is skipped, as TLS clients do, but
-/// finding none at all is an error rather than lookupds that can never be verified.
-fn system_roots(
-    found: rustls_native_certs::CertificateResult,
-) -> Result<Vec<TrustAnchor<'static>>, ConfigError> {
-    let mut store = RootCertStore::empty();
-    let (added, _) = store.add_parsable_certificates(found.certs);
-    if added > 0 {
-        return Ok(store.roots);
-    }
-    let mut reason = "no --lookupd-tls-root-ca-file given and no usable system CA certificate \
-                      found"
-        .to_string();
-    for e in &found.errors {
-        reason.push_str(&format!("; {e}"));
-    }
-    Err(ConfigError {
-        flag: "lookupd-tls",
-        reason,
-    })
-}
-
-/// The client certificate and its key, checked to belong together.
-fn read_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, ConfigError> {
-    let cert_error = |reason| ConfigError {
-        flag: "lookupd-tls-cert",
-        reason,
-    };
-    let key_error = |reason| ConfigError {
-        flag: "lookupd-tls-key",
-        reason,
-    };
-    let cert_pem = read(cert_path).map_err(cert_error)?;
-    let certs = certificates(&cert_pem, cert_path).map_err(cert_error)?;
-    let key_pem = read(key_path).map_err(key_error)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        key_error(match e {
-            pem::Error::NoItemsFound => format!("no PEM private key in {}", key_path.display()),
-            e => format!("{} is not valid PEM: {e}", key_path.display()),
-        })
-    })?;
-    CertifiedKey::from_der(certs, key, &ring::default_provider()).map_err(|e| {
-        key_error(format!(
-            "{} does not fit the certificate in {}: {e}",
-            key_path.display(),
-            cert_path.display()
-        ))
-    })?;
-    Ok(Identity::from_pem(cert_pem, key_pem))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{CertificateParams, KeyPair};
-    use std::path::PathBuf;
-
-    /// A self-signed certificate and its key, written to `dir`.
-    fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let cert_path = dir.join(format!("{name}.pem"));
-        let key_path = dir.join(format!("{name}-key.pem"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path)
-    }
+    use crate::pem::self_signed;
 
     fn options(args: &[String]) -> Options {
         Options::from_args(std::iter::once("knsq-broker".to_string()).chain(args.iter().cloned()))
@@ -276,19 +175,6 @@ mod tests {
         assert_eq!(tls.server_name.as_deref(), Some("lookupd.internal"));
         assert!(options(&["--lookupd-tls".into()]).lookupd_tls);
         assert!(!options(&["--lookupd-tls=false".into()]).lookupd_tls);
-    }
-
-    #[test]
-    fn without_a_root_ca_file_the_system_certificates_are_trusted() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, _) = self_signed(dir.path(), "ca");
-        let der = CertificateDer::from_pem_file(&cert).unwrap();
-        let mut found = rustls_native_certs::CertificateResult::default();
-        found.certs.push(der);
-        assert_eq!(system_roots(found).unwrap().len(), 1);
-        let e = system_roots(Default::default()).unwrap_err();
-        assert_eq!(e.flag, "lookupd-tls");
-        assert!(e.reason.contains("no usable system CA certificate"), "{e}");
     }
 
     #[test]

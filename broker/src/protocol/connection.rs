@@ -486,11 +486,13 @@ impl Connection {
         loop {
             let state = self.client.state();
             let heartbeats = self.heartbeat.is_some();
-            let auth_first = self.broker.auth.is_some() && self.auth.is_none();
             let tls_missing = self.tls_required && !self.inbound.tls;
-            let decoded = self.decoder.decode(&mut self.read_buf, |name| {
-                check_state(name, state, heartbeats, auth_first, tls_missing)
-            });
+            let auth = self.broker.auth.is_some().then_some(&self.auth);
+            let decoded = self.decoder.decode_with(
+                &mut self.read_buf,
+                |name| check_state(name, state, heartbeats, tls_missing),
+                |topic| check_mpub_auth(auth, topic),
+            );
             let command = match decoded {
                 Ok(Some(command)) => command,
                 Ok(None) => break,
@@ -579,14 +581,7 @@ impl Connection {
         if state.is_allowed(topic, channel, permission) {
             return Ok(false);
         }
-        // Names are validated ASCII, so plain quotes read as Go's %q.
-        Err(ProtocolError::new(
-            ErrorCode::Unauthorized,
-            format!(
-                "AUTH failed for {} on \"{topic}\" \"{channel}\"",
-                name.as_str()
-            ),
-        ))
+        Err(unauthorized(name, topic, channel))
     }
 
     /// Executes a command and reports its error; false when the connection must close.
@@ -870,6 +865,34 @@ fn publish_error_code(command: CommandName) -> ErrorCode {
     }
 }
 
+/// An MPUB's authorization, checked before its body is read as nsqd does (`auth`: the
+/// client's authorizations when auth is on). Expired ones let the body in: the auth server
+/// is asked once the command is whole.
+fn check_mpub_auth(auth: Option<&Option<AuthState>>, topic: &str) -> Result<(), ProtocolError> {
+    let Some(auth) = auth else {
+        return Ok(());
+    };
+    let Some(state) = auth else {
+        return Err(auth_first(CommandName::Mpub));
+    };
+    if state.is_expired(Instant::now()) || state.is_allowed(topic, "", Permission::Publish) {
+        return Ok(());
+    }
+    Err(unauthorized(CommandName::Mpub, topic, ""))
+}
+
+/// `E_UNAUTHORIZED` for a command the authorizations do not cover.
+fn unauthorized(name: CommandName, topic: &str, channel: &str) -> ProtocolError {
+    // Names are validated ASCII, so plain quotes read as Go's %q.
+    ProtocolError::new(
+        ErrorCode::Unauthorized,
+        format!(
+            "AUTH failed for {} on \"{topic}\" \"{channel}\"",
+            name.as_str()
+        ),
+    )
+}
+
 /// `E_AUTH_FIRST`: auth is on and the client has not authenticated.
 fn auth_first(name: CommandName) -> ProtocolError {
     ProtocolError::new(
@@ -879,13 +902,11 @@ fn auth_first(name: CommandName) -> ProtocolError {
 }
 
 /// The rules nsqd applies before reading a command's parameters and body: TLS first when it
-/// is required and missing, then the state; with `auth_first` (auth on, no AUTH yet) an MPUB
-/// is refused before its body is read, as nsqd checks MPUB's authorization before reading it.
+/// is required and missing, then the state.
 fn check_state(
     name: CommandName,
     state: i32,
     heartbeats: bool,
-    auth_first: bool,
     tls_missing: bool,
 ) -> Result<Precheck, ProtocolError> {
     let cannot = || ProtocolError::invalid(format!("cannot {} in current state", name.as_str()));
@@ -910,7 +931,6 @@ fn check_state(
             Err(cannot())
         }
         CommandName::Cls if state != STATE_SUBSCRIBED => Err(cannot()),
-        CommandName::Mpub if auth_first => Err(self::auth_first(name)),
         _ => Ok(Precheck::Parse),
     }
 }

@@ -250,6 +250,8 @@ pub struct Decoder {
 struct MpubScan {
     /// Offset of the next message's size field, 0 when no MPUB is pending.
     next: usize,
+    /// The pending MPUB's topic passed the caller's check.
+    topic_checked: bool,
     bodies: Vec<Range<usize>>,
 }
 
@@ -295,7 +297,21 @@ impl Decoder {
     pub fn decode<R>(
         &mut self,
         src: &mut BytesMut,
+        precheck: impl FnMut(CommandName) -> Result<R, ProtocolError>,
+    ) -> Result<Option<Command>, ProtocolError>
+    where
+        R: Into<Precheck>,
+    {
+        self.decode_with(src, precheck, |_| Ok(()))
+    }
+
+    /// [`Decoder::decode`], with `mpub_topic_check` run on an MPUB's topic once the name is
+    /// valid and before the body is read: where nsqd checks that the client may publish.
+    pub fn decode_with<R>(
+        &mut self,
+        src: &mut BytesMut,
         mut precheck: impl FnMut(CommandName) -> Result<R, ProtocolError>,
+        mut mpub_topic_check: impl FnMut(&str) -> Result<(), ProtocolError>,
     ) -> Result<Option<Command>, ProtocolError>
     where
         R: Into<Precheck>,
@@ -313,7 +329,13 @@ impl Decoder {
         } else {
             nl
         };
-        let parsed = self.parse(&src[..], line_end, nl + 1, &mut precheck);
+        let parsed = self.parse(
+            &src[..],
+            line_end,
+            nl + 1,
+            &mut precheck,
+            &mut mpub_topic_check,
+        );
         let (len, shape) = match parsed {
             Ok(Parsed::Done(len, shape)) => (len, shape),
             Ok(Parsed::Incomplete) => return Ok(None),
@@ -338,6 +360,7 @@ impl Decoder {
             Shape::Mpub(t) => {
                 let bodies = self.mpub.bodies.drain(..).map(|r| frame.slice(r)).collect();
                 self.mpub.next = 0;
+                self.mpub.topic_checked = false;
                 Command::Mpub {
                     topic: name(t),
                     bodies,
@@ -363,6 +386,7 @@ impl Decoder {
         line_end: usize,
         body_start: usize,
         precheck: &mut impl FnMut(CommandName) -> Result<R, ProtocolError>,
+        mpub_topic_check: &mut impl FnMut(&str) -> Result<(), ProtocolError>,
     ) -> Result<Parsed, ProtocolError>
     where
         R: Into<Precheck>,
@@ -548,6 +572,11 @@ impl Decoder {
                 }
                 // nsqd repeats the code inside the text for MPUB; clients may match on it.
                 check_topic("MPUB", param(1), "E_BAD_TOPIC ")?;
+                // Once per MPUB, not again for each read of its body.
+                if !self.mpub.topic_checked {
+                    mpub_topic_check(std::str::from_utf8(param(1)).unwrap_or_default())?;
+                    self.mpub.topic_checked = true;
+                }
                 self.scan_mpub(src, body_start, params[1].clone())
             }
         }
@@ -941,6 +970,40 @@ mod tests {
             err.to_string(),
             "E_INVALID cannot IDENTIFY in current state"
         );
+    }
+
+    #[test]
+    fn mpub_topic_check_runs_after_the_name_and_before_the_body() {
+        let refuse = |topic: &str| {
+            Err(ProtocolError::new(
+                ErrorCode::Unauthorized,
+                format!("AUTH failed for MPUB on {topic:?} \"\""),
+            ))
+        };
+        let mut d = Decoder::new(Limits::default());
+        // The body has not arrived: refused at once.
+        let mut buf = BytesMut::from(&b"MPUB t\n"[..]);
+        let err = d.decode_with(&mut buf, |_| Ok(()), refuse).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "E_UNAUTHORIZED AUTH failed for MPUB on \"t\" \"\""
+        );
+        // A bad name is refused first, as in nsqd.
+        let mut buf = BytesMut::from(&b"MPUB b$d\n"[..]);
+        let err = d.decode_with(&mut buf, |_| Ok(()), refuse).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadTopic);
+        // Checked once per MPUB however its body arrives.
+        let mut checks = 0;
+        let mut buf = BytesMut::from(&b"MPUB t\n\x00\x00\x00\x09"[..]);
+        let mut count = |_: &str| {
+            checks += 1;
+            Ok(())
+        };
+        assert_eq!(d.decode_with(&mut buf, |_| Ok(()), &mut count), Ok(None));
+        buf.extend_from_slice(b"\x00\x00\x00\x01\x00\x00\x00\x01x");
+        let got = d.decode_with(&mut buf, |_| Ok(()), &mut count).unwrap();
+        assert!(matches!(got, Some(Command::Mpub { .. })));
+        assert_eq!(checks, 1);
     }
 
     #[test]
