@@ -1,11 +1,12 @@
 //! One client connection: the magic, then commands read, checked and executed in order.
 //!
 //! The reader runs here; a [`writer`](super::writer) task owns the socket's write half.
-//! Consecutive FINs in one read are applied together under a single channel lock.
+//! Consecutive FINs in one read are applied together under a single channel lock. The TLS
+//! and compression upgrades IDENTIFY agrees on, and reading through them, are in [`upgrade`].
 
-use super::client::{
-    AuthSummary, Client, Identity, STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED, TransportSummary,
-};
+mod upgrade;
+
+use super::client::{AuthSummary, Client, Identity, STATE_CLOSING, STATE_INIT, STATE_SUBSCRIBED};
 use super::identify::{IdentifyRequest, Negotiated};
 use super::transport::Inbound;
 use super::writer;
@@ -14,12 +15,10 @@ use crate::broker::Broker;
 use crate::config::TlsRequired;
 use crate::queue::{Channel, PublishError, SubscribeError, Topic};
 use bytes::{Bytes, BytesMut};
-use proto::wire::compression::{Compressor, Decompressor};
 use proto::wire::frame::{write_error, write_response};
 use proto::wire::{
     Command, CommandName, Decoder, ErrorCode, MAGIC_V2, MessageId, Precheck, ProtocolError,
 };
-use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -35,10 +34,6 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// while reads keep filling it.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 64 * 1024;
-/// How long a client has to finish the TLS handshake after IDENTIFY (nsqd's deadline).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Socket reads of an upgraded connection.
-const LAYERED_READ: usize = 16 * 1024;
 
 pub(crate) async fn serve(stream: TcpStream, broker: Arc<Broker>, shutdown: CancellationToken) {
     let Ok(peer) = stream.peer_addr() else {
@@ -235,152 +230,6 @@ impl Connection {
                     );
                     return;
                 }
-            }
-        }
-    }
-
-    /// The next step of an upgraded connection's input: decompressed bytes already received,
-    /// or a socket read through TLS and decompression. False at the end of the stream.
-    async fn read_layered(&mut self, reader: &mut OwnedReadHalf) -> io::Result<bool> {
-        let decompressed = self
-            .inbound
-            .decompress(&mut self.read_buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if decompressed > 0 {
-            return Ok(true);
-        }
-        if self.peer_closed {
-            return Ok(false);
-        }
-        self.inbound.raw.reserve(LAYERED_READ);
-        let read = async {
-            match self.heartbeat {
-                Some(hb) => timeout(hb * 2, reader.read_buf(&mut self.inbound.raw)).await,
-                None => Ok(reader.read_buf(&mut self.inbound.raw).await),
-            }
-        };
-        let n = tokio::select! {
-            _ = self.client.closed.cancelled() => return Ok(false),
-            r = read => match r {
-                Ok(r) => r?,
-                Err(_) => {
-                    tracing::info!(client = self.client.id, "no command within two heartbeats; closing");
-                    return Ok(false);
-                }
-            },
-        };
-        if n == 0 {
-            return Ok(false);
-        }
-        if self.inbound.tls {
-            let mut plain = self.inbound.plain_buffer();
-            let decrypted = self
-                .client
-                .outbox
-                .decrypt(&mut self.inbound.raw, &mut plain);
-            self.inbound.take_plain(&plain, &mut self.read_buf);
-            self.inbound.return_plain_buffer(plain);
-            self.peer_closed = !decrypted?;
-        } else {
-            let raw = std::mem::take(&mut self.inbound.raw);
-            self.inbound.take_plain(&raw, &mut self.read_buf);
-            self.inbound.raw = raw;
-            self.inbound.raw.clear();
-        }
-        Ok(true)
-    }
-
-    /// Sets up what IDENTIFY agreed on, in nsqd's order, each confirmed by an `OK` sent
-    /// through it: TLS, then snappy or deflate. False when the connection must close.
-    async fn upgrade(&mut self, reader: &mut OwnedReadHalf, agreed: Negotiated) -> bool {
-        // Whatever the client sent after IDENTIFY already belongs to the upgraded stream.
-        let mut after_identify = self.read_buf.split();
-        let mut transport = TransportSummary::default();
-        if agreed.tls {
-            let Some(config) = self.broker.tls.clone() else {
-                return false;
-            };
-            let session = match rustls::ServerConnection::new(config) {
-                Ok(session) => session,
-                Err(e) => {
-                    tracing::warn!(client = self.client.id, error = %e, "cannot start TLS");
-                    return false;
-                }
-            };
-            self.client.outbox.start_tls(session);
-            self.inbound.tls = true;
-            self.inbound.raw.extend_from_slice(&after_identify);
-            after_identify.clear();
-            let handshake = timeout(
-                TLS_HANDSHAKE_TIMEOUT,
-                self.handshake(reader, &mut after_identify),
-            );
-            match handshake.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::info!(client = self.client.id, error = %e, "TLS handshake failed; closing");
-                    return false;
-                }
-                Err(_) => {
-                    tracing::info!(client = self.client.id, "TLS handshake timed out; closing");
-                    return false;
-                }
-            }
-            let summary = self.client.outbox.tls_summary().unwrap_or_default();
-            self.common_name = summary.common_name.clone();
-            tracing::debug!(client = self.client.id, version = summary.version, "TLS on");
-            transport.tls = Some(summary);
-            self.client.set_transport(transport.clone());
-            self.send_response(proto::wire::OK);
-        }
-        if agreed.snappy || agreed.deflate {
-            let (compressor, decompressor) = if agreed.snappy {
-                (Compressor::snappy(), Decompressor::snappy())
-            } else {
-                (
-                    Compressor::deflate(agreed.deflate_level),
-                    Decompressor::deflate(),
-                )
-            };
-            self.client.outbox.start_compression(compressor);
-            self.inbound.decompressor = Some(decompressor);
-            transport.snappy = agreed.snappy;
-            transport.deflate = agreed.deflate;
-            self.client.set_transport(transport);
-            self.send_response(proto::wire::OK);
-        }
-        self.inbound.take_plain(&after_identify, &mut self.read_buf);
-        true
-    }
-
-    /// Runs the server side of the TLS handshake; application bytes that follow it in the
-    /// same records go to `early`.
-    async fn handshake(
-        &mut self,
-        reader: &mut OwnedReadHalf,
-        early: &mut BytesMut,
-    ) -> io::Result<()> {
-        let out = &self.client.outbox;
-        loop {
-            if !self.inbound.raw.is_empty() && !out.decrypt(&mut self.inbound.raw, early)? {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "client ended the session during the handshake",
-                ));
-            }
-            if !out.is_handshaking() {
-                return Ok(());
-            }
-            self.inbound.raw.reserve(LAYERED_READ);
-            let n = tokio::select! {
-                _ = self.client.closed.cancelled() => return Err(io::ErrorKind::ConnectionAborted.into()),
-                n = reader.read_buf(&mut self.inbound.raw) => n?,
-            };
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "client closed the connection during the handshake",
-                ));
             }
         }
     }
