@@ -49,6 +49,9 @@ pub struct NSQClusterSpec {
     /// Prometheus integration.
     #[serde(default)]
     pub metrics: MetricsSpec,
+    /// Mutual TLS between brokers and lookupds (the brokers' gRPC registration); plain when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_tls: Option<ClusterTlsSpec>,
 }
 
 /// The broker StatefulSet.
@@ -75,6 +78,133 @@ pub struct BrokerSpec {
     #[serde(default = "default_termination_grace")]
     #[schemars(range(min = 10, max = 3600))]
     pub termination_grace_period_seconds: i64,
+    /// TLS with clients (TCP upgrade through IDENTIFY, and HTTPS on port 4152); off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BrokerTlsSpec>,
+}
+
+/// TLS between brokers and their clients, from a `kubernetes.io/tls` Secret in the cluster's
+/// namespace (`tls.crt`, `tls.key`, and `ca.crt` for `require-verify`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    // nsqd treats a client auth policy as TLS required; saying otherwise would be a lie.
+    validation = Rule::new("!has(self.clientAuthPolicy) || !has(self.required) || self.required != 'false'").message("clientAuthPolicy makes TLS required: set required to \"true\" or \"tcp-https\", or leave it unset")
+)]
+pub struct BrokerTlsSpec {
+    /// The Secret with the brokers' certificate; it must cover the names clients connect to
+    /// (the client Service and the pods' stable DNS names).
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// `--tls-required`: `"true"` (TCP clients must upgrade and plain HTTP is refused),
+    /// `"tcp-https"` (TCP only) or `"false"` (TLS offered, not required; the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "tls_required_schema")]
+    pub required: Option<TlsRequired>,
+    /// `--tls-client-auth-policy`: `require` (clients show any certificate) or `require-verify`
+    /// (one signed by the Secret's `ca.crt`); no client certificates when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "client_auth_policy_schema")]
+    pub client_auth_policy: Option<ClientAuthPolicy>,
+    /// `--tls-min-version`: the oldest TLS version accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "tls_version_schema")]
+    pub min_version: Option<TlsVersion>,
+}
+
+/// Values of nsqd's `--tls-required`, strings as the flag takes them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsRequired {
+    #[serde(rename = "false")]
+    False,
+    #[serde(rename = "true")]
+    True,
+    #[serde(rename = "tcp-https")]
+    TcpHttps,
+}
+
+/// Values of nsqd's `--tls-client-auth-policy`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuthPolicy {
+    Require,
+    RequireVerify,
+}
+
+/// TLS versions knsq speaks (`--tls-min-version`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[serde(rename = "tls1.2")]
+    Tls12,
+    #[serde(rename = "tls1.3")]
+    Tls13,
+}
+
+/// Mutual TLS on the lookupds' gRPC port, from one `kubernetes.io/tls` Secret with `tls.crt`,
+/// `tls.key` and `ca.crt`: lookupds serve with the certificate and accept only brokers showing
+/// one signed by `ca.crt`; brokers show the same certificate and verify the lookupds with `ca.crt`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterTlsSpec {
+    /// The Secret; its certificate must name every lookupd pod
+    /// (`*.<cluster>-lookupd-headless.<namespace>.svc`).
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+}
+
+// schemars renders an optional enum with `null` among its values, which the API server (1.20 at
+// least) rejects; these give the plain string enum instead.
+fn string_enum(values: &[&str]) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": values})
+}
+fn tls_required_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    string_enum(&["false", "true", "tcp-https"])
+}
+fn client_auth_policy_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    string_enum(&["require", "require-verify"])
+}
+fn tls_version_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    string_enum(&["tls1.2", "tls1.3"])
+}
+
+impl TlsRequired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsRequired::False => "false",
+            TlsRequired::True => "true",
+            TlsRequired::TcpHttps => "tcp-https",
+        }
+    }
+}
+
+impl ClientAuthPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuthPolicy::Require => "require",
+            ClientAuthPolicy::RequireVerify => "require-verify",
+        }
+    }
+}
+
+impl TlsVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "tls1.2",
+            TlsVersion::Tls13 => "tls1.3",
+        }
+    }
+}
+
+impl BrokerTlsSpec {
+    /// Whether plain HTTP is refused: `--tls-required=true`, or a client auth policy (which
+    /// makes TLS required) unless `tcp-https` keeps plain HTTP.
+    pub fn https_only(&self) -> bool {
+        match self.required {
+            Some(TlsRequired::True) => true,
+            Some(TlsRequired::TcpHttps) => false,
+            _ => self.client_auth_policy.is_some(),
+        }
+    }
 }
 
 /// The lookupd StatefulSet.
@@ -164,7 +294,8 @@ pub struct StorageSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.maxBodySize >= self.maxMsgSize").message("maxBodySize must be at least maxMsgSize"),
-    validation = Rule::new("duration(self.msgTimeout) <= duration(self.maxMsgTimeout)").message("msgTimeout must not exceed maxMsgTimeout")
+    validation = Rule::new("duration(self.msgTimeout) <= duration(self.maxMsgTimeout)").message("msgTimeout must not exceed maxMsgTimeout"),
+    validation = Rule::new("!has(self.maxDeflateLevel) || !has(self.deflate) || self.deflate").message("maxDeflateLevel has no meaning when deflate is off")
 )]
 pub struct BrokerSettings {
     /// `--mem-queue-size`: messages kept in memory per topic and channel before going to disk.
@@ -199,6 +330,18 @@ pub struct BrokerSettings {
     #[serde(default = "default_sync_timeout")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub sync_timeout: String,
+    // The compression options stay unset (nsqd's defaults, no flag) unless given, so clusters
+    // created before they existed keep their pods.
+    /// `--snappy`: offer snappy compression to TCP clients (nsqd's default: true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snappy: Option<bool>,
+    /// `--deflate`: offer deflate compression to TCP clients (nsqd's default: true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deflate: Option<bool>,
+    /// `--max-deflate-level`: highest deflate level a client may ask for (nsqd's default: 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 9))]
+    pub max_deflate_level: Option<i64>,
 }
 
 /// The nsqlookupd options users tune.
@@ -299,6 +442,7 @@ impl Default for BrokerSpec {
             settings: BrokerSettings::default(),
             pdb: PdbSpec::default(),
             termination_grace_period_seconds: default_termination_grace(),
+            tls: None,
         }
     }
 }
@@ -335,6 +479,9 @@ impl Default for BrokerSettings {
             max_rdy_count: default_max_rdy_count(),
             sync_every: default_sync_every(),
             sync_timeout: default_sync_timeout(),
+            snappy: None,
+            deflate: None,
+            max_deflate_level: None,
         }
     }
 }

@@ -411,6 +411,61 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
             .is_some()
     );
 
+    // Turning TLS on: the API server takes the pods' Secret volumes, HTTPS port and probes.
+    let patch = Patch::Merge(json!({"spec": {
+        "broker": {"tls": {"secretName": "events-tls", "required": "true", "clientAuthPolicy": "require", "minVersion": "tls1.3"}},
+        "clusterTls": {"secretName": "events-cluster-tls"},
+    }}));
+    clusters
+        .patch("events", &PatchParams::default(), &patch)
+        .await
+        .expect("turn TLS on");
+    let broker = eventually("the brokers' TLS volumes", || async {
+        let sts = get(&statefulsets, "events-broker").await?;
+        let volumes = sts.spec.as_ref()?.template.spec.as_ref()?.volumes.clone()?;
+        (volumes.len() == 2).then_some(sts)
+    })
+    .await;
+    let c = container(&broker);
+    assert!(
+        c.ports
+            .as_ref()
+            .expect("ports")
+            .iter()
+            .any(|p| p.name.as_deref() == Some("https") && p.container_port == 4152)
+    );
+    assert!(c.readiness_probe.and_then(|p| p.tcp_socket).is_some());
+    let lookupd = eventually("the lookupds' TLS volume", || async {
+        let sts = get(&statefulsets, "events-lookupd").await?;
+        sts.spec
+            .as_ref()?
+            .template
+            .spec
+            .as_ref()?
+            .volumes
+            .as_ref()?;
+        Some(sts)
+    })
+    .await;
+    assert!(
+        container(&lookupd)
+            .args
+            .expect("args")
+            .contains(&"--grpc-tls-client-ca-file=/etc/knsq/cluster-tls/ca.crt".to_owned())
+    );
+    let https = eventually("the broker Service's https port", || async {
+        let svc = get(&services, "events-broker").await?;
+        svc.spec?
+            .ports?
+            .into_iter()
+            .find(|p| p.name.as_deref() == Some("https"))
+    })
+    .await;
+    assert_eq!(
+        (https.port, https.app_protocol.as_deref()),
+        (4152, Some("https"))
+    );
+
     // What the operator recorded.
     let events: Api<Event> = Api::namespaced(admin.clone(), NS);
     let reasons: Vec<String> = events
@@ -477,6 +532,14 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
         (
             json!({"broker": {"settings": {"msgTimeout": "soon"}}}),
             "spec.broker.settings.msgTimeout",
+        ),
+        (
+            json!({"broker": {"tls": {"secretName": ""}}}),
+            "spec.broker.tls.secretName",
+        ),
+        (
+            json!({"broker": {"settings": {"maxDeflateLevel": 10}}}),
+            "spec.broker.settings.maxDeflateLevel",
         ),
     ] {
         let invalid: NSQCluster =

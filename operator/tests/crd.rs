@@ -179,3 +179,106 @@ fn examples_parse_and_pass_every_rule() {
     }
     assert!(seen >= 3, "expected the examples in {}", dir.display());
 }
+
+#[test]
+fn tls_schema_is_optional_with_flag_values() {
+    let spec = &schema()["properties"]["spec"]["properties"];
+    let tls = &spec["broker"]["properties"]["tls"];
+    assert_eq!(tls["required"], json!(["secretName"]));
+    assert_eq!(tls["properties"]["secretName"]["minLength"], 1);
+    let values = |field: &str| -> Vec<Value> {
+        tls["properties"][field]["enum"]
+            .as_array()
+            .expect("enum")
+            .iter()
+            .filter(|v| !v.is_null())
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        values("required"),
+        [json!("false"), json!("true"), json!("tcp-https")]
+    );
+    assert_eq!(
+        values("clientAuthPolicy"),
+        [json!("require"), json!("require-verify")]
+    );
+    assert_eq!(values("minVersion"), [json!("tls1.2"), json!("tls1.3")]);
+    assert_eq!(spec["clusterTls"]["required"], json!(["secretName"]));
+    // Unset means today's behaviour: no defaults that would add flags to existing clusters.
+    assert_eq!(spec["broker"]["default"].get("tls"), None);
+    assert_eq!(spec.get("clusterTls").and_then(|c| c.get("default")), None);
+    let settings = &spec["broker"]["properties"]["settings"];
+    assert_eq!(settings["properties"]["maxDeflateLevel"]["maximum"], 9.0);
+    assert_eq!(settings["default"].get("snappy"), None);
+}
+
+#[test]
+fn cel_accepts_tls_settings() {
+    let cases = [
+        json!({"broker": {"tls": {"secretName": "events-tls"}}}),
+        json!({"broker": {"tls": {"secretName": "events-tls", "required": "tcp-https", "minVersion": "tls1.3"}}}),
+        json!({"broker": {"tls": {"secretName": "events-tls", "clientAuthPolicy": "require-verify"}}}),
+        json!({"broker": {"tls": {"secretName": "events-tls", "required": "true", "clientAuthPolicy": "require"}}}),
+        json!({"broker": {"tls": {"secretName": "events-tls", "required": "tcp-https", "clientAuthPolicy": "require-verify"}}}),
+        json!({"clusterTls": {"secretName": "events-cluster-tls"}}),
+        json!({"broker": {"settings": {"snappy": false, "deflate": true, "maxDeflateLevel": 9}}}),
+        json!({"broker": {"settings": {"maxDeflateLevel": 1}}}),
+    ];
+    for spec in cases {
+        assert_eq!(
+            cel_failures(&object(spec.clone()), None),
+            Vec::<String>::new(),
+            "{spec}"
+        );
+        let typed: NSQClusterSpec = serde_json::from_value(spec.clone()).expect("typed spec");
+        NSQCluster::new("events", typed)
+            .validate_cel()
+            .unwrap_or_else(|e| panic!("{spec}: {e:?}"));
+    }
+}
+
+#[test]
+fn cel_rejects_contradicting_tls_settings() {
+    let auth_message = "clientAuthPolicy makes TLS required: set required to \"true\" or \"tcp-https\", or leave it unset";
+    let cases = [
+        (
+            json!({"broker": {"tls": {"secretName": "t", "required": "false", "clientAuthPolicy": "require"}}}),
+            auth_message,
+        ),
+        (
+            json!({"broker": {"settings": {"deflate": false, "maxDeflateLevel": 4}}}),
+            "maxDeflateLevel has no meaning when deflate is off",
+        ),
+    ];
+    for (spec, message) in cases {
+        assert_eq!(
+            cel_failures(&object(spec.clone()), None),
+            [message],
+            "{spec}"
+        );
+    }
+}
+
+#[test]
+fn tls_values_round_trip_as_flag_strings() {
+    let spec: NSQClusterSpec = serde_json::from_value(json!({
+        "broker": {"tls": {"secretName": "t", "required": "tcp-https", "clientAuthPolicy": "require-verify", "minVersion": "tls1.2"}},
+        "clusterTls": {"secretName": "m"}
+    }))
+    .expect("parse");
+    let back = serde_json::to_value(&spec).expect("encode");
+    assert_eq!(back["broker"]["tls"]["required"], "tcp-https");
+    assert_eq!(back["broker"]["tls"]["clientAuthPolicy"], "require-verify");
+    assert_eq!(back["clusterTls"], json!({"secretName": "m"}));
+    assert!(
+        serde_json::from_value::<NSQClusterSpec>(
+            json!({"broker": {"tls": {"secretName": "t", "required": true}}})
+        )
+        .is_err(),
+        "a YAML boolean is not one of the flag's strings"
+    );
+    let plain = serde_json::to_value(NSQClusterSpec::default()).expect("encode");
+    assert_eq!(plain.get("clusterTls"), None);
+    assert_eq!(plain["broker"].get("tls"), None);
+}

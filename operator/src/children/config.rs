@@ -12,19 +12,28 @@ use super::{Component, child_meta, labels};
 use crate::crd::NSQCluster;
 
 /// One setting: the command-line flag it feeds and the ConfigMap key (and environment variable)
-/// holding its value.
+/// holding its value. Settings without a flag (the TLS Secrets' names) shape the pod template
+/// instead; they are kept here so the checksum covers them too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Setting {
-    pub(crate) flag: &'static str,
+    pub(crate) flag: Option<&'static str>,
     pub(crate) key: &'static str,
     pub(crate) value: String,
 }
 
 fn setting(flag: &'static str, key: &'static str, value: impl ToString) -> Setting {
     Setting {
-        flag,
+        flag: Some(flag),
         key,
         value: value.to_string(),
+    }
+}
+
+fn secret_name(key: &'static str, name: &str) -> Setting {
+    Setting {
+        flag: None,
+        key,
+        value: name.to_owned(),
     }
 }
 
@@ -33,7 +42,7 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
     match component {
         Component::Broker => {
             let s = &cluster.spec.broker.settings;
-            vec![
+            let mut settings = vec![
                 setting("mem-queue-size", "BROKER_MEM_QUEUE_SIZE", s.mem_queue_size),
                 setting("msg-timeout", "BROKER_MSG_TIMEOUT", &s.msg_timeout),
                 setting(
@@ -46,11 +55,40 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                 setting("max-rdy-count", "BROKER_MAX_RDY_COUNT", s.max_rdy_count),
                 setting("sync-every", "BROKER_SYNC_EVERY", s.sync_every),
                 setting("sync-timeout", "BROKER_SYNC_TIMEOUT", &s.sync_timeout),
-            ]
+            ];
+            // Optional ones only when set: a new key would roll the pods of existing clusters.
+            settings.extend(s.snappy.map(|v| setting("snappy", "BROKER_SNAPPY", v)));
+            settings.extend(s.deflate.map(|v| setting("deflate", "BROKER_DEFLATE", v)));
+            settings.extend(
+                s.max_deflate_level
+                    .map(|v| setting("max-deflate-level", "BROKER_MAX_DEFLATE_LEVEL", v)),
+            );
+            if let Some(tls) = &cluster.spec.broker.tls {
+                settings.push(secret_name("BROKER_TLS_SECRET", &tls.secret_name));
+                settings.extend(
+                    tls.required
+                        .map(|v| setting("tls-required", "BROKER_TLS_REQUIRED", v.as_str())),
+                );
+                settings.extend(tls.client_auth_policy.map(|v| {
+                    setting(
+                        "tls-client-auth-policy",
+                        "BROKER_TLS_CLIENT_AUTH_POLICY",
+                        v.as_str(),
+                    )
+                }));
+                settings.extend(
+                    tls.min_version
+                        .map(|v| setting("tls-min-version", "BROKER_TLS_MIN_VERSION", v.as_str())),
+                );
+            }
+            if let Some(tls) = &cluster.spec.cluster_tls {
+                settings.push(secret_name("BROKER_CLUSTER_TLS_SECRET", &tls.secret_name));
+            }
+            settings
         }
         Component::Lookupd => {
             let s = &cluster.spec.lookupd.settings;
-            vec![
+            let mut settings = vec![
                 setting(
                     "inactive-producer-timeout",
                     "LOOKUPD_INACTIVE_PRODUCER_TIMEOUT",
@@ -61,7 +99,11 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                     "LOOKUPD_TOMBSTONE_LIFETIME",
                     &s.tombstone_lifetime,
                 ),
-            ]
+            ];
+            if let Some(tls) = &cluster.spec.cluster_tls {
+                settings.push(secret_name("LOOKUPD_CLUSTER_TLS_SECRET", &tls.secret_name));
+            }
+            settings
         }
     }
 }
@@ -119,7 +161,9 @@ pub fn config_checksum(config_map: &ConfigMap, component: Component) -> String {
 mod tests {
     use super::*;
     use crate::children::tests::cluster;
-    use crate::crd::NSQClusterSpec;
+    use crate::crd::{
+        BrokerTlsSpec, ClientAuthPolicy, ClusterTlsSpec, NSQClusterSpec, TlsRequired, TlsVersion,
+    };
 
     #[test]
     fn holds_every_setting_of_both_components() {
@@ -160,5 +204,30 @@ mod tests {
             config_checksum(&broker_changed, Component::Broker)
         );
         assert_eq!(config_checksum(&base, Component::Broker).len(), 16);
+    }
+
+    #[test]
+    fn optional_settings_and_tls_only_when_set() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.settings.deflate = Some(false);
+        spec.broker.tls = Some(BrokerTlsSpec {
+            secret_name: "events-tls".to_owned(),
+            required: Some(TlsRequired::TcpHttps),
+            client_auth_policy: Some(ClientAuthPolicy::RequireVerify),
+            min_version: Some(TlsVersion::Tls13),
+        });
+        spec.cluster_tls = Some(ClusterTlsSpec {
+            secret_name: "events-mtls".to_owned(),
+        });
+        let data = config_map(&cluster(spec)).data.expect("data");
+        assert_eq!(data.len(), 17);
+        assert_eq!(data["BROKER_DEFLATE"], "false");
+        assert!(!data.contains_key("BROKER_SNAPPY"));
+        assert_eq!(data["BROKER_TLS_SECRET"], "events-tls");
+        assert_eq!(data["BROKER_TLS_REQUIRED"], "tcp-https");
+        assert_eq!(data["BROKER_TLS_CLIENT_AUTH_POLICY"], "require-verify");
+        assert_eq!(data["BROKER_TLS_MIN_VERSION"], "tls1.3");
+        assert_eq!(data["BROKER_CLUSTER_TLS_SECRET"], "events-mtls");
+        assert_eq!(data["LOOKUPD_CLUSTER_TLS_SECRET"], "events-mtls");
     }
 }

@@ -55,6 +55,12 @@ pub const BROKER_HTTP: PortSpec = PortSpec {
     port: 4151,
     app_protocol: "http",
 };
+/// The brokers' HTTP API over TLS, served only with `spec.broker.tls`.
+pub const BROKER_HTTPS: PortSpec = PortSpec {
+    name: "https",
+    port: 4152,
+    app_protocol: "https",
+};
 pub const LOOKUPD_GRPC: PortSpec = PortSpec {
     name: "grpc",
     port: 4160,
@@ -77,18 +83,21 @@ impl Component {
     }
 
     /// Every port the component's container listens on.
-    pub fn ports(self) -> &'static [PortSpec] {
+    pub fn ports(self, cluster: &NSQCluster) -> Vec<PortSpec> {
         match self {
-            Component::Broker => &[BROKER_TCP, BROKER_HTTP],
-            Component::Lookupd => &[LOOKUPD_GRPC, LOOKUPD_HTTP],
+            Component::Broker => self.client_ports(cluster),
+            Component::Lookupd => vec![lookupd_grpc(cluster), LOOKUPD_HTTP],
         }
     }
 
     /// The ports clients reach through the component's ClusterIP Service.
-    pub fn client_ports(self) -> &'static [PortSpec] {
+    pub fn client_ports(self, cluster: &NSQCluster) -> Vec<PortSpec> {
         match self {
-            Component::Broker => &[BROKER_TCP, BROKER_HTTP],
-            Component::Lookupd => &[LOOKUPD_HTTP],
+            Component::Broker if cluster.spec.broker.tls.is_some() => {
+                vec![BROKER_TCP, BROKER_HTTP, BROKER_HTTPS]
+            }
+            Component::Broker => vec![BROKER_TCP, BROKER_HTTP],
+            Component::Lookupd => vec![LOOKUPD_HTTP],
         }
     }
 
@@ -115,6 +124,18 @@ impl Component {
     /// DNS name of the component's ClusterIP Service.
     pub fn service_host(self, cluster: &NSQCluster) -> String {
         format!("{}.{}.svc", self.name(cluster), namespace(cluster))
+    }
+}
+
+/// The lookupds' gRPC port: HTTP/2 in clear text, or over TLS (`https`) with `spec.clusterTls`.
+fn lookupd_grpc(cluster: &NSQCluster) -> PortSpec {
+    if cluster.spec.cluster_tls.is_some() {
+        PortSpec {
+            app_protocol: "https",
+            ..LOOKUPD_GRPC
+        }
+    } else {
+        LOOKUPD_GRPC
     }
 }
 

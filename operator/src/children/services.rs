@@ -35,7 +35,7 @@ pub fn headless_service(cluster: &NSQCluster, component: Component) -> Service {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(true),
             selector: Some(selector_labels(cluster, component)),
-            ports: Some(service_ports(component.ports())),
+            ports: Some(service_ports(&component.ports(cluster))),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -50,7 +50,7 @@ pub fn client_service(cluster: &NSQCluster, component: Component) -> Service {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(selector_labels(cluster, component)),
-            ports: Some(service_ports(component.client_ports())),
+            ports: Some(service_ports(&component.client_ports(cluster))),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -61,7 +61,7 @@ pub fn client_service(cluster: &NSQCluster, component: Component) -> Service {
 mod tests {
     use super::*;
     use crate::children::tests::cluster;
-    use crate::crd::NSQClusterSpec;
+    use crate::crd::{BrokerTlsSpec, ClusterTlsSpec, NSQClusterSpec};
 
     fn port_summary(svc: &Service) -> Vec<(String, i32, String, String, String)> {
         svc.spec
@@ -146,5 +146,37 @@ mod tests {
                 "kubernetes.io/h2c".into()
             )
         );
+    }
+
+    #[test]
+    fn tls_adds_https_and_marks_grpc_as_tls() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.tls = Some(BrokerTlsSpec {
+            secret_name: "events-tls".to_owned(),
+            required: None,
+            client_auth_policy: None,
+            min_version: None,
+        });
+        spec.cluster_tls = Some(ClusterTlsSpec {
+            secret_name: "events-cluster-tls".to_owned(),
+        });
+        let c = cluster(spec);
+        let https = (
+            "https".into(),
+            4152,
+            "https".into(),
+            "TCP".into(),
+            "https".into(),
+        );
+        for svc in [
+            client_service(&c, Component::Broker),
+            headless_service(&c, Component::Broker),
+        ] {
+            let ports = port_summary(&svc);
+            assert_eq!(ports.len(), 3);
+            assert_eq!(ports[2], https);
+        }
+        let grpc = &port_summary(&headless_service(&c, Component::Lookupd))[0];
+        assert_eq!((grpc.0.as_str(), grpc.4.as_str()), ("grpc", "https"));
     }
 }

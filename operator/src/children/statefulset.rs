@@ -5,20 +5,22 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume,
-    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource,
+    SecurityContext, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{config_map_name, settings};
 use super::{
-    BROKER_HTTP, BROKER_TCP, CHECKSUM_ANNOTATION, Component, LOOKUPD_GRPC, LOOKUPD_HTTP, PortSpec,
+    BROKER_HTTP, BROKER_HTTPS, BROKER_TCP, CHECKSUM_ANNOTATION, Component, LOOKUPD_GRPC,
+    LOOKUPD_HTTP, PortSpec,
 };
 use super::{child_meta, config_checksum, labels, namespace, selector_labels};
-use crate::crd::{NSQCluster, PodSettings};
+use crate::crd::{ClientAuthPolicy, NSQCluster, PodSettings};
 
 /// Where a broker keeps its queues.
 const DATA_PATH: &str = "/data";
@@ -27,6 +29,26 @@ const DATA_VOLUME: &str = "data";
 const RUN_AS: i64 = 65532;
 /// Label the StatefulSet controller sets on each pod with its ordinal (Kubernetes 1.28+).
 const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+/// The brokers' client TLS Secret (`spec.broker.tls`).
+const TLS_VOLUME: &str = "tls";
+const TLS_PATH: &str = "/etc/knsq/tls";
+/// The broker↔lookupd mutual TLS Secret (`spec.clusterTls`), mounted by both components.
+const CLUSTER_TLS_VOLUME: &str = "cluster-tls";
+const CLUSTER_TLS_PATH: &str = "/etc/knsq/cluster-tls";
+/// Owner and group (the pods' fsGroup) may read the keys, nobody else.
+const SECRET_MODE: i32 = 0o440;
+
+/// What the kubelet's probes hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProbeTarget {
+    /// `GET /ping` on a port.
+    Http(PortSpec),
+    /// `GET /ping` over TLS (the kubelet does not verify the certificate).
+    Https(PortSpec),
+    /// A TCP connect: brokers requiring client certificates refuse the kubelet's HTTPS, since it
+    /// cannot show one.
+    Tcp(PortSpec),
+}
 
 /// What differs between the two components' StatefulSets.
 struct Workload<'a> {
@@ -39,6 +61,7 @@ struct Workload<'a> {
     /// The component's own environment; `POD_NAME` and the settings are added to it.
     env: Vec<EnvVar>,
     http: PortSpec,
+    probe: ProbeTarget,
     termination_grace_period_seconds: i64,
     volume_mounts: Vec<VolumeMount>,
     volumes: Vec<Volume>,
@@ -53,10 +76,25 @@ pub fn lookupd_statefulset(
 ) -> StatefulSet {
     let spec = &cluster.spec.lookupd;
     let component = Component::Lookupd;
-    let args = vec![
+    let mut args = vec![
         format!("--grpc-address=0.0.0.0:{}", LOOKUPD_GRPC.port),
         format!("--http-address=0.0.0.0:{}", LOOKUPD_HTTP.port),
     ];
+    let (mut volume_mounts, mut volumes) = (Vec::new(), Vec::new());
+    if let Some(tls) = &cluster.spec.cluster_tls {
+        // Serve gRPC with the cluster certificate and accept only brokers signed by its CA.
+        args.extend([
+            format!("--grpc-tls-cert={CLUSTER_TLS_PATH}/tls.crt"),
+            format!("--grpc-tls-key={CLUSTER_TLS_PATH}/tls.key"),
+            format!("--grpc-tls-client-ca-file={CLUSTER_TLS_PATH}/ca.crt"),
+        ]);
+        volume_mounts.push(secret_mount(CLUSTER_TLS_VOLUME, CLUSTER_TLS_PATH));
+        volumes.push(secret_volume(
+            CLUSTER_TLS_VOLUME,
+            &tls.secret_name,
+            &["tls.crt", "tls.key", "ca.crt"],
+        ));
+    }
     let env = Vec::new();
     statefulset(
         cluster,
@@ -69,9 +107,10 @@ pub fn lookupd_statefulset(
             args,
             env,
             http: LOOKUPD_HTTP,
+            probe: ProbeTarget::Http(LOOKUPD_HTTP),
             termination_grace_period_seconds: 30,
-            volume_mounts: Vec::new(),
-            volumes: Vec::new(),
+            volume_mounts,
+            volumes,
             volume_claim_templates: Vec::new(),
         },
     )
@@ -103,9 +142,46 @@ pub fn broker_statefulset(
         "POD_INDEX",
         &format!("metadata.labels['{POD_INDEX_LABEL}']"),
     )];
+    let mut volume_mounts = vec![VolumeMount {
+        name: DATA_VOLUME.to_owned(),
+        mount_path: DATA_PATH.to_owned(),
+        ..VolumeMount::default()
+    }];
+    let mut tls_volumes = Vec::new();
+    if let Some(tls) = &spec.tls {
+        args.extend([
+            format!("--https-address=0.0.0.0:{}", BROKER_HTTPS.port),
+            format!("--tls-cert={TLS_PATH}/tls.crt"),
+            format!("--tls-key={TLS_PATH}/tls.key"),
+        ]);
+        let mut keys = vec!["tls.crt", "tls.key"];
+        // Listing ca.crt makes a Secret without it fail the pod's volume mount with a message
+        // naming the key, rather than the broker failing later on a missing file.
+        if tls.client_auth_policy == Some(ClientAuthPolicy::RequireVerify) {
+            args.push(format!("--tls-root-ca-file={TLS_PATH}/ca.crt"));
+            keys.push("ca.crt");
+        }
+        volume_mounts.push(secret_mount(TLS_VOLUME, TLS_PATH));
+        tls_volumes.push(secret_volume(TLS_VOLUME, &tls.secret_name, &keys));
+    }
+    if let Some(tls) = &cluster.spec.cluster_tls {
+        // The lookupd addresses stay the pods' stable DNS names, which the certificate names,
+        // so no --lookupd-tls-server-name is needed.
+        args.extend([
+            format!("--lookupd-tls-root-ca-file={CLUSTER_TLS_PATH}/ca.crt"),
+            format!("--lookupd-tls-cert={CLUSTER_TLS_PATH}/tls.crt"),
+            format!("--lookupd-tls-key={CLUSTER_TLS_PATH}/tls.key"),
+        ]);
+        volume_mounts.push(secret_mount(CLUSTER_TLS_VOLUME, CLUSTER_TLS_PATH));
+        tls_volumes.push(secret_volume(
+            CLUSTER_TLS_VOLUME,
+            &tls.secret_name,
+            &["tls.crt", "tls.key", "ca.crt"],
+        ));
+    }
 
     let storage = &spec.storage;
-    let (volumes, volume_claim_templates) = if storage.ephemeral {
+    let (mut volumes, volume_claim_templates) = if storage.ephemeral {
         let empty_dir = EmptyDirVolumeSource {
             size_limit: Some(storage.size.clone()),
             ..EmptyDirVolumeSource::default()
@@ -140,6 +216,7 @@ pub fn broker_statefulset(
         };
         (Vec::new(), vec![claim])
     };
+    volumes.extend(tls_volumes);
     statefulset(
         cluster,
         config_map,
@@ -151,28 +228,69 @@ pub fn broker_statefulset(
             args,
             env,
             http: BROKER_HTTP,
+            probe: broker_probe(cluster),
             termination_grace_period_seconds: spec.termination_grace_period_seconds,
-            volume_mounts: vec![VolumeMount {
-                name: DATA_VOLUME.to_owned(),
-                mount_path: DATA_PATH.to_owned(),
-                ..VolumeMount::default()
-            }],
+            volume_mounts,
             volumes,
             volume_claim_templates,
         },
     )
 }
 
+/// Plain HTTP while the broker answers it; HTTPS once it refuses plain HTTP; a TCP connect once
+/// HTTPS wants a client certificate.
+fn broker_probe(cluster: &NSQCluster) -> ProbeTarget {
+    match &cluster.spec.broker.tls {
+        Some(tls) if tls.https_only() && tls.client_auth_policy.is_some() => {
+            ProbeTarget::Tcp(BROKER_TCP)
+        }
+        Some(tls) if tls.https_only() => ProbeTarget::Https(BROKER_HTTPS),
+        _ => ProbeTarget::Http(BROKER_HTTP),
+    }
+}
+
+/// A read-only Secret volume with only `keys`: a Secret missing one fails the mount by name.
+fn secret_volume(name: &str, secret_name: &str, keys: &[&str]) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name.to_owned()),
+            items: Some(
+                keys.iter()
+                    .map(|k| KeyToPath {
+                        key: (*k).to_owned(),
+                        path: (*k).to_owned(),
+                        ..KeyToPath::default()
+                    })
+                    .collect(),
+            ),
+            default_mode: Some(SECRET_MODE),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn secret_mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
 fn setting_args(cluster: &NSQCluster, component: Component) -> impl Iterator<Item = String> {
     settings(cluster, component)
         .into_iter()
-        .map(|s| format!("--{}=$({})", s.flag, s.key))
+        .filter_map(|s| Some(format!("--{}=$({})", s.flag?, s.key)))
 }
 
 fn setting_env(cluster: &NSQCluster, component: Component) -> impl Iterator<Item = EnvVar> {
     let config_map = config_map_name(cluster);
     settings(cluster, component)
         .into_iter()
+        .filter(|s| s.flag.is_some())
         .map(move |s| EnvVar {
             name: s.key.to_owned(),
             value_from: Some(EnvVarSource {
@@ -201,13 +319,28 @@ fn field_env(name: &str, field_path: &str) -> EnvVar {
     }
 }
 
-fn ping_probe(http: PortSpec, period_seconds: i32, failure_threshold: i32) -> Probe {
+fn ping_probe(target: ProbeTarget, period_seconds: i32, failure_threshold: i32) -> Probe {
+    // The scheme stays unset (HTTP) for plain probes, as before TLS existed.
+    let http_get = |port: PortSpec, scheme: Option<&str>| HTTPGetAction {
+        path: Some("/ping".to_owned()),
+        port: IntOrString::String(port.name.to_owned()),
+        scheme: scheme.map(str::to_owned),
+        ..HTTPGetAction::default()
+    };
+    let (http_get, tcp_socket) = match target {
+        ProbeTarget::Http(port) => (Some(http_get(port, None)), None),
+        ProbeTarget::Https(port) => (Some(http_get(port, Some("HTTPS"))), None),
+        ProbeTarget::Tcp(port) => (
+            None,
+            Some(TCPSocketAction {
+                port: IntOrString::String(port.name.to_owned()),
+                ..TCPSocketAction::default()
+            }),
+        ),
+    };
     Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some("/ping".to_owned()),
-            port: IntOrString::String(http.name.to_owned()),
-            ..HTTPGetAction::default()
-        }),
+        http_get,
+        tcp_socket,
         period_seconds: Some(period_seconds),
         failure_threshold: Some(failure_threshold),
         timeout_seconds: Some(2),
@@ -271,7 +404,7 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
     annotations.insert("prometheus.io/path".to_owned(), "/metrics".to_owned());
 
     let ports = component
-        .ports()
+        .ports(cluster)
         .iter()
         .map(|p| ContainerPort {
             name: Some(p.name.to_owned()),
@@ -291,8 +424,8 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
         args: Some(args),
         env: Some(env),
         ports: Some(ports),
-        readiness_probe: Some(ping_probe(w.http, 5, 2)),
-        liveness_probe: Some(ping_probe(w.http, 10, 6)),
+        readiness_probe: Some(ping_probe(w.probe, 5, 2)),
+        liveness_probe: Some(ping_probe(w.probe, 10, 6)),
         resources: w.pod.resources.clone(),
         volume_mounts: non_empty(w.volume_mounts),
         security_context: Some(SecurityContext {
@@ -368,7 +501,7 @@ mod tests {
     use super::*;
     use crate::children::config_map;
     use crate::children::tests::cluster;
-    use crate::crd::NSQClusterSpec;
+    use crate::crd::{BrokerTlsSpec, ClusterTlsSpec, NSQClusterSpec, TlsRequired, TlsVersion};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     fn build_broker(spec: NSQClusterSpec) -> StatefulSet {
@@ -628,5 +761,287 @@ mod tests {
             .and_then(|p| p.http_get)
             .expect("probe");
         assert_eq!(probe.port, IntOrString::String("http".to_owned()));
+    }
+
+    fn tls_spec(policy: Option<ClientAuthPolicy>, required: Option<TlsRequired>) -> NSQClusterSpec {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.tls = Some(BrokerTlsSpec {
+            secret_name: "events-tls".to_owned(),
+            required,
+            client_auth_policy: policy,
+            min_version: None,
+        });
+        spec
+    }
+
+    fn volume_keys(sts: &StatefulSet, name: &str) -> (String, Vec<String>) {
+        let volume = pod(sts)
+            .volumes
+            .expect("volumes")
+            .into_iter()
+            .find(|v| v.name == name)
+            .expect("volume");
+        let secret = volume.secret.expect("secret volume");
+        assert_eq!(secret.default_mode, Some(0o440));
+        let keys = secret
+            .items
+            .expect("items")
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        (secret.secret_name.expect("secret name"), keys)
+    }
+
+    fn mount(sts: &StatefulSet, name: &str) -> Option<VolumeMount> {
+        container(sts)
+            .volume_mounts
+            .expect("mounts")
+            .into_iter()
+            .find(|m| m.name == name)
+    }
+
+    #[test]
+    fn broker_tls_adds_flags_secret_mount_and_https_port() {
+        let sts = build_broker(tls_spec(None, None));
+        let args = container(&sts).args.expect("args");
+        for flag in [
+            "--https-address=0.0.0.0:4152",
+            "--tls-cert=/etc/knsq/tls/tls.crt",
+            "--tls-key=/etc/knsq/tls/tls.key",
+        ] {
+            assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+        }
+        assert!(!args.iter().any(|a| a.starts_with("--tls-root-ca-file")));
+        assert!(!args.iter().any(|a| a.starts_with("--lookupd-tls")));
+        assert_eq!(
+            volume_keys(&sts, "tls"),
+            (
+                "events-tls".to_owned(),
+                vec!["tls.crt".into(), "tls.key".into()]
+            )
+        );
+        let m = mount(&sts, "tls").expect("tls mount");
+        assert_eq!(
+            (m.mount_path.as_str(), m.read_only),
+            ("/etc/knsq/tls", Some(true))
+        );
+        // The data volume is still the claim template's.
+        assert!(mount(&sts, "data").is_some());
+        let ports: Vec<_> = container(&sts)
+            .ports
+            .expect("ports")
+            .into_iter()
+            .map(|p| (p.name.expect("name"), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("tcp".to_owned(), 4150),
+                ("http".to_owned(), 4151),
+                ("https".to_owned(), 4152)
+            ]
+        );
+    }
+
+    #[test]
+    fn settings_flags_come_from_the_config_map() {
+        let mut spec = tls_spec(Some(ClientAuthPolicy::Require), Some(TlsRequired::True));
+        spec.broker.tls.as_mut().expect("tls").min_version = Some(TlsVersion::Tls13);
+        spec.broker.settings.snappy = Some(false);
+        spec.broker.settings.max_deflate_level = Some(3);
+        let args = container(&build_broker(spec)).args.expect("args");
+        for flag in [
+            "--snappy=$(BROKER_SNAPPY)",
+            "--max-deflate-level=$(BROKER_MAX_DEFLATE_LEVEL)",
+            "--tls-required=$(BROKER_TLS_REQUIRED)",
+            "--tls-client-auth-policy=$(BROKER_TLS_CLIENT_AUTH_POLICY)",
+            "--tls-min-version=$(BROKER_TLS_MIN_VERSION)",
+        ] {
+            assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+        }
+        // Secret names are not flags.
+        assert!(!args.iter().any(|a| a.contains("SECRET")), "{args:?}");
+        assert!(!args.iter().any(|a| a.starts_with("--deflate")));
+    }
+
+    #[test]
+    fn require_verify_mounts_and_passes_the_ca() {
+        let sts = build_broker(tls_spec(Some(ClientAuthPolicy::RequireVerify), None));
+        let args = container(&sts).args.expect("args");
+        assert!(
+            args.iter()
+                .any(|a| a == "--tls-root-ca-file=/etc/knsq/tls/ca.crt")
+        );
+        assert_eq!(volume_keys(&sts, "tls").1, ["tls.crt", "tls.key", "ca.crt"]);
+    }
+
+    fn probes(sts: &StatefulSet) -> [Probe; 2] {
+        let c = container(sts);
+        [
+            c.readiness_probe.expect("readiness"),
+            c.liveness_probe.expect("liveness"),
+        ]
+    }
+
+    #[test]
+    fn broker_probes_follow_the_tls_policy() {
+        let http = |spec| {
+            for p in probes(&build_broker(spec)) {
+                let get = p.http_get.expect("httpGet");
+                assert_eq!(get.port, IntOrString::String("http".to_owned()));
+                assert_eq!(get.scheme, None);
+                assert_eq!(p.tcp_socket, None);
+            }
+        };
+        http(NSQClusterSpec::default());
+        http(tls_spec(None, None));
+        http(tls_spec(None, Some(TlsRequired::False)));
+        // tcp-https still serves plain HTTP, client certificates or not.
+        http(tls_spec(None, Some(TlsRequired::TcpHttps)));
+        http(tls_spec(
+            Some(ClientAuthPolicy::RequireVerify),
+            Some(TlsRequired::TcpHttps),
+        ));
+
+        for p in probes(&build_broker(tls_spec(None, Some(TlsRequired::True)))) {
+            let get = p.http_get.expect("httpGet");
+            assert_eq!(get.port, IntOrString::String("https".to_owned()));
+            assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
+            assert_eq!(get.path.as_deref(), Some("/ping"));
+        }
+
+        // The kubelet has no client certificate to show.
+        for policy in [ClientAuthPolicy::Require, ClientAuthPolicy::RequireVerify] {
+            for required in [None, Some(TlsRequired::True)] {
+                for p in probes(&build_broker(tls_spec(Some(policy), required))) {
+                    assert_eq!(p.http_get, None);
+                    let tcp = p.tcp_socket.expect("tcpSocket");
+                    assert_eq!(tcp.port, IntOrString::String("tcp".to_owned()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cluster_tls_on_both_sides() {
+        let spec = NSQClusterSpec {
+            cluster_tls: Some(ClusterTlsSpec {
+                secret_name: "events-cluster-tls".to_owned(),
+            }),
+            ..NSQClusterSpec::default()
+        };
+        let c = cluster(spec.clone());
+        let broker = build_broker(spec);
+        let args = container(&broker).args.expect("args");
+        for flag in [
+            "--lookupd-tls-root-ca-file=/etc/knsq/cluster-tls/ca.crt",
+            "--lookupd-tls-cert=/etc/knsq/cluster-tls/tls.crt",
+            "--lookupd-tls-key=/etc/knsq/cluster-tls/tls.key",
+            // Still the pods' stable names: the certificate covers them.
+            "--lookupd-grpc-address=events-lookupd-0.events-lookupd-headless.prod.svc:4160",
+        ] {
+            assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+        }
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.starts_with("--lookupd-tls-server-name"))
+        );
+        assert!(!args.iter().any(|a| a.starts_with("--tls-cert")));
+        let cluster_keys = (
+            "events-cluster-tls".to_owned(),
+            vec![
+                "tls.crt".to_owned(),
+                "tls.key".to_owned(),
+                "ca.crt".to_owned(),
+            ],
+        );
+        assert_eq!(volume_keys(&broker, "cluster-tls"), cluster_keys);
+        // Persistent storage: the Secret is the pod's only volume.
+        assert_eq!(pod(&broker).volumes.expect("volumes").len(), 1);
+
+        let lookupd = lookupd_statefulset(&c, "knsq/knsq-lookupd:1.0.0", &config_map(&c));
+        assert_eq!(
+            container(&lookupd).args.expect("args")[3..6],
+            [
+                "--grpc-tls-cert=/etc/knsq/cluster-tls/tls.crt",
+                "--grpc-tls-key=/etc/knsq/cluster-tls/tls.key",
+                "--grpc-tls-client-ca-file=/etc/knsq/cluster-tls/ca.crt",
+            ]
+        );
+        assert_eq!(volume_keys(&lookupd, "cluster-tls"), cluster_keys);
+        let m = mount(&lookupd, "cluster-tls").expect("mount");
+        assert_eq!(
+            (m.mount_path.as_str(), m.read_only),
+            ("/etc/knsq/cluster-tls", Some(true))
+        );
+        // The lookupds' HTTP port is not affected.
+        for p in probes(&lookupd) {
+            assert_eq!(
+                p.http_get.expect("httpGet").port,
+                IntOrString::String("http".to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn ephemeral_broker_keeps_data_next_to_the_secrets() {
+        let mut spec = tls_spec(None, None);
+        spec.broker.storage.ephemeral = true;
+        let names: Vec<_> = pod(&build_broker(spec))
+            .volumes
+            .expect("volumes")
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, ["data", "tls"]);
+    }
+
+    #[test]
+    fn tls_changes_roll_the_pods() {
+        let c = |spec: NSQClusterSpec| cluster(spec);
+        let lookupd = |spec: NSQClusterSpec| {
+            let c = c(spec);
+            checksum(&lookupd_statefulset(&c, "l", &config_map(&c)))
+        };
+        let base = NSQClusterSpec::default();
+        let with_tls = tls_spec(None, None);
+        let mut renamed = with_tls.clone();
+        renamed.broker.tls.as_mut().expect("tls").secret_name = "other".to_owned();
+        let required = tls_spec(None, Some(TlsRequired::True));
+        let verify = tls_spec(Some(ClientAuthPolicy::RequireVerify), None);
+        let mut min_version = with_tls.clone();
+        min_version.broker.tls.as_mut().expect("tls").min_version = Some(TlsVersion::Tls12);
+        let mut deflate = base.clone();
+        deflate.broker.settings.deflate = Some(false);
+        let mut cluster_tls = base.clone();
+        cluster_tls.cluster_tls = Some(ClusterTlsSpec {
+            secret_name: "mtls".to_owned(),
+        });
+        let mut cluster_renamed = base.clone();
+        cluster_renamed.cluster_tls = Some(ClusterTlsSpec {
+            secret_name: "mtls2".to_owned(),
+        });
+        let broker_sums: Vec<String> = [
+            &base,
+            &with_tls,
+            &renamed,
+            &required,
+            &verify,
+            &min_version,
+            &deflate,
+            &cluster_tls,
+            &cluster_renamed,
+        ]
+        .into_iter()
+        .map(|s| checksum(&build_broker(s.clone())))
+        .collect();
+        let unique: std::collections::BTreeSet<_> = broker_sums.iter().collect();
+        assert_eq!(unique.len(), broker_sums.len(), "{broker_sums:?}");
+
+        // Client TLS is the brokers' alone; cluster TLS rolls the lookupds too.
+        assert_eq!(lookupd(base.clone()), lookupd(required));
+        assert_ne!(lookupd(base), lookupd(cluster_tls.clone()));
+        assert_ne!(lookupd(cluster_tls), lookupd(cluster_renamed));
     }
 }
