@@ -88,12 +88,9 @@ pub fn lookupd_statefulset(
             format!("--grpc-tls-key={CLUSTER_TLS_PATH}/tls.key"),
             format!("--grpc-tls-client-ca-file={CLUSTER_TLS_PATH}/ca.crt"),
         ]);
-        volume_mounts.push(secret_mount(CLUSTER_TLS_VOLUME, CLUSTER_TLS_PATH));
-        volumes.push(secret_volume(
-            CLUSTER_TLS_VOLUME,
-            &tls.secret_name,
-            &["tls.crt", "tls.key", "ca.crt"],
-        ));
+        let (mount, volume) = cluster_tls_volume(&tls.secret_name);
+        volume_mounts.push(mount);
+        volumes.push(volume);
     }
     let env = Vec::new();
     statefulset(
@@ -172,12 +169,9 @@ pub fn broker_statefulset(
             format!("--lookupd-tls-cert={CLUSTER_TLS_PATH}/tls.crt"),
             format!("--lookupd-tls-key={CLUSTER_TLS_PATH}/tls.key"),
         ]);
-        volume_mounts.push(secret_mount(CLUSTER_TLS_VOLUME, CLUSTER_TLS_PATH));
-        tls_volumes.push(secret_volume(
-            CLUSTER_TLS_VOLUME,
-            &tls.secret_name,
-            &["tls.crt", "tls.key", "ca.crt"],
-        ));
+        let (mount, volume) = cluster_tls_volume(&tls.secret_name);
+        volume_mounts.push(mount);
+        tls_volumes.push(volume);
     }
 
     let storage = &spec.storage;
@@ -234,6 +228,18 @@ pub fn broker_statefulset(
             volumes,
             volume_claim_templates,
         },
+    )
+}
+
+/// The cluster TLS Secret as both components mount it.
+fn cluster_tls_volume(secret_name: &str) -> (VolumeMount, Volume) {
+    (
+        secret_mount(CLUSTER_TLS_VOLUME, CLUSTER_TLS_PATH),
+        secret_volume(
+            CLUSTER_TLS_VOLUME,
+            secret_name,
+            &["tls.crt", "tls.key", "ca.crt"],
+        ),
     )
 }
 
