@@ -67,12 +67,27 @@ pub enum BrokerError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// An error and its chain of sources, `: `-separated, each said once (hyper's and tonic's own
+/// texts hide the cause, such as a refused connection).
+pub(crate) fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let said = e.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        source = e.source();
+    }
+    text
+}
+
 /// The broker's listening sockets, bound before it runs (port 0 picks a free port).
 #[derive(Debug)]
 pub struct Listeners {
     tcp: TcpListener,
     http: TcpListener,
-    /// Only with TLS (`--tls-cert` and `--tls-key`), as nsqd.
+    /// Only with TLS (`--tls-cert` and `--tls-key`) and a non-empty `--https-address`, as nsqd.
     https: Option<TcpListener>,
 }
 
@@ -92,7 +107,7 @@ impl Listeners {
         };
         let tcp = bind("tcp-address", &options.tcp_address).await?;
         let http = bind("http-address", &options.http_address).await?;
-        let https = if options.tls.enabled() {
+        let https = if options.tls.serves_https() {
             Some(bind("https-address", &options.tls.https_address).await?)
         } else {
             None
@@ -108,7 +123,7 @@ impl Listeners {
         self.http.local_addr()
     }
 
-    /// The HTTPS address, when TLS is on.
+    /// The HTTPS address, when TLS is on and `--https-address` is not empty.
     pub fn https_address(&self) -> std::io::Result<Option<SocketAddr>> {
         self.https.as_ref().map(TcpListener::local_addr).transpose()
     }
@@ -138,7 +153,9 @@ pub async fn run(
     };
     let tcp_address = local(&listeners.tcp, "tcp-address")?;
     let http_address = local(&listeners.http, "http-address")?;
-    let https_address = match &listeners.https {
+    // A listener bound for HTTPS is served only when the options still say so.
+    let https_listener = listeners.https.filter(|_| options.tls.serves_https());
+    let https_address = match &https_listener {
         Some(l) => Some(local(l, "https-address")?),
         None => None,
     };
@@ -211,8 +228,9 @@ pub async fn run(
         set_log_level,
     };
     // HTTPS serves the API with the TCP clients' TLS config, so the same client
-    // certificates are asked for; it needs listeners bound with TLS on.
-    let https = match (listeners.https, https_address, &state.tls) {
+    // certificates are asked for; it needs listeners bound with TLS on. Without an HTTPS
+    // listener, `--tls-required=true` answers plain HTTP with `https_port: 0`.
+    let https = match (https_listener, https_address, &state.tls) {
         (Some(listener), Some(address), Some(tls)) => {
             let listener = http::TlsListener::new(listener, address, http::https_config(tls));
             Some(tokio::spawn(http::serve_https(
@@ -336,7 +354,8 @@ impl Server {
         self.http_address
     }
 
-    /// The HTTPS address, when TLS is on (`--tls-cert` and `--tls-key`).
+    /// The HTTPS address, when TLS is on (`--tls-cert` and `--tls-key`) and `--https-address`
+    /// is not empty.
     pub fn https_address(&self) -> Option<SocketAddr> {
         self.https_address
     }

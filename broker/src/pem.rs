@@ -5,11 +5,12 @@
 
 use crate::config::ConfigError;
 use rustls::RootCertStore;
-use rustls::crypto::ring;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A certificate chain and its key, checked to belong together.
 pub struct Identity {
@@ -35,6 +36,11 @@ pub struct Roots {
     pub store: RootCertStore,
     /// The file as read, for what takes PEM (tonic).
     pub pem: Vec<u8>,
+}
+
+/// The crypto provider of every rustls config in knsq (ring).
+pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The files of a certificate and of its key, which are given together or not at all.
@@ -74,17 +80,17 @@ pub fn identity(
             e => format!("{} is not valid PEM: {e}", key_path.display()),
         },
     })?;
-    // Every TLS config in knsq uses the ring provider, so its check is the one that counts.
-    CertifiedKey::from_der(certs.clone(), key.clone_key(), &ring::default_provider()).map_err(
-        |e| ConfigError {
+    // Every TLS config in knsq uses this provider, so its check is the one that counts.
+    CertifiedKey::from_der(certs.clone(), key.clone_key(), &crypto_provider()).map_err(|e| {
+        ConfigError {
             flag: key_flag,
             reason: format!(
                 "{} does not fit the certificate in {}: {e}",
                 key_path.display(),
                 cert_path.display()
             ),
-        },
-    )?;
+        }
+    })?;
     Ok(Identity {
         certs,
         key,

@@ -1,10 +1,10 @@
 //! TLS for client connections: the rustls server config built from nsqd's flags, and what a
 //! finished handshake tells `/stats` and the auth server.
 
-use crate::config::{ClientAuthPolicy, ConfigError, TlsMinVersion, TlsOptions};
+use crate::config::{ClientAuthPolicy, ConfigError, TlsOptions};
 use crate::pem;
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
@@ -12,23 +12,15 @@ use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureSc
 use std::path::Path;
 use std::sync::Arc;
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The server config for TCP (and HTTPS) clients, or `None` without `--tls-cert`.
 pub(crate) fn server_config(o: &TlsOptions) -> Result<Option<Arc<ServerConfig>>, ConfigError> {
     let (Some(cert_path), Some(key_path)) = (&o.tls_cert, &o.tls_key) else {
         return Ok(None);
     };
     let identity = pem::identity("tls-cert", cert_path, "tls-key", key_path)?;
-    let provider = provider();
-    let versions: &[&'static rustls::SupportedProtocolVersion] = match o.tls_min_version {
-        TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
-    };
+    let provider = pem::crypto_provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(versions)
+        .with_protocol_versions(o.tls_min_version.rustls())
         .map_err(|e| ConfigError {
             flag: "tls-min-version",
             reason: e.to_string(),
@@ -41,16 +33,28 @@ pub(crate) fn server_config(o: &TlsOptions) -> Result<Option<Arc<ServerConfig>>,
             }))
         }
         Some(ClientAuthPolicy::RequireVerify) => {
-            let Some(ca_path) = &o.tls_root_ca_file else {
-                return Err(ConfigError {
-                    flag: "tls-client-auth-policy",
-                    reason: "require-verify needs --tls-root-ca-file".into(),
-                });
+            // Without a CA file nsqd verifies client certificates against the system's CAs.
+            let (roots, flag, source) = match &o.tls_root_ca_file {
+                Some(path) => (
+                    pem::root_store("tls-root-ca-file", path)?.store,
+                    "tls-root-ca-file",
+                    path.display().to_string(),
+                ),
+                None => (
+                    pem::system_roots(
+                        "tls-client-auth-policy",
+                        "require-verify needs --tls-root-ca-file or the system's CA certificates",
+                    )?,
+                    "tls-client-auth-policy",
+                    "the system's CA certificates".to_string(),
+                ),
             };
-            let roots = pem::root_store("tls-root-ca-file", ca_path)?.store;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| config_error("tls-root-ca-file", ca_path, e))?;
+                .map_err(|e| ConfigError {
+                    flag,
+                    reason: format!("{source}: {e}"),
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -162,7 +166,7 @@ impl TlsSummary {
 
 /// The subject common name of a DER certificate: Certificate → tbsCertificate → the subject
 /// (after an optional version, the serial, the signature algorithm, the issuer, the validity)
-/// → the first attribute with OID 2.5.4.3.
+/// → the last attribute with OID 2.5.4.3, as Go's `Subject.CommonName`.
 pub(crate) fn common_name(der: &[u8]) -> Option<String> {
     const SEQUENCE: u8 = 0x30;
     const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
@@ -186,6 +190,7 @@ pub(crate) fn common_name(der: &[u8]) -> Option<String> {
     if tag != SEQUENCE {
         return None;
     }
+    let mut found = None;
     while !subject.is_empty() {
         let (_, mut set, rest) = read_tlv(subject)?;
         subject = rest;
@@ -195,11 +200,11 @@ pub(crate) fn common_name(der: &[u8]) -> Option<String> {
             let (oid_tag, oid, value) = read_tlv(attribute)?;
             if oid_tag == 0x06 && oid == CN_OID {
                 let (_, text, _) = read_tlv(value)?;
-                return std::str::from_utf8(text).ok().map(str::to_string);
+                found = Some(text);
             }
         }
     }
-    None
+    found.and_then(|text| std::str::from_utf8(text).ok().map(str::to_string))
 }
 
 /// One DER element: its tag, its contents and what follows it.
@@ -285,6 +290,14 @@ mod tests {
         let e = error(&with_ca(&garbage));
         assert_eq!(e.flag, "tls-root-ca-file");
         assert!(e.reason.starts_with("no PEM certificate in"), "{e}");
+
+        // Without a CA file, client certificates are verified against the system's CAs, as
+        // nsqd's; a system without usable ones is refused (pem's tests cover that wording).
+        let system = [&files[..], std::slice::from_ref(&verify)].concat();
+        match crate::pem::system_roots("f", "x") {
+            Ok(_) => assert!(server_config(&tls_options(&system)).unwrap().is_some()),
+            Err(_) => assert_eq!(error(&system).flag, "tls-client-auth-policy"),
+        }
     }
 
     #[test]
@@ -294,6 +307,22 @@ mod tests {
             Some("client-7")
         );
         assert_eq!(common_name(&cert_with_cn(None)), None);
+
+        // rcgen keeps one value per attribute type, so a subject with two CNs is built by
+        // hand: just the parts of a certificate the reader walks.
+        fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+            let len = u8::try_from(contents.len()).unwrap();
+            assert!(len < 0x80);
+            [&[tag, len][..], contents].concat()
+        }
+        let cn = |text: &str| {
+            let attribute = [tlv(0x06, &[0x55, 0x04, 0x03]), tlv(0x0c, text.as_bytes())].concat();
+            tlv(0x31, &tlv(0x30, &attribute))
+        };
+        let subject = tlv(0x30, &[cn("first"), cn("last")].concat());
+        let skipped = tlv(0x02, &[1]).repeat(4); // serial, signature, issuer, validity
+        let der = tlv(0x30, &tlv(0x30, &[skipped, subject].concat()));
+        assert_eq!(common_name(&der).as_deref(), Some("last"));
     }
 
     #[test]

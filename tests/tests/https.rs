@@ -325,6 +325,48 @@ async fn no_https_listener_without_tls() -> Result<()> {
 }
 
 #[tokio::test]
+async fn an_empty_https_address_serves_no_https() -> Result<()> {
+    // nsqd serves HTTPS only with TLS and a non-empty --https-address; TLS over TCP stays.
+    let ca = TestCa::new()?;
+    let b = TlsBroker::start(&ca, |o| {
+        o.tls.https_address = String::new();
+        o.tls.tls_required = TlsRequired::Yes;
+    })
+    .await?;
+    if let Some(address) = b.server.https_address() {
+        bail!("HTTPS listener on {address} with an empty --https-address");
+    }
+    // With no HTTPS listener, plain HTTP is refused with port 0.
+    let resp = b.http("GET", "/ping", b"").await?;
+    ensure!(resp.status == 403, "status {}", resp.status);
+    ensure!(
+        resp.text() == r#"{"message": "TLS_REQUIRED", "https_port": 0}"#,
+        "{:?}",
+        resp.text()
+    );
+    b.server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_tls_files_fail_the_start() -> Result<()> {
+    // The files are read when the options are validated, so start fails, not the broker task.
+    let ca = TestCa::new()?;
+    let data = tempfile::tempdir()?;
+    let garbage = data.path().join("garbage.pem");
+    std::fs::write(&garbage, "not PEM")?;
+    let Err(error) = TlsBroker::start(&ca, |o| o.tls.tls_cert = Some(garbage.clone())).await else {
+        bail!("the broker started with a --tls-cert that is no certificate");
+    };
+    let text = format!("{error:#}");
+    ensure!(
+        text.contains("--tls-cert") && text.contains("garbage.pem"),
+        "error {text:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn https_bind_failure_names_its_flag() -> Result<()> {
     let ca = TestCa::new()?;
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;

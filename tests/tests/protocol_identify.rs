@@ -172,8 +172,17 @@ async fn negotiated_values_are_reflected() -> Result<()> {
 }
 
 #[tokio::test]
-async fn asking_for_deflate_and_snappy_together_is_fatal() -> Result<()> {
+async fn asking_for_deflate_and_snappy_together_is_fatal_only_when_negotiating() -> Result<()> {
     let b = broker().await?;
+    // nsqd answers OK before its conflict check without feature negotiation, and upgrades
+    // nothing.
+    let mut c = b.connect().await?;
+    c.send_raw(&identify_cmd(&json!({"deflate": true, "snappy": true})))
+        .await?;
+    c.expect_response(b"OK").await?;
+    c.send_raw(b"SUB t c\n").await?;
+    c.expect_response(b"OK").await?;
+
     let mut c = b.connect().await?;
     c.send_raw(&identify_cmd(
         &json!({"feature_negotiation": true, "deflate": true, "snappy": true}),

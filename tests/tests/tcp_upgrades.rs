@@ -2,11 +2,17 @@
 //! order, what `/stats` reports, `--tls-required`, client certificates, and bad handshakes
 //! and corrupt compressed streams that close one connection and no other.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use bytes::{BufMut, BytesMut};
+use proto::wire::Frame;
+use proto::wire::compression::{CompressionError, Compressor, Decompressor};
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 use std::time::Duration;
 use tests::certs::{CertFiles, TestCa};
-use tests::{NsqConn, TestBroker};
+use tests::{NsqConn, TestBroker, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 struct TlsBroker {
@@ -342,45 +348,109 @@ async fn others_are_served(b: &TlsBroker, topic: &str) -> Result<()> {
     exercise(&mut c, topic).await
 }
 
-#[tokio::test]
-async fn garbage_instead_of_a_client_hello_closes_only_that_connection() -> Result<()> {
-    let b = tls_broker(|_, _| {}).await?;
-    let mut bad = identified_for_tls(&b).await?;
-    // A client that stays silent in its handshake meanwhile blocks nobody.
-    let _silent = identified_for_tls(&b).await?;
-    bad.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
-    // rustls answers with an alert record, then the connection ends.
-    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+/// The V2 magic and an IDENTIFY with `json`, as bytes.
+fn magic_and_identify(json: &Value) -> Result<Vec<u8>> {
+    let body = serde_json::to_vec(json)?;
+    let mut out = proto::wire::MAGIC_V2.to_vec();
+    out.put_slice(b"IDENTIFY\n");
+    out.put_u32(u32::try_from(body.len())?);
+    out.put_slice(&body);
+    Ok(out)
+}
+
+/// The next frame from a raw socket, decoded from `buf` and what the socket delivers.
+async fn read_plain_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame> {
+    tokio::time::timeout(WAIT, async {
         loop {
-            if bad.next_frame_within(Duration::from_secs(3)).await.is_err() {
-                return;
+            if let Some(frame) = Frame::decode(buf, 1024 * 1024)? {
+                return Ok(frame);
+            }
+            if stream.read_buf(buf).await? == 0 {
+                bail!("connection closed by the broker");
             }
         }
     })
-    .await;
-    ensure!(closed.is_ok(), "the connection stayed open");
+    .await
+    .map_err(|_| anyhow!("no frame within {WAIT:?}"))?
+}
+
+/// A raw TCP connection that has sent the magic and IDENTIFY asking for TLS, and read the
+/// JSON response: nothing more is in flight either way.
+async fn raw_identified_for_tls(addr: SocketAddr) -> Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(&magic_and_identify(&negotiation(json!({"tls_v1": true})))?)
+        .await?;
+    let mut buf = BytesMut::new();
+    let frame = read_plain_frame(&mut stream, &mut buf).await?;
+    ensure!(
+        matches!(&frame, Frame::Response(body) if body.starts_with(b"{")),
+        "{frame:?}"
+    );
+    ensure!(buf.is_empty(), "{} bytes after the response", buf.len());
+    Ok(stream)
+}
+
+/// How the broker ended a raw connection.
+#[derive(Debug, PartialEq)]
+enum Closed {
+    /// An orderly close: the read returned 0.
+    Eof,
+    /// Closed with bytes of ours unread, which the kernel answers with a reset.
+    Reset,
+}
+
+/// Reads (and drops) whatever the broker sends until it closes the connection. Fails when the
+/// connection is still open after `limit` or a read fails in any other way.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Result<Closed> {
+    let mut scratch = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut scratch).await {
+                Ok(0) => return Ok(Closed::Eof),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Ok(Closed::Reset);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("the connection stayed open for {limit:?}"))?
+}
+
+#[tokio::test]
+async fn garbage_instead_of_a_client_hello_closes_only_that_connection() -> Result<()> {
+    let b = tls_broker(|_, _| {}).await?;
+    let mut bad = raw_identified_for_tls(b.broker.tcp_address()).await?;
+    // A client that stays silent in its handshake meanwhile blocks nobody.
+    let _silent = identified_for_tls(&b).await?;
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    // rustls may answer with an alert record; then the connection ends, well before the
+    // 5 s handshake deadline.
+    let started = Instant::now();
+    read_until_closed(&mut bad, Duration::from_secs(3)).await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed only after {:?}",
+        started.elapsed()
+    );
     others_are_served(&b, "after_garbage").await
 }
 
 #[tokio::test]
 async fn a_handshake_never_finished_times_out() -> Result<()> {
     let b = tls_broker(|_, _| {}).await?;
-    let mut silent = identified_for_tls(&b).await?;
+    let mut silent = raw_identified_for_tls(b.broker.tcp_address()).await?;
+    // The broker's 5 s handshake deadline runs from the IDENTIFY response, read just now.
     let started = Instant::now();
     others_are_served(&b, "while_silent").await?;
-    let closed = tokio::time::timeout(Duration::from_secs(8), async {
-        loop {
-            if silent
-                .next_frame_within(Duration::from_secs(8))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    })
-    .await;
-    ensure!(closed.is_ok(), "a silent client kept its connection");
+    let closed = read_until_closed(&mut silent, Duration::from_secs(8))
+        .await
+        .context("a silent client kept its connection")?;
+    // The client sent nothing after IDENTIFY, so the close is orderly.
+    ensure!(closed == Closed::Eof, "{closed:?}");
     ensure!(
         started.elapsed() >= Duration::from_secs(4),
         "closed before the handshake deadline: {:?}",
@@ -389,21 +459,136 @@ async fn a_handshake_never_finished_times_out() -> Result<()> {
     Ok(())
 }
 
+/// A valid compressed `NOP\n` followed by `corruption`, checked to fail with `is_expected`
+/// locally, so the broker is known to be fed exactly that corruption.
+fn check_corruption(
+    mut compressor: Compressor,
+    mut decompressor: Decompressor,
+    corruption: &[u8],
+    is_expected: impl Fn(&CompressionError) -> bool,
+) -> Result<()> {
+    let mut wire = BytesMut::new();
+    compressor.compress(b"NOP\n", &mut wire);
+    decompressor.feed(&wire);
+    decompressor.feed(corruption);
+    let mut plain = BytesMut::new();
+    loop {
+        match decompressor.decompress(&mut plain, 1024) {
+            Ok(0) => bail!("the corruption decoded; got {plain:?}"),
+            Ok(_) => continue,
+            Err(e) if is_expected(&e) => break,
+            Err(e) => bail!("unexpected error {e}"),
+        }
+    }
+    ensure!(&plain[..] == b"NOP\n", "{plain:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_corrupt_compressed_stream_closes_only_that_connection() -> Result<()> {
+    // Snappy: a well-formed compressed chunk of `NOP\n` whose checksum is wrong.
+    let mut chunk = BytesMut::new();
+    Compressor::snappy().compress(b"NOP\n", &mut chunk);
+    let mut bad_crc = chunk.split_off(proto::wire::compression::SNAPPY_STREAM_IDENTIFIER.len());
+    bad_crc[4] ^= 0xff;
+    check_corruption(
+        Compressor::snappy(),
+        Decompressor::snappy(),
+        &bad_crc,
+        |e| matches!(e, CompressionError::SnappyChecksum),
+    )?;
+    // Deflate: after a sync flush the stream is at a block boundary, and 0b110 starts a
+    // block of the reserved type 3.
+    let bad_block = b"\x06\x00\x00\x00";
+    check_corruption(
+        Compressor::deflate(6),
+        Decompressor::deflate(),
+        bad_block,
+        |e| matches!(e, CompressionError::Deflate(_)),
+    )?;
+
     let b = TestBroker::start(|_| {}).await?;
-    for ask in [json!({"snappy": true}), json!({"deflate": true})] {
+    for (ask, corruption) in [
+        (json!({"snappy": true}), &bad_crc[..]),
+        (json!({"deflate": true}), &bad_block[..]),
+    ] {
         let mut bad = b.connect().await?;
         bad.upgrade(&negotiation(ask.clone()), None).await?;
         let mut good = b.connect().await?;
         good.upgrade(&negotiation(ask.clone()), None).await?;
-        // A snappy chunk with a wrong checksum / bytes that are no deflate stream.
-        bad.send_below_compression(
-            b"\x00\x0a\x00\x00\xde\xad\xbe\xef\x04\x0cNOP\n\xff\xff\xff\xff\xff\xff\xff",
-        )
-        .await?;
-        bad.expect_closed().await?;
+        // A valid start: the snappy stream identifier / deflate data, with a command that
+        // has no answer.
+        bad.send_raw(b"NOP\n").await?;
+        bad.send_below_compression(corruption).await?;
+        bad.expect_closed()
+            .await
+            .with_context(|| format!("{ask}"))?;
         exercise(&mut good, "after_corruption").await?;
+    }
+    Ok(())
+}
+
+/// Compressed bytes sent in the same write as the IDENTIFY that negotiates the compression
+/// are read as compressed: the broker keeps what it read past IDENTIFY for the decompressor.
+#[tokio::test]
+async fn commands_pipelined_after_identify_are_decompressed() -> Result<()> {
+    let b = TestBroker::start(|_| {}).await?;
+    for (key, ask, mut compressor, mut decompressor) in [
+        (
+            "snappy",
+            json!({"snappy": true}),
+            Compressor::snappy(),
+            Decompressor::snappy(),
+        ),
+        (
+            "deflate",
+            json!({"deflate": true, "deflate_level": 6}),
+            Compressor::deflate(6),
+            Decompressor::deflate(),
+        ),
+    ] {
+        let mut stream = TcpStream::connect(b.tcp_address()).await?;
+        stream.set_nodelay(true)?;
+        let mut out = BytesMut::from(&magic_and_identify(&negotiation(ask.clone()))?[..]);
+        let topic = format!("pipelined_{key}");
+        compressor.compress(format!("SUB {topic} c\n").as_bytes(), &mut out);
+        stream.write_all(&out).await?;
+
+        let mut buf = BytesMut::new();
+        let frame = read_plain_frame(&mut stream, &mut buf).await?;
+        let Frame::Response(body) = frame else {
+            bail!("{ask}: IDENTIFY answered {frame:?}");
+        };
+        let resp: Value = serde_json::from_slice(&body)?;
+        ensure!(resp[key] == true, "{resp}");
+
+        // Everything after the JSON response is compressed.
+        decompressor.feed(&buf);
+        let mut plain = BytesMut::new();
+        let mut frames = Vec::new();
+        let mut scratch = [0u8; 4096];
+        tokio::time::timeout(WAIT, async {
+            while frames.len() < 2 {
+                if let Some(frame) = Frame::decode(&mut plain, 1024 * 1024)? {
+                    frames.push(frame);
+                    continue;
+                }
+                if decompressor.decompress(&mut plain, 64 * 1024)? > 0 || decompressor.has_pending()
+                {
+                    continue;
+                }
+                let n = stream.read(&mut scratch).await?;
+                ensure!(n > 0, "connection closed after {frames:?}");
+                decompressor.feed(&scratch[..n]);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| anyhow!("{ask}: no two frames within {WAIT:?}"))??;
+        let ok = Frame::Response(proto::wire::OK.to_vec().into());
+        ensure!(frames == [ok.clone(), ok], "{ask}: {frames:?}");
+        let stats = subscriber_stats(&b, &topic).await?;
+        ensure!(stats[key] == true, "{stats}");
     }
     Ok(())
 }

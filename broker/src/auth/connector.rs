@@ -4,7 +4,7 @@
 //! `--tls-min-version` up. `--http-client-connect-timeout` covers the TCP connect and the
 //! handshake together.
 
-use crate::config::{ConfigError, Options, TlsMinVersion};
+use crate::config::{ConfigError, Options};
 use crate::pem;
 use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -30,7 +30,7 @@ enum ConnectError {
     Tcp(Box<dyn std::error::Error + Send + Sync>),
     #[error("{0:?} is not a name a TLS certificate can be checked against")]
     ServerName(String),
-    // The text comes from the source, which `auth::chain` appends.
+    // The text comes from the source, which `crate::with_sources` appends.
     #[error("TLS handshake failed")]
     Handshake(#[source] io::Error),
     #[error("TCP connect and TLS handshake not done within {0:?} (--http-client-connect-timeout)")]
@@ -194,13 +194,8 @@ pub(super) fn tls_connector(o: &Options) -> Result<TlsConnector, ConfigError> {
             "https:// auth servers need --tls-root-ca-file or the system's CA certificates",
         )?,
     };
-    let versions: &[&'static rustls::SupportedProtocolVersion] = match o.tls.tls_min_version {
-        TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
+    let config = ClientConfig::builder_with_provider(pem::crypto_provider())
+        .with_protocol_versions(o.tls.tls_min_version.rustls())
         .map_err(|e| ConfigError {
             flag: "tls-min-version",
             reason: e.to_string(),

@@ -34,7 +34,7 @@ const MAX_RESPONSE: usize = 1024 * 1024;
 pub(crate) enum AuthError {
     #[error("cannot build the request: {0}")]
     Request(#[source] hyper::http::Error),
-    #[error("request failed: {}", chain(.0))]
+    #[error("request failed: {}", crate::with_sources(.0))]
     Http(#[source] hyper_util::client::legacy::Error),
     #[error("cannot read the response: {0}")]
     Body(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -58,19 +58,6 @@ pub(crate) enum AuthError {
     /// Every server was tried; one entry per server, in the order tried.
     #[error("{}", Failures(.0))]
     AllFailed(Vec<(Uri, AuthError)>),
-}
-
-/// An error with its sources, `outer: inner: …` (hyper's own text hides the cause, such as a
-/// refused connection).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 struct Failures<'a>(&'a [(Uri, AuthError)]);
@@ -377,14 +364,12 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key)
-        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(crate::pem::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -25,13 +25,39 @@ impl TlsRequired {
     }
 }
 
-/// The oldest TLS version offered (`--tls-min-version`). rustls speaks TLS 1.2 and 1.3 only,
-/// so older minimums nsqd accepts mean TLS 1.2.
+/// The oldest TLS version offered (`--tls-min-version`), as given. rustls speaks TLS 1.2 and
+/// 1.3 only, so older minimums nsqd accepts mean TLS 1.2 (see [`TlsMinVersion::rustls`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMinVersion {
-    /// `ssl3.0`, `tls1.0`, `tls1.1` or `tls1.2`: TLS 1.2 and 1.3.
+    Ssl30,
+    Tls10,
+    Tls11,
     Tls12,
     Tls13,
+}
+
+impl TlsMinVersion {
+    /// Go's `tls.Version*` number, which nsqd's `/config/tls_min_version` shows.
+    pub fn as_go_version(self) -> u16 {
+        match self {
+            TlsMinVersion::Ssl30 => 0x0300,
+            TlsMinVersion::Tls10 => 0x0301,
+            TlsMinVersion::Tls11 => 0x0302,
+            TlsMinVersion::Tls12 => 0x0303,
+            TlsMinVersion::Tls13 => 0x0304,
+        }
+    }
+
+    /// The versions rustls offers: TLS 1.2 and 1.3 for anything below `tls1.3`.
+    pub fn rustls(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        const TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        const TLS12_UP: &[&rustls::SupportedProtocolVersion] =
+            &[&rustls::version::TLS13, &rustls::version::TLS12];
+        match self {
+            TlsMinVersion::Tls13 => TLS13,
+            _ => TLS12_UP,
+        }
+    }
 }
 
 /// Client certificates asked of TCP and HTTPS clients (`--tls-client-auth-policy`).
@@ -39,7 +65,8 @@ pub enum TlsMinVersion {
 pub enum ClientAuthPolicy {
     /// Any certificate, not verified (`require`).
     Require,
-    /// A certificate signed by `--tls-root-ca-file` (`require-verify`).
+    /// A certificate signed by `--tls-root-ca-file`, or without it by one of the system's CA
+    /// certificates, as nsqd (`require-verify`).
     RequireVerify,
 }
 
@@ -54,7 +81,7 @@ pub struct TlsOptions {
     pub tls_key: Option<PathBuf>,
 
     /// Client certificate policy: require (any certificate) or require-verify (signed by
-    /// --tls-root-ca-file); either makes TLS required
+    /// --tls-root-ca-file, or the system's CAs without it); either makes TLS required
     #[arg(long, env = "KNSQ_TLS_CLIENT_AUTH_POLICY", value_parser = parse_client_auth_policy)]
     pub tls_client_auth_policy: Option<ClientAuthPolicy>,
 
@@ -72,7 +99,8 @@ pub struct TlsOptions {
     #[arg(long, env = "KNSQ_TLS_MIN_VERSION", default_value = "tls1.0", value_parser = parse_tls_min_version)]
     pub tls_min_version: TlsMinVersion,
 
-    /// <addr>:<port> to listen on for HTTPS clients (only with --tls-cert and --tls-key)
+    /// <addr>:<port> to listen on for HTTPS clients (only with --tls-cert and --tls-key;
+    /// empty for none)
     #[arg(long, env = "KNSQ_HTTPS_ADDRESS", default_value = "0.0.0.0:4152")]
     pub https_address: String,
 
@@ -95,6 +123,11 @@ impl TlsOptions {
     /// Whether TLS is on for clients.
     pub fn enabled(&self) -> bool {
         self.tls_cert.is_some() || self.tls_key.is_some()
+    }
+
+    /// Whether HTTPS is served: TLS on and a non-empty `--https-address`, as nsqd.
+    pub fn serves_https(&self) -> bool {
+        self.enabled() && !self.https_address.is_empty()
     }
 
     /// `--tls-required` as nsqd applies it: a client auth policy requires TLS.
@@ -133,14 +166,8 @@ impl TlsOptions {
                 "cannot require TLS client connections without --tls-cert and --tls-key",
             );
         }
-        if self.tls_client_auth_policy == Some(ClientAuthPolicy::RequireVerify)
-            && self.tls_root_ca_file.is_none()
-        {
-            return fail(
-                "tls-client-auth-policy",
-                "require-verify needs --tls-root-ca-file to verify client certificates with",
-            );
-        }
+        // The files are read and checked here too, so a bad one fails at start.
+        crate::tls::server_config(self)?;
         Ok(())
     }
 
@@ -164,11 +191,7 @@ impl TlsOptions {
                 Some(ClientAuthPolicy::RequireVerify) => "require-verify",
             }),
             "tls_required" => json!(self.required().as_nsqd_int()),
-            // Go's tls.VersionTLS12 / VersionTLS13.
-            "tls_min_version" => json!(match self.tls_min_version {
-                TlsMinVersion::Tls12 => 0x0303,
-                TlsMinVersion::Tls13 => 0x0304,
-            }),
+            "tls_min_version" => json!(self.tls_min_version.as_go_version()),
             "https_address" => json!(self.https_address),
             "snappy" => json!(self.snappy),
             "deflate" => json!(self.deflate),
@@ -192,7 +215,10 @@ fn parse_tls_required(text: &str) -> Result<TlsRequired, String> {
 
 fn parse_tls_min_version(text: &str) -> Result<TlsMinVersion, String> {
     match text.to_ascii_lowercase().as_str() {
-        "ssl3.0" | "tls1.0" | "tls1.1" | "tls1.2" => Ok(TlsMinVersion::Tls12),
+        "ssl3.0" => Ok(TlsMinVersion::Ssl30),
+        "tls1.0" => Ok(TlsMinVersion::Tls10),
+        "tls1.1" => Ok(TlsMinVersion::Tls11),
+        "tls1.2" => Ok(TlsMinVersion::Tls12),
         "tls1.3" => Ok(TlsMinVersion::Tls13),
         _ => Err(format!(
             "{text:?} is not one of ssl3.0, tls1.0, tls1.1, tls1.2, tls1.3"
@@ -229,13 +255,17 @@ mod tests {
 
     #[test]
     fn go_syntax_and_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = crate::pem::self_signed(dir.path(), "a");
+        let cert = format!("-tls-cert={}", cert.display());
+        let key = key.display().to_string();
         let o = parse(&[
             "-snappy=false",
             "--deflate=false",
             "-tls-required",
-            "-tls-cert=c.pem",
+            &cert,
             "-tls-key",
-            "k.pem",
+            &key,
             "-tls-min-version=tls1.3",
         ])
         .unwrap();
@@ -243,6 +273,9 @@ mod tests {
         assert_eq!(o.tls.required(), super::TlsRequired::Yes);
         assert_eq!(o.tls.tls_min_version, super::TlsMinVersion::Tls13);
         o.validate().unwrap();
+        // A file that cannot be read fails validation, not the running broker.
+        let o = parse(&["--tls-cert=/no/c.pem", "--tls-key=/no/k.pem"]).unwrap();
+        assert_eq!(o.validate().unwrap_err().flag, "tls-cert");
         let o = parse(&["--tls-required=tcp-https"]).unwrap();
         assert_eq!(o.tls.tls_required, super::TlsRequired::TcpOnly);
         assert!(parse(&["--tls-required=maybe"]).is_err());
@@ -262,13 +295,30 @@ mod tests {
             flag(&["--tls-client-auth-policy=require"]),
             "tls-client-auth-policy"
         );
+    }
+
+    #[test]
+    fn tls_min_version_is_reported_as_given() {
+        use super::TlsMinVersion::*;
+        for (text, version, number) in [
+            ("ssl3.0", Ssl30, 768),
+            ("tls1.0", Tls10, 769),
+            ("tls1.1", Tls11, 770),
+            ("tls1.2", Tls12, 771),
+            ("TLS1.3", Tls13, 772),
+        ] {
+            let o = parse(&[&format!("--tls-min-version={text}")]).unwrap();
+            assert_eq!(o.tls.tls_min_version, version);
+            let value = o.config_value("tls_min_version");
+            assert_eq!(value, Some(serde_json::json!(number)), "{text}");
+            let offered = version.rustls().len();
+            assert_eq!(offered, if version == Tls13 { 1 } else { 2 }, "{text}");
+        }
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.tls.tls_min_version, Tls10);
         assert_eq!(
-            flag(&[
-                "--tls-cert=c",
-                "--tls-key=k",
-                "--tls-client-auth-policy=require-verify"
-            ]),
-            "tls-client-auth-policy"
+            o.config_value("tls_min_version"),
+            Some(serde_json::json!(769))
         );
     }
 

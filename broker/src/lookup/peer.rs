@@ -5,6 +5,7 @@ use super::sync::{self, Registrations};
 use super::tls::{ClientTls, endpoint_uri};
 use super::{Link, LookupMetrics};
 use crate::broker::Broker;
+use crate::with_sources;
 use proto::cluster::v1::registry_client::RegistryClient;
 use proto::cluster::v1::{BrokerMessage, Heartbeat, Identify, LookupdMessage, lookupd_message};
 use std::error::Error;
@@ -120,20 +121,6 @@ fn explain(error: SessionError, tls: Option<&Arc<ClientTls>>) -> SessionError {
         },
         None => error,
     }
-}
-
-/// An error and its chain of sources, `: `-separated, each said once.
-fn with_sources(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let said = e.to_string();
-        if !text.contains(&said) {
-            text = format!("{text}: {said}");
-        }
-        source = e.source();
-    }
-    text
 }
 
 pub(super) struct PeerTask {

@@ -170,7 +170,8 @@ impl IdentifyRequest {
     }
 
     /// The upgrades both sides want (`tls_available`: the broker has a certificate). Only a
-    /// client asking for feature negotiation gets them; asking for both compressions fails.
+    /// client asking for feature negotiation gets them, and only such a client fails for
+    /// asking for both compressions: nsqd answers `OK` before that check otherwise.
     pub(crate) fn negotiate(
         &self,
         o: &Options,
@@ -178,30 +179,28 @@ impl IdentifyRequest {
     ) -> Result<Negotiated, ProtocolError> {
         let deflate = o.tls.deflate && self.deflate;
         let snappy = o.tls.snappy && self.snappy;
+        let mut level = DEFAULT_DEFLATE_LEVEL;
+        if deflate && self.deflate_level > 0 {
+            level = self.deflate_level;
+        }
+        let level = level.min(i64::from(o.tls.max_deflate_level)).max(1) as u32;
+        if !self.feature_negotiation {
+            return Ok(Negotiated {
+                deflate_level: level,
+                ..Negotiated::default()
+            });
+        }
         if deflate && snappy {
             return Err(ProtocolError::new(
                 ErrorCode::IdentifyFailed,
                 "cannot enable both deflate and snappy compression",
             ));
         }
-        let mut level = DEFAULT_DEFLATE_LEVEL;
-        if deflate && self.deflate_level > 0 {
-            level = self.deflate_level;
-        }
-        let level = level.min(i64::from(o.tls.max_deflate_level)).max(1) as u32;
-        let wanted = Negotiated {
+        Ok(Negotiated {
             tls: tls_available && self.tls_v1,
             snappy,
             deflate,
             deflate_level: level,
-        };
-        Ok(if self.feature_negotiation {
-            wanted
-        } else {
-            Negotiated {
-                deflate_level: level,
-                ..Negotiated::default()
-            }
         })
     }
 
@@ -412,15 +411,23 @@ mod tests {
     }
 
     #[test]
-    fn both_compressions_fail() {
-        for json in [
-            r#"{"snappy":true,"deflate":true}"#,
-            r#"{"feature_negotiation":true,"snappy":true,"deflate":true}"#,
-        ] {
-            assert_eq!(
-                negotiate(json, &options(), false).unwrap_err(),
-                "E_IDENTIFY_FAILED cannot enable both deflate and snappy compression"
-            );
-        }
+    fn both_compressions_fail_only_with_feature_negotiation() {
+        assert_eq!(
+            negotiate(
+                r#"{"feature_negotiation":true,"snappy":true,"deflate":true}"#,
+                &options(),
+                false
+            )
+            .unwrap_err(),
+            "E_IDENTIFY_FAILED cannot enable both deflate and snappy compression"
+        );
+        // nsqd answers OK before its conflict check when not negotiating features.
+        assert_eq!(
+            negotiate(r#"{"snappy":true,"deflate":true}"#, &options(), false).unwrap(),
+            Negotiated {
+                deflate_level: 6,
+                ..Negotiated::default()
+            }
+        );
     }
 }

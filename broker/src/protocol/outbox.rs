@@ -7,12 +7,15 @@
 //! task take over, waiting for it to drain; it also runs the heartbeat and flush timers.
 //! Every write happens under the lock from the front of the buffer, so frames keep their
 //! order whoever writes them. After a TLS or compression upgrade the frames pass through the
-//! connection's [`Layers`] on their way, still under the lock.
+//! connection's [`Layers`] on their way, still under the lock. Deflating a batch of messages
+//! costs far more than writing it, so on deflate connections channels hand the write to the
+//! connection's writer task instead of doing it while they hold their own lock.
 
 use super::transport::Layers;
 use crate::tls::TlsSummary;
 use bytes::{Buf, BytesMut};
 use proto::wire::compression::Compressor;
+use proto::wire::frame::write_response;
 use rustls::ServerConnection;
 use std::io::ErrorKind;
 use std::net::Shutdown;
@@ -28,6 +31,8 @@ pub(crate) struct Outbox {
     stalled: Notify,
     /// Wakes the writer task to run its flush timer: messages wait in the buffer.
     buffered: Notify,
+    /// Wakes the writer task to write out what a channel queued on an upgraded connection.
+    handed_off: Notify,
     closed: CancellationToken,
 }
 
@@ -43,6 +48,11 @@ struct State {
     waiting: bool,
     /// TLS and compression, once IDENTIFY negotiated them.
     layers: Option<Box<Layers>>,
+    /// Channels leave writing to the writer task (see [`Outbox::push_messages`]).
+    hand_off: bool,
+    /// IDENTIFY agreed on upgrades that are not all in place yet: no heartbeat may come
+    /// between the response and the upgrades' `OK`s.
+    upgrading: bool,
 }
 
 impl Outbox {
@@ -58,10 +68,13 @@ impl Outbox {
                 stalled: false,
                 waiting: false,
                 layers: None,
+                hand_off: false,
+                upgrading: false,
             }),
             socket,
             stalled: Notify::new(),
             buffered: Notify::new(),
+            handed_off: Notify::new(),
             closed,
         }
     }
@@ -73,10 +86,29 @@ impl Outbox {
     /// Appends frames with `write`, then writes out what is buffered if `flush` is set or
     /// the buffer has reached the client's output buffer size.
     pub(crate) fn push<R>(&self, flush: bool, write: impl FnOnce(&mut BytesMut) -> R) -> R {
+        self.queue(flush, write, Outbox::send)
+    }
+
+    /// [`Outbox::push`] for a channel delivering messages under its lock: on a deflate
+    /// connection the writer task compresses and writes them instead.
+    pub(crate) fn push_messages<R>(
+        &self,
+        flush: bool,
+        write: impl FnOnce(&mut BytesMut) -> R,
+    ) -> R {
+        self.queue(flush, write, Outbox::send_or_hand_off)
+    }
+
+    fn queue<R>(
+        &self,
+        flush: bool,
+        write: impl FnOnce(&mut BytesMut) -> R,
+        send: fn(&Outbox, &mut State),
+    ) -> R {
         let mut st = self.lock();
         let result = write(&mut st.buf);
         if flush || st.buf.len() >= st.buffer_size {
-            self.send(&mut st);
+            send(self, &mut st);
         } else if !st.waiting && !st.buf.is_empty() {
             st.waiting = true;
             self.buffered.notify_one();
@@ -88,6 +120,39 @@ impl Outbox {
     pub(crate) fn flush(&self) {
         let mut st = self.lock();
         self.send(&mut st);
+    }
+
+    /// [`Outbox::flush`] for a channel under its lock (see [`Outbox::push_messages`]).
+    pub(crate) fn flush_messages(&self) {
+        let mut st = self.lock();
+        self.send_or_hand_off(&mut st);
+    }
+
+    fn send_or_hand_off(&self, st: &mut State) {
+        if st.hand_off {
+            self.handed_off.notify_one();
+        } else {
+            self.send(st);
+        }
+    }
+
+    /// Resolves when a channel handed writing over (see [`Outbox::push_messages`]).
+    pub(crate) async fn handed_off(&self) {
+        self.handed_off.notified().await;
+    }
+
+    pub(crate) fn set_upgrading(&self, upgrading: bool) {
+        self.lock().upgrading = upgrading;
+    }
+
+    /// A heartbeat, unless an upgrade is under way (it would come before the upgrade's `OK`,
+    /// which clients expect first).
+    pub(crate) fn heartbeat(&self) {
+        let mut st = self.lock();
+        if !st.upgrading {
+            write_response(&mut st.buf, proto::wire::HEARTBEAT);
+            self.send(&mut st);
+        }
     }
 
     pub(crate) fn set_buffer_size(&self, size: usize) {
@@ -123,17 +188,17 @@ impl Outbox {
         let _ = socket2::SockRef::from(self.socket.as_ref()).shutdown(Shutdown::Write);
     }
 
-    /// The layers to install a new one into: frames already queued leave as the layers in
+    /// The layers to install a new one into. Frames already queued leave as the layers in
     /// place before it had them (in clear before TLS, uncompressed before compression).
     fn layers_for_upgrade<'a>(&self, st: &'a mut State) -> &'a mut Layers {
+        let queued = std::mem::take(&mut st.buf);
         if let Some(layers) = &mut st.layers
-            && !st.buf.is_empty()
-            && let Err(e) = layers.encode(&st.buf)
+            && let Err(e) = layers.encode(&queued)
         {
             tracing::debug!(error = %e, "encoding for client failed; closing");
             self.closed.cancel();
         }
-        let queued = std::mem::take(&mut st.buf);
+        // Without layers yet, the queued frames go out as they are.
         st.layers
             .get_or_insert_with(|| Box::new(Layers::with_queued(queued)))
     }
@@ -145,25 +210,29 @@ impl Outbox {
     }
 
     /// Starts compression: frames pushed from now on are compressed (then encrypted).
-    pub(crate) fn start_compression(&self, compressor: Compressor) {
+    /// `hand_off`: compressing costs far more than writing (deflate), so channels leave it to
+    /// the writer task rather than doing it while they hold their lock.
+    pub(crate) fn start_compression(&self, compressor: Compressor, hand_off: bool) {
         let mut st = self.lock();
+        st.hand_off = hand_off;
         self.layers_for_upgrade(&mut st)
             .start_compression(compressor);
     }
 
-    /// Decrypts socket bytes (consuming `raw`) into `plain`, sending what the TLS session
-    /// answers. `Ok(false)` once the client closed the session.
+    /// Decrypts socket bytes (consuming `raw`), handing the plaintext to `deliver`, and
+    /// writes what the TLS session answers; frames waiting in the buffer keep waiting.
+    /// `Ok(false)` once the client closed the session.
     pub(crate) fn decrypt(
         &self,
         raw: &mut BytesMut,
-        plain: &mut BytesMut,
+        deliver: &mut dyn FnMut(&[u8]),
     ) -> std::io::Result<bool> {
         let mut st = self.lock();
-        let result = match &mut st.layers {
-            Some(layers) => layers.decrypt(raw, plain),
-            None => Err(std::io::Error::other("no TLS session")),
+        let Some(layers) = &mut st.layers else {
+            return Err(std::io::Error::other("no TLS session"));
         };
-        self.send(&mut st);
+        let result = layers.decrypt(raw, deliver);
+        self.write(&mut st);
         result
     }
 
@@ -179,32 +248,44 @@ impl Outbox {
         st.layers.as_ref()?.tls().map(TlsSummary::of)
     }
 
-    /// Ends a TLS session with its close_notify.
-    pub(crate) fn close_tls(&self) {
+    /// Writes out what is buffered, ending a TLS session with its close_notify after it.
+    pub(crate) fn close(&self) {
         let mut st = self.lock();
-        if let Some(layers) = &mut st.layers {
-            layers.close();
+        let State { buf, layers, .. } = &mut *st;
+        if let Some(layers) = layers {
+            let queued = std::mem::take(buf);
+            if let Err(e) = layers.close(&queued) {
+                tracing::debug!(error = %e, "ending the TLS session failed");
+            }
         }
         self.send(&mut st);
     }
 
+    /// Encodes what is buffered (on an upgraded connection) and writes it.
     fn send(&self, st: &mut State) {
+        let State { buf, layers, .. } = st;
+        if let Some(layers) = layers
+            && !buf.is_empty()
+        {
+            let encoded = layers.encode(buf);
+            buf.clear();
+            if let Err(e) = encoded {
+                tracing::debug!(error = %e, "encoding for client failed; closing");
+                layers.wire.clear();
+                self.closed.cancel();
+                return;
+            }
+        }
+        self.write(st);
+    }
+
+    /// Writes the bytes ready for the socket: the buffer itself on a plain connection, the
+    /// encoded bytes on an upgraded one.
+    fn write(&self, st: &mut State) {
         let State { buf, layers, .. } = st;
         let out = match layers {
             None => buf,
-            Some(layers) => {
-                if !buf.is_empty() {
-                    let encoded = layers.encode(buf);
-                    buf.clear();
-                    if let Err(e) = encoded {
-                        tracing::debug!(error = %e, "encoding for client failed; closing");
-                        layers.wire.clear();
-                        self.closed.cancel();
-                        return;
-                    }
-                }
-                &mut layers.wire
-            }
+            Some(layers) => &mut layers.wire,
         };
         while !out.is_empty() {
             match self.socket.try_write(out) {
@@ -225,6 +306,8 @@ impl Outbox {
             }
         }
         st.stalled = false;
-        st.waiting = false;
+        if st.buf.is_empty() {
+            st.waiting = false;
+        }
     }
 }

@@ -8,24 +8,17 @@
 use bytes::{Buf, BufMut, BytesMut};
 use proto::wire::compression::{CompressionError, Compressor, Decompressor};
 use rustls::ServerConnection;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, BufRead, ErrorKind, Write};
 
-/// The blocks the decoder's buffer grows by once upgraded. A step of decompression fills at
-/// most the room left in the block: a small compressed input can expand a thousandfold, so
-/// it is taken in steps the decoder consumes between.
+/// The largest block the decoder's buffer grows by for decompressed input. A step of
+/// decompression fills at most the room left in the block: a small compressed input can
+/// expand a thousandfold, so it is taken in steps the decoder consumes between.
 const DECOMPRESS_STEP: usize = 64 * 1024;
 
-/// Less free space than this in the decoder's buffer gets a new [`DECOMPRESS_STEP`] block.
+/// Less free space than this in the decoder's buffer gets a new block. Message bodies keep
+/// the blocks they were decompressed into alive, so a block is filled before the next is
+/// taken: one small message must not pin a mostly empty block.
 const MIN_SPARE: usize = 4 * 1024;
-
-/// Makes room for `needed` more bytes in the decoder's buffer. Message bodies keep the blocks
-/// they were read into alive, so new blocks are big (many small messages share one) and a
-/// block is filled before the next is taken (one message must not pin a mostly empty one).
-fn ensure_spare(commands: &mut BytesMut, needed: usize) {
-    if commands.capacity() - commands.len() < needed {
-        commands.reserve(needed.max(DECOMPRESS_STEP));
-    }
-}
 
 /// Outgoing layers of an upgraded connection.
 #[derive(Debug, Default)]
@@ -48,7 +41,8 @@ impl Layers {
     }
 
     pub(super) fn start_tls(&mut self, mut conn: ServerConnection) {
-        // The outbox bounds what waits for a slow client; rustls must take every frame.
+        // Frames are encrypted as they are queued and `wire` holds what the socket has not
+        // taken, so rustls must accept every frame (it holds them only during the handshake).
         conn.set_buffer_limit(None);
         self.tls = Some(Box::new(conn));
     }
@@ -82,13 +76,16 @@ impl Layers {
         pump_tls(tls, &mut self.wire)
     }
 
-    /// Decrypts `raw` (which it consumes) into `plain`; TLS records it must answer (the
-    /// handshake, alerts) go to `wire`. `Ok(false)` once the client closed the session.
-    pub(super) fn decrypt(&mut self, raw: &mut BytesMut, plain: &mut BytesMut) -> io::Result<bool> {
+    /// Decrypts `raw` (which it consumes), handing the plaintext to `deliver`; TLS records it
+    /// must answer (the handshake, alerts) go to `wire`. `Ok(false)` once the client closed
+    /// the session. Only called once TLS is on.
+    pub(super) fn decrypt(
+        &mut self,
+        raw: &mut BytesMut,
+        deliver: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<bool> {
         let Some(tls) = &mut self.tls else {
-            plain.extend_from_slice(raw);
-            raw.clear();
-            return Ok(true);
+            return Err(io::Error::other("no TLS session"));
         };
         let mut open = true;
         while !raw.is_empty() {
@@ -101,27 +98,29 @@ impl Layers {
             // Send the alert telling the client why, then give up.
             let _ = pump_tls(tls, &mut self.wire);
             let state = processed.map_err(|e| io::Error::new(ErrorKind::InvalidData, e))?;
-            if state.plaintext_bytes_to_read() > 0 {
-                open &= read_plaintext(tls, plain)?;
-            }
-            if state.peer_has_closed() {
-                open = false;
+            if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
+                open &= read_plaintext(tls, deliver)?;
             }
         }
         pump_tls(tls, &mut self.wire)?;
         Ok(open)
     }
 
-    pub(super) fn is_handshaking(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
-    }
-
-    /// Queues TLS's close_notify, so the client reads a clean end of the session.
-    pub(super) fn close(&mut self) {
+    /// Encodes the frames still queued, then ends a TLS session with its close_notify, so the
+    /// client reads them and then a clean end of the session.
+    pub(super) fn close(&mut self, queued: &[u8]) -> io::Result<()> {
+        if !queued.is_empty() {
+            self.encode(queued)?;
+        }
         if let Some(tls) = &mut self.tls {
             tls.send_close_notify();
-            let _ = pump_tls(tls, &mut self.wire);
+            pump_tls(tls, &mut self.wire)?;
         }
+        Ok(())
+    }
+
+    pub(super) fn is_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
     }
 }
 
@@ -133,41 +132,46 @@ fn pump_tls(tls: &mut ServerConnection, wire: &mut BytesMut) -> io::Result<()> {
     Ok(())
 }
 
-/// Moves the session's decrypted bytes into `plain`. False at the client's close_notify.
-fn read_plaintext(tls: &mut ServerConnection, plain: &mut BytesMut) -> io::Result<bool> {
-    const STEP: usize = 16 * 1024;
+/// Hands the session's decrypted bytes to `deliver` without copying them first. False at
+/// the client's close_notify.
+fn read_plaintext(tls: &mut ServerConnection, deliver: &mut dyn FnMut(&[u8])) -> io::Result<bool> {
     loop {
-        let start = plain.len();
-        plain.resize(start + STEP, 0);
-        let read = tls.reader().read(&mut plain[start..]);
-        match read {
-            Ok(0) => {
-                plain.truncate(start);
-                return Ok(false);
+        let mut reader = tls.reader();
+        match reader.fill_buf() {
+            Ok([]) => return Ok(false),
+            Ok(chunk) => {
+                let n = chunk.len();
+                deliver(chunk);
+                reader.consume(n);
             }
-            Ok(n) => plain.truncate(start + n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                plain.truncate(start);
-                return Ok(true);
-            }
-            Err(e) => {
-                plain.truncate(start);
-                return Err(e);
-            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
         }
     }
 }
 
 /// The read side: socket bytes in, command bytes out.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Inbound {
     /// TLS is on: socket bytes go to the outbox's session first.
     pub(super) tls: bool,
     pub(super) decompressor: Option<Decompressor>,
-    /// Socket bytes not yet decrypted.
+    /// Socket bytes not yet decrypted or decompressed.
     pub(super) raw: BytesMut,
-    /// Decrypted bytes on their way to the decompressor.
-    plain: BytesMut,
+    /// The block the decoder's buffer grows by for decompressed input: small while the
+    /// client is quiet, doubling up to [`DECOMPRESS_STEP`] while steps fill it.
+    block: usize,
+}
+
+impl Default for Inbound {
+    fn default() -> Inbound {
+        Inbound {
+            tls: false,
+            decompressor: None,
+            raw: BytesMut::new(),
+            block: MIN_SPARE,
+        }
+    }
 }
 
 impl Inbound {
@@ -176,41 +180,39 @@ impl Inbound {
         self.tls || self.decompressor.is_some()
     }
 
-    /// Feeds bytes that arrived (decrypted if TLS is on) to the decompressor, or straight to
-    /// the decoder's buffer.
-    pub(super) fn take_plain(&mut self, plain: &[u8], commands: &mut BytesMut) {
-        match &mut self.decompressor {
-            Some(d) => d.feed(plain),
-            None => {
-                ensure_spare(commands, plain.len());
-                commands.extend_from_slice(plain);
-            }
-        }
-    }
-
-    /// Decompresses the next step of what was fed into `commands`, filling the space it has
-    /// left; 0 when the decompressor needs more input (or there is none).
+    /// Decompresses the next step of what was fed into `commands`, filling the room left in
+    /// its block; 0 when the decompressor needs more input (or there is none).
     pub(super) fn decompress(
         &mut self,
         commands: &mut BytesMut,
     ) -> Result<usize, CompressionError> {
-        match &mut self.decompressor {
-            Some(d) if d.has_pending() => {
-                ensure_spare(commands, MIN_SPARE);
-                let room = commands.capacity() - commands.len();
-                d.decompress(commands, room)
-            }
-            _ => Ok(0),
+        let Some(d) = &mut self.decompressor else {
+            return Ok(0);
+        };
+        if !d.has_pending() {
+            return Ok(0);
         }
+        if commands.capacity() - commands.len() < MIN_SPARE {
+            commands.reserve(self.block);
+        }
+        let room = commands.capacity() - commands.len();
+        let n = d.decompress(commands, room)?;
+        if n >= room && self.block < DECOMPRESS_STEP {
+            self.block *= 2;
+        }
+        Ok(n)
     }
+}
 
-    /// A buffer for decrypted bytes, lent to the outbox while it decrypts.
-    pub(super) fn plain_buffer(&mut self) -> BytesMut {
-        std::mem::take(&mut self.plain)
-    }
-
-    pub(super) fn return_plain_buffer(&mut self, mut plain: BytesMut) {
-        plain.clear();
-        self.plain = plain;
+/// Bytes that arrived (decrypted if TLS is on) go to the decompressor, or straight to the
+/// decoder's buffer.
+pub(super) fn deliver(
+    decompressor: &mut Option<Decompressor>,
+    commands: &mut BytesMut,
+    plain: &[u8],
+) {
+    match decompressor {
+        Some(d) => d.feed(plain),
+        None => commands.extend_from_slice(plain),
     }
 }

@@ -7,7 +7,6 @@
 //! writes what is left when the connection closes.
 
 use super::client::{Client, Identity};
-use proto::wire::frame::write_response;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at, timeout};
@@ -85,9 +84,9 @@ pub(super) async fn run(client: Arc<Client>) {
                 out.set_buffer_size(identity.output_buffer_size);
                 timers = Timers::new(&identity);
             }
-            _ = tick(&mut timers.heartbeat) => {
-                out.push(true, |buf| write_response(buf, proto::wire::HEARTBEAT));
-            }
+            _ = tick(&mut timers.heartbeat) => out.heartbeat(),
+            // A channel queued messages on an upgraded connection for this task to encode.
+            _ = out.handed_off() => out.flush(),
             _ = tick(&mut timers.flush), if waiting => out.flush(),
             // Messages started waiting: go round again to run the flush timer.
             _ = out.waiting(), if !waiting => {}
@@ -100,7 +99,7 @@ pub(super) async fn run(client: Arc<Client>) {
         }
     }
     let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
-        out.close_tls();
+        out.close();
         while out.is_stalled() && out.writable().await.is_ok() {
             out.flush();
         }

@@ -324,7 +324,7 @@ impl Channel {
             c.publish_counts();
             // nsqd flushes a client's buffered messages as soon as it can take no more.
             if c.free() == 0 {
-                c.client.outbox.flush();
+                c.client.outbox.flush_messages();
             }
         }
         self.dispatch(&mut st, Instant::now());
@@ -337,7 +337,7 @@ impl Channel {
             c.closing = true;
             c.rdy = 0;
             c.publish_counts();
-            c.client.outbox.flush();
+            c.client.outbox.flush_messages();
         }
     }
 
@@ -425,7 +425,7 @@ impl Channel {
         if paused {
             // Paused consumers are not ready: what they have buffered goes out now.
             for c in &st.consumers {
-                c.client.outbox.flush();
+                c.client.outbox.flush_messages();
             }
         } else {
             self.dispatch(&mut st, Instant::now());
@@ -585,7 +585,7 @@ impl Channel {
             // nsqd flushes as soon as a client can take no more.
             let flush = take >= c.free();
             let mut sampled_out = Vec::new();
-            let sent = client.outbox.push(flush, |buf| {
+            let sent = client.outbox.push_messages(flush, |buf| {
                 let mut sent = 0;
                 for mut msg in queue.drain(..take as usize) {
                     if c.sample_rate > 0 && c.next_percent() > c.sample_rate {

@@ -12,28 +12,20 @@ use super::{Component, child_meta, labels};
 use crate::crd::NSQCluster;
 
 /// One setting: the command-line flag it feeds and the ConfigMap key (and environment variable)
-/// holding its value. Settings without a flag (the TLS Secrets' names) shape the pod template
-/// instead; they are kept here so the checksum covers them too.
+/// holding its value. The TLS Secrets' names are not settings: they are in the pod template
+/// (`volumes[].secret.secretName`), so renaming one rolls the pods by itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Setting {
-    pub(crate) flag: Option<&'static str>,
+    pub(crate) flag: &'static str,
     pub(crate) key: &'static str,
     pub(crate) value: String,
 }
 
 fn setting(flag: &'static str, key: &'static str, value: impl ToString) -> Setting {
     Setting {
-        flag: Some(flag),
+        flag,
         key,
         value: value.to_string(),
-    }
-}
-
-fn secret_name(key: &'static str, name: &str) -> Setting {
-    Setting {
-        flag: None,
-        key,
-        value: name.to_owned(),
     }
 }
 
@@ -64,7 +56,6 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                     .map(|v| setting("max-deflate-level", "BROKER_MAX_DEFLATE_LEVEL", v)),
             );
             if let Some(tls) = &cluster.spec.broker.tls {
-                settings.push(secret_name("BROKER_TLS_SECRET", &tls.secret_name));
                 settings.extend(
                     tls.required
                         .map(|v| setting("tls-required", "BROKER_TLS_REQUIRED", v.as_str())),
@@ -81,14 +72,11 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                         .map(|v| setting("tls-min-version", "BROKER_TLS_MIN_VERSION", v.as_str())),
                 );
             }
-            if let Some(tls) = &cluster.spec.cluster_tls {
-                settings.push(secret_name("BROKER_CLUSTER_TLS_SECRET", &tls.secret_name));
-            }
             settings
         }
         Component::Lookupd => {
             let s = &cluster.spec.lookupd.settings;
-            let mut settings = vec![
+            vec![
                 setting(
                     "inactive-producer-timeout",
                     "LOOKUPD_INACTIVE_PRODUCER_TIMEOUT",
@@ -99,11 +87,7 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                     "LOOKUPD_TOMBSTONE_LIFETIME",
                     &s.tombstone_lifetime,
                 ),
-            ];
-            if let Some(tls) = &cluster.spec.cluster_tls {
-                settings.push(secret_name("LOOKUPD_CLUSTER_TLS_SECRET", &tls.secret_name));
-            }
-            settings
+            ]
         }
     }
 }
@@ -220,14 +204,13 @@ mod tests {
             secret_name: "events-mtls".to_owned(),
         });
         let data = config_map(&cluster(spec)).data.expect("data");
-        assert_eq!(data.len(), 17);
+        assert_eq!(data.len(), 14);
         assert_eq!(data["BROKER_DEFLATE"], "false");
         assert!(!data.contains_key("BROKER_SNAPPY"));
-        assert_eq!(data["BROKER_TLS_SECRET"], "events-tls");
         assert_eq!(data["BROKER_TLS_REQUIRED"], "tcp-https");
         assert_eq!(data["BROKER_TLS_CLIENT_AUTH_POLICY"], "require-verify");
         assert_eq!(data["BROKER_TLS_MIN_VERSION"], "tls1.3");
-        assert_eq!(data["BROKER_CLUSTER_TLS_SECRET"], "events-mtls");
-        assert_eq!(data["LOOKUPD_CLUSTER_TLS_SECRET"], "events-mtls");
+        // The Secrets' names are in the pod templates only.
+        assert!(!data.keys().any(|k| k.ends_with("TLS_SECRET")), "{data:?}");
     }
 }

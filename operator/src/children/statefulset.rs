@@ -289,14 +289,13 @@ fn secret_mount(name: &str, path: &str) -> VolumeMount {
 fn setting_args(cluster: &NSQCluster, component: Component) -> impl Iterator<Item = String> {
     settings(cluster, component)
         .into_iter()
-        .filter_map(|s| Some(format!("--{}=$({})", s.flag?, s.key)))
+        .map(|s| format!("--{}=$({})", s.flag, s.key))
 }
 
 fn setting_env(cluster: &NSQCluster, component: Component) -> impl Iterator<Item = EnvVar> {
     let config_map = config_map_name(cluster);
     settings(cluster, component)
         .into_iter()
-        .filter(|s| s.flag.is_some())
         .map(move |s| EnvVar {
             name: s.key.to_owned(),
             value_from: Some(EnvVarSource {
@@ -1006,9 +1005,13 @@ mod tests {
     #[test]
     fn tls_changes_roll_the_pods() {
         let c = |spec: NSQClusterSpec| cluster(spec);
+        // The whole pod template: a change anywhere in it rolls the pods.
+        let template = |sts: &StatefulSet| {
+            serde_json::to_string(&sts.spec.as_ref().expect("spec").template).expect("json")
+        };
         let lookupd = |spec: NSQClusterSpec| {
             let c = c(spec);
-            checksum(&lookupd_statefulset(&c, "l", &config_map(&c)))
+            template(&lookupd_statefulset(&c, "l", &config_map(&c)))
         };
         let base = NSQClusterSpec::default();
         let with_tls = tls_spec(None, None);
@@ -1028,7 +1031,7 @@ mod tests {
         cluster_renamed.cluster_tls = Some(ClusterTlsSpec {
             secret_name: "mtls2".to_owned(),
         });
-        let broker_sums: Vec<String> = [
+        let broker_templates: Vec<String> = [
             &base,
             &with_tls,
             &renamed,
@@ -1040,10 +1043,21 @@ mod tests {
             &cluster_renamed,
         ]
         .into_iter()
-        .map(|s| checksum(&build_broker(s.clone())))
+        .map(|s| template(&build_broker(s.clone())))
         .collect();
+        let unique: std::collections::BTreeSet<_> = broker_templates.iter().collect();
+        assert_eq!(unique.len(), broker_templates.len(), "{broker_templates:?}");
+        // Settings change the checksum; a Secret's new name is in the template itself.
+        let broker_sums: Vec<String> = [&base, &required, &verify, &min_version, &deflate]
+            .into_iter()
+            .map(|s| checksum(&build_broker(s.clone())))
+            .collect();
         let unique: std::collections::BTreeSet<_> = broker_sums.iter().collect();
         assert_eq!(unique.len(), broker_sums.len(), "{broker_sums:?}");
+        assert_eq!(
+            checksum(&build_broker(with_tls.clone())),
+            checksum(&build_broker(renamed.clone()))
+        );
 
         // Client TLS is the brokers' alone; cluster TLS rolls the lookupds too.
         assert_eq!(lookupd(base.clone()), lookupd(required));

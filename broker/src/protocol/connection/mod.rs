@@ -181,55 +181,45 @@ impl Connection {
                 return;
             }
             if let Some(agreed) = self.upgrade.take() {
-                if !self.upgrade(reader, agreed).await {
+                let upgraded = self.upgrade(reader, agreed).await;
+                self.client.outbox.set_upgrading(false);
+                if !upgraded {
                     return;
                 }
                 continue;
             }
-            if self.inbound.is_layered() {
-                match self.read_layered(reader).await {
-                    Ok(true) => continue,
-                    Ok(false) => return,
+            let layered = self.inbound.is_layered();
+            if layered {
+                match self.inbound.decompress(&mut self.read_buf) {
+                    // Decompressed input goes to the decoder before the socket is read again.
+                    Ok(n) if n > 0 => continue,
+                    Ok(_) if self.peer_closed => return,
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::info!(client = self.client.id, error = %e, "bad stream from client; closing");
                         return;
                     }
                 }
             }
-            if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
-                self.read_buf.reserve(self.read_size);
+            // An upgraded connection's bytes go through its layers before the decoder.
+            let buf = if layered {
+                &mut self.inbound.raw
+            } else {
+                &mut self.read_buf
+            };
+            if buf.capacity() - buf.len() < self.read_size / 2 {
+                buf.reserve(self.read_size);
             }
-            let deadline = self.heartbeat.map(|hb| hb * 2);
-            let before = self.read_buf.len();
-            let read = async {
-                match deadline {
-                    Some(d) => timeout(d, reader.read_buf(&mut self.read_buf)).await,
-                    None => Ok(reader.read_buf(&mut self.read_buf).await),
-                }
+            let before = buf.len();
+            let Some(n) = read_some(reader, buf, self.heartbeat, &self.client).await else {
+                return;
             };
-            let result = tokio::select! {
-                _ = self.client.closed.cancelled() => return,
-                r = read => r,
-            };
-            match result {
-                Ok(Ok(0)) => return,
-                Ok(Ok(n)) => {
-                    // Grow the buffer while reads fill it: a busy publisher gets big reads.
-                    if before + n >= self.read_buf.capacity() && self.read_size < MAX_READ {
-                        self.read_size *= 2;
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(client = self.client.id, error = %e, "read failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(
-                        client = self.client.id,
-                        "no command within two heartbeats; closing"
-                    );
-                    return;
-                }
+            // Grow the buffer while reads fill it: a busy publisher gets big reads.
+            if before + n >= buf.capacity() && self.read_size < MAX_READ {
+                self.read_size *= 2;
+            }
+            if layered && !self.take_layered_input() {
+                return;
             }
         }
     }
@@ -535,14 +525,23 @@ impl Connection {
         let options = &self.broker.options;
         let applied = request.apply(&self.client.identity(), options)?;
         let agreed = request.negotiate(options, self.broker.tls.is_some())?;
+        let upgrades = agreed.tls || agreed.snappy || agreed.deflate;
+        if upgrades && self.inbound.is_layered() {
+            return Err(ProtocolError::new(
+                ErrorCode::IdentifyFailed,
+                "IDENTIFY cannot upgrade a connection twice",
+            ));
+        }
         let response = request.response(&applied, &agreed, options);
         self.heartbeat = applied.heartbeat_interval;
         self.client.set_identity(applied);
         self.client.settings_changed.notify_one();
-        self.send_response(&response);
-        if agreed.tls || agreed.snappy || agreed.deflate {
+        if upgrades {
+            // Until the upgrades' OKs are out, no heartbeat may slip in.
+            self.client.outbox.set_upgrading(true);
             self.upgrade = Some(agreed);
         }
+        self.send_response(&response);
         Ok(())
     }
 
@@ -702,6 +701,42 @@ impl Connection {
             if left == 0 && channel.ephemeral {
                 self.broker.consumer_left(&topic, &channel.name);
             }
+        }
+    }
+}
+
+/// Reads what the socket has into `buf`, waiting at most two heartbeats (nsqd's read
+/// deadline). `None` when the connection is over: end of stream, a failed read, the deadline
+/// passed, or the client is being closed.
+async fn read_some(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    heartbeat: Option<Duration>,
+    client: &Client,
+) -> Option<usize> {
+    let read = async {
+        match heartbeat {
+            Some(hb) => timeout(hb * 2, reader.read_buf(buf)).await,
+            None => Ok(reader.read_buf(buf).await),
+        }
+    };
+    let result = tokio::select! {
+        _ = client.closed.cancelled() => return None,
+        r = read => r,
+    };
+    match result {
+        Ok(Ok(0)) => None,
+        Ok(Ok(n)) => Some(n),
+        Ok(Err(e)) => {
+            tracing::debug!(client = client.id, error = %e, "read failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(
+                client = client.id,
+                "no command within two heartbeats; closing"
+            );
+            None
         }
     }
 }

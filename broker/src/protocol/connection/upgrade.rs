@@ -4,6 +4,7 @@
 use super::Connection;
 use crate::protocol::client::TransportSummary;
 use crate::protocol::identify::Negotiated;
+use crate::protocol::transport::{Inbound, deliver};
 use bytes::BytesMut;
 use proto::wire::compression::{Compressor, Decompressor};
 use std::io;
@@ -14,59 +15,40 @@ use tokio::time::timeout;
 
 /// How long a client has to finish the TLS handshake after IDENTIFY (nsqd's deadline).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Socket reads of an upgraded connection.
-const LAYERED_READ: usize = 16 * 1024;
+/// Room for a whole TLS record (16 KiB of data and its overhead) in a socket read.
+const TLS_RECORD: usize = 17 * 1024;
 
 impl Connection {
-    /// The next step of an upgraded connection's input: decompressed bytes already received,
-    /// or a socket read through TLS and decompression. False at the end of the stream.
-    pub(super) async fn read_layered(&mut self, reader: &mut OwnedReadHalf) -> io::Result<bool> {
-        let decompressed = self
-            .inbound
-            .decompress(&mut self.read_buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if decompressed > 0 {
-            return Ok(true);
+    /// Passes what was read from an upgraded connection through its layers: decrypted into
+    /// the decompressor or the decoder's buffer. False when the stream is bad.
+    pub(super) fn take_layered_input(&mut self) -> bool {
+        let Inbound {
+            tls,
+            decompressor,
+            raw,
+            ..
+        } = &mut self.inbound;
+        let commands = &mut self.read_buf;
+        if !*tls {
+            deliver(decompressor, commands, raw);
+            raw.clear();
+            return true;
         }
-        if self.peer_closed {
-            return Ok(false);
-        }
-        self.inbound.raw.reserve(LAYERED_READ);
-        let read = async {
-            match self.heartbeat {
-                Some(hb) => timeout(hb * 2, reader.read_buf(&mut self.inbound.raw)).await,
-                None => Ok(reader.read_buf(&mut self.inbound.raw).await),
+        let decrypted = self
+            .client
+            .outbox
+            .decrypt(raw, &mut |plain| deliver(decompressor, commands, plain));
+        match decrypted {
+            Ok(open) => {
+                // The client ended its session: what it sent is still processed.
+                self.peer_closed = !open;
+                true
             }
-        };
-        let n = tokio::select! {
-            _ = self.client.closed.cancelled() => return Ok(false),
-            r = read => match r {
-                Ok(r) => r?,
-                Err(_) => {
-                    tracing::info!(client = self.client.id, "no command within two heartbeats; closing");
-                    return Ok(false);
-                }
-            },
-        };
-        if n == 0 {
-            return Ok(false);
+            Err(e) => {
+                tracing::info!(client = self.client.id, error = %e, "bad TLS stream from client; closing");
+                false
+            }
         }
-        if self.inbound.tls {
-            let mut plain = self.inbound.plain_buffer();
-            let decrypted = self
-                .client
-                .outbox
-                .decrypt(&mut self.inbound.raw, &mut plain);
-            self.inbound.take_plain(&plain, &mut self.read_buf);
-            self.inbound.return_plain_buffer(plain);
-            self.peer_closed = !decrypted?;
-        } else {
-            let raw = std::mem::take(&mut self.inbound.raw);
-            self.inbound.take_plain(&raw, &mut self.read_buf);
-            self.inbound.raw = raw;
-            self.inbound.raw.clear();
-        }
-        Ok(true)
     }
 
     /// Sets up what IDENTIFY agreed on, in nsqd's order, each confirmed by an `OK` sent
@@ -90,6 +72,8 @@ impl Connection {
             self.inbound.tls = true;
             self.inbound.raw.extend_from_slice(&after_identify);
             after_identify.clear();
+            // The handshake runs with its own reads; they need not be small.
+            self.read_size = self.read_size.max(TLS_RECORD);
             let handshake = timeout(
                 TLS_HANDSHAKE_TIMEOUT,
                 self.handshake(reader, &mut after_identify),
@@ -121,14 +105,20 @@ impl Connection {
                     Decompressor::deflate(),
                 )
             };
-            self.client.outbox.start_compression(compressor);
+            self.client
+                .outbox
+                .start_compression(compressor, agreed.deflate);
             self.inbound.decompressor = Some(decompressor);
             transport.snappy = agreed.snappy;
             transport.deflate = agreed.deflate;
             self.client.set_transport(transport);
             self.send_response(proto::wire::OK);
         }
-        self.inbound.take_plain(&after_identify, &mut self.read_buf);
+        deliver(
+            &mut self.inbound.decompressor,
+            &mut self.read_buf,
+            &after_identify,
+        );
         true
     }
 
@@ -141,7 +131,8 @@ impl Connection {
     ) -> io::Result<()> {
         let out = &self.client.outbox;
         loop {
-            if !self.inbound.raw.is_empty() && !out.decrypt(&mut self.inbound.raw, early)? {
+            let raw = &mut self.inbound.raw;
+            if !raw.is_empty() && !out.decrypt(raw, &mut |plain| early.extend_from_slice(plain))? {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "client ended the session during the handshake",
@@ -150,7 +141,7 @@ impl Connection {
             if !out.is_handshaking() {
                 return Ok(());
             }
-            self.inbound.raw.reserve(LAYERED_READ);
+            raw.reserve(TLS_RECORD);
             let n = tokio::select! {
                 _ = self.client.closed.cancelled() => return Err(io::ErrorKind::ConnectionAborted.into()),
                 n = reader.read_buf(&mut self.inbound.raw) => n?,
