@@ -331,13 +331,30 @@ pub async fn http_request(
     path: &str,
     body: &[u8],
 ) -> Result<HttpResponse> {
-    let mut stream = TcpStream::connect(addr).await?;
+    let stream = TcpStream::connect(addr).await?;
+    http_exchange(stream, addr, method, path, body).await
+}
+
+/// One HTTP/1.1 request with `Connection: close` over an open stream (plain or TLS) to
+/// `addr`, and its response.
+pub async fn http_exchange<S>(
+    mut stream: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<HttpResponse>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body).await?;
+    // A no-op on TCP; sends the TLS records.
+    stream.flush().await?;
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
         .await
@@ -349,7 +366,7 @@ fn parse_http_response(raw: &[u8]) -> Result<HttpResponse> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("no end of headers"))?;
+        .ok_or_else(|| anyhow!("no end of headers in {:?}", String::from_utf8_lossy(raw)))?;
     let head = String::from_utf8_lossy(&raw[..split]);
     let mut lines = head.split("\r\n");
     let status = lines

@@ -11,7 +11,7 @@ use broker::{Options, Server};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tests::certs::{TestCa, loopback_name};
-use tests::{HttpResponse, WAIT, http_request};
+use tests::{HttpResponse, WAIT, http_exchange, http_request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -56,49 +56,14 @@ async fn https_request(
     body: &[u8],
 ) -> Result<HttpResponse> {
     let tcp = TcpStream::connect(addr).await?;
-    let mut tls = tokio::time::timeout(
+    let tls = tokio::time::timeout(
         WAIT,
         TlsConnector::from(config).connect(loopback_name(), tcp),
     )
     .await
     .map_err(|_| anyhow!("no TLS handshake within {WAIT:?}"))?
     .context("TLS handshake")?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    tls.write_all(head.as_bytes()).await?;
-    tls.write_all(body).await?;
-    tls.flush().await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, tls.read_to_end(&mut raw))
-        .await
-        .map_err(|_| anyhow!("no HTTPS response within {WAIT:?}"))??;
-    parse_response(&raw)
-}
-
-/// A response with a `Content-Length` body, as every response these tests ask for has.
-fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("no end of headers in {:?}", String::from_utf8_lossy(raw)))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    })
+    http_exchange(tls, addr, method, path, body).await
 }
 
 fn expect_ok(resp: &HttpResponse, what: &str) -> Result<()> {

@@ -260,34 +260,35 @@ fn client_auth(
     }
 }
 
+/// Whether the broker refuses a TLS client showing `identity` (or no certificate): the
+/// handshake, or the first command after it, fails.
+async fn is_refused(b: &TlsBroker, identity: Option<&CertFiles>) -> Result<bool> {
+    let mut c = b.broker.connect().await?;
+    let config = b.ca.client_config(identity)?;
+    let outcome = async {
+        c.upgrade(&negotiation(json!({"tls_v1": true})), Some(config))
+            .await?;
+        c.send_raw(b"NOP\n").await?;
+        c.next_frame().await
+    };
+    Ok(outcome.await.is_err())
+}
+
 #[tokio::test]
 async fn require_verify_needs_a_certificate_from_the_root_ca() -> Result<()> {
     use broker::config::ClientAuthPolicy::RequireVerify;
     let b = tls_broker(client_auth(RequireVerify)).await?;
     let ask = negotiation(json!({"tls_v1": true}));
     // No certificate: the handshake fails.
-    let mut c = b.broker.connect().await?;
-    let refused = async {
-        c.upgrade(&ask, Some(b.ca.client_config(None)?)).await?;
-        c.send_raw(b"NOP\n").await?;
-        c.next_frame().await
-    };
     ensure!(
-        refused.await.is_err(),
+        is_refused(&b, None).await?,
         "a client without a certificate got in"
     );
     // A certificate from another CA: refused too.
     let other = TestCa::new()?;
     let stranger = other.client("stranger", "stranger")?;
-    let mut c = b.broker.connect().await?;
-    let refused = async {
-        c.upgrade(&ask, Some(b.ca.client_config(Some(&stranger))?))
-            .await?;
-        c.send_raw(b"NOP\n").await?;
-        c.next_frame().await
-    };
     ensure!(
-        refused.await.is_err(),
+        is_refused(&b, Some(&stranger)).await?,
         "a certificate from another CA got in"
     );
     // A certificate from the root CA.
@@ -312,14 +313,8 @@ async fn require_takes_any_certificate_but_needs_one() -> Result<()> {
     c.upgrade(&ask, Some(b.ca.client_config(Some(&stranger))?))
         .await?;
     exercise(&mut c, "any").await?;
-    let mut c = b.broker.connect().await?;
-    let refused = async {
-        c.upgrade(&ask, Some(b.ca.client_config(None)?)).await?;
-        c.send_raw(b"NOP\n").await?;
-        c.next_frame().await
-    };
     ensure!(
-        refused.await.is_err(),
+        is_refused(&b, None).await?,
         "a client without a certificate got in"
     );
     Ok(())
