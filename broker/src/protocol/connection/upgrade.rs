@@ -72,7 +72,7 @@ impl Connection {
             self.inbound.tls = true;
             self.inbound.raw.extend_from_slice(&after_identify);
             after_identify.clear();
-            // The handshake runs with its own reads; they need not be small.
+            // TLS records carry up to 16 KiB: reads take a whole one at a time.
             self.read_size = self.read_size.max(TLS_RECORD);
             let handshake = timeout(
                 TLS_HANDSHAKE_TIMEOUT,
