@@ -34,6 +34,55 @@ function within(ms, promise, what) {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
 }
 
+/**
+ * Spawns `bin` for `owner` (a Broker or Lookupd: sets its `proc` and `exited`, appends to its
+ * `log`) and waits until the log has named an address for every one of `patterns`, filling
+ * `owner.addresses`. A process that exits or stays silent first is stopped, and the error
+ * carries its log.
+ */
+async function startListening(owner, bin, argv, patterns, name) {
+  owner.log.push(`$ ${bin} ${argv.join(' ')}`)
+  owner.proc = spawn(bin, argv, {stdio: ['ignore', 'pipe', 'pipe']})
+  owner.exited = new Promise((resolve) => {
+    owner.proc.on('exit', (code, signal) => resolve({code, signal}))
+    owner.proc.on('error', (err) => {
+      owner.log.push(`spawn error: ${err.message}`)
+      resolve({code: null, signal: null, error: err})
+    })
+  })
+  const listening = new Promise((resolve) => {
+    const onLine = (line) => {
+      owner.log.push(line)
+      for (const [kind, re] of Object.entries(patterns)) {
+        const m = re.exec(line)
+        if (m && !owner.addresses[kind]) owner.addresses[kind] = m[1]
+      }
+      if (Object.keys(patterns).every((kind) => owner.addresses[kind])) resolve()
+    }
+    for (const stream of [owner.proc.stdout, owner.proc.stderr]) {
+      let pending = ''
+      stream.setEncoding('utf8')
+      stream.on('data', (chunk) => {
+        pending += chunk
+        const lines = pending.split('\n')
+        pending = lines.pop()
+        lines.forEach(onLine)
+      })
+    }
+  })
+  const exitedEarly = owner.exited.then(({code, signal}) => {
+    throw new Error(`knsq-${name} exited before listening (code ${code}, signal ${signal})`)
+  })
+  try {
+    await within(STARTUP_TIMEOUT_MS, Promise.race([listening, exitedEarly]), `knsq-${name} listening lines`)
+  } catch (err) {
+    await owner.stop()
+    err.message += `\n--- ${name} log ---\n${owner.logText()}`
+    throw err
+  }
+  exitedEarly.catch(() => {}) // it settles (rejected) when the process stops
+}
+
 class Broker {
   /**
    * `httpsClient` ({ca, cert?, key?} Buffers): talk to the HTTP API over `--https-address`
@@ -55,50 +104,11 @@ class Broker {
       `--data-path=${this.dataPath}`,
       ...this.args,
     ]
-    this.log.push(`$ ${BROKER_BIN} ${argv.join(' ')}`)
-    this.proc = spawn(BROKER_BIN, argv, {stdio: ['ignore', 'pipe', 'pipe']})
-    this.exited = new Promise((resolve) => {
-      this.proc.on('exit', (code, signal) => resolve({code, signal}))
-      this.proc.on('error', (err) => {
-        this.log.push(`spawn error: ${err.message}`)
-        resolve({code: null, signal: null, error: err})
-      })
-    })
     const patterns = {tcp: /TCP: listening on (\S+)/, http: /HTTP: listening on (\S+)/}
     if (this.args.some((arg) => arg.startsWith('--https-address'))) {
       patterns.https = /HTTPS: listening on (\S+)/
     }
-    const listening = new Promise((resolve) => {
-      const onLine = (line) => {
-        this.log.push(line)
-        for (const [kind, re] of Object.entries(patterns)) {
-          const m = re.exec(line)
-          if (m && !this.addresses[kind]) this.addresses[kind] = m[1]
-        }
-        if (Object.keys(patterns).every((kind) => this.addresses[kind])) resolve()
-      }
-      for (const stream of [this.proc.stdout, this.proc.stderr]) {
-        let pending = ''
-        stream.setEncoding('utf8')
-        stream.on('data', (chunk) => {
-          pending += chunk
-          const lines = pending.split('\n')
-          pending = lines.pop()
-          lines.forEach(onLine)
-        })
-      }
-    })
-    const exitedEarly = this.exited.then(({code, signal}) => {
-      throw new Error(`knsq-broker exited before listening (code ${code}, signal ${signal})`)
-    })
-    try {
-      await within(STARTUP_TIMEOUT_MS, Promise.race([listening, exitedEarly]), 'knsq-broker listening lines')
-    } catch (err) {
-      await this.stop()
-      err.message += `\n--- broker log ---\n${this.logText()}`
-      throw err
-    }
-    exitedEarly.catch(() => {}) // it will settle (rejected) when the broker stops
+    await startListening(this, BROKER_BIN, argv, patterns, 'broker')
     return this
   }
 
@@ -503,43 +513,8 @@ class Lookupd {
 
   async start() {
     const argv = ['--grpc-address=127.0.0.1:0', '--http-address=127.0.0.1:0', ...this.args]
-    this.log.push(`$ ${LOOKUPD_BIN} ${argv.join(' ')}`)
-    this.proc = spawn(LOOKUPD_BIN, argv, {stdio: ['ignore', 'pipe', 'pipe']})
-    this.exited = new Promise((resolve) => {
-      this.proc.on('exit', (code, signal) => resolve({code, signal}))
-      this.proc.on('error', (err) => resolve({code: null, signal: null, error: err}))
-    })
-    const listening = new Promise((resolve) => {
-      const patterns = {grpc: /GRPC: listening on (\S+)/, http: /HTTP: listening on (\S+)/}
-      for (const stream of [this.proc.stdout, this.proc.stderr]) {
-        let pending = ''
-        stream.setEncoding('utf8')
-        stream.on('data', (chunk) => {
-          pending += chunk
-          const lines = pending.split('\n')
-          pending = lines.pop()
-          for (const line of lines) {
-            this.log.push(line)
-            for (const [kind, re] of Object.entries(patterns)) {
-              const m = re.exec(line)
-              if (m && !this.addresses[kind]) this.addresses[kind] = m[1]
-            }
-            if (this.addresses.grpc && this.addresses.http) resolve()
-          }
-        })
-      }
-    })
-    const exitedEarly = this.exited.then(({code, signal}) => {
-      throw new Error(`knsq-lookupd exited before listening (code ${code}, signal ${signal})`)
-    })
-    try {
-      await within(STARTUP_TIMEOUT_MS, Promise.race([listening, exitedEarly]), 'knsq-lookupd listening lines')
-    } catch (err) {
-      await this.stop()
-      err.message += `\n--- lookupd log ---\n${this.logText()}`
-      throw err
-    }
-    exitedEarly.catch(() => {})
+    const patterns = {grpc: /GRPC: listening on (\S+)/, http: /HTTP: listening on (\S+)/}
+    await startListening(this, LOOKUPD_BIN, argv, patterns, 'lookupd')
     return this
   }
 
