@@ -81,48 +81,61 @@ fn topic() -> Name {
     Name::new("crash").expect("valid name")
 }
 
-/// Publishes numbered PUBs to topic `crash`, `window` outstanding at a time, until `limit`
-/// numbers were acknowledged or the connection breaks (the broker was killed). Every `OK`
-/// acknowledges the oldest outstanding PUB.
-pub async fn produce(addr: SocketAddr, ledger: SharedLedger, window: usize, limit: u64) {
-    let _ = produce_until_error(addr, &ledger, window, limit).await;
+/// How a producer publishes: `batch` bodies per command (PUB when 1, MPUB otherwise),
+/// `window` commands outstanding at a time, until `limit` messages were acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub struct Publishing {
+    pub batch: u64,
+    pub window: usize,
+    pub limit: u64,
 }
 
-async fn produce_until_error(
-    addr: SocketAddr,
-    ledger: &SharedLedger,
-    window: usize,
-    limit: u64,
-) -> Result<()> {
+/// Publishes numbered messages to topic `crash` until the limit was acknowledged or the
+/// connection breaks (the broker was killed). Every `OK` acknowledges the oldest outstanding
+/// command.
+pub async fn produce(addr: SocketAddr, ledger: SharedLedger, how: Publishing) {
+    let _ = produce_until_error(addr, &ledger, how).await;
+}
+
+async fn produce_until_error(addr: SocketAddr, ledger: &SharedLedger, how: Publishing) -> Result<()> {
     let mut conn = NsqConn::connect(addr).await?;
-    let mut outstanding = VecDeque::new();
+    let mut outstanding: VecDeque<std::ops::Range<u64>> = VecDeque::new();
     loop {
         let next = {
-            let l = ledger.lock().expect("ledger");
-            if l.acked.len() as u64 + outstanding.len() as u64 >= limit {
+            let mut l = ledger.lock().expect("ledger");
+            let pending: u64 = outstanding.iter().map(|r| r.end - r.start).sum();
+            if l.acked.len() as u64 + pending >= how.limit || outstanding.len() >= how.window {
                 None
             } else {
-                Some(l.next)
+                let start = l.next;
+                l.next += how.batch;
+                Some(start..start + how.batch)
             }
         };
         match next {
-            Some(n) if outstanding.len() < window => {
-                ledger.lock().expect("ledger").next = n + 1;
-                outstanding.push_back(n);
-                conn.send(&Command::Pub {
-                    topic: topic(),
-                    body: body(n).into(),
-                })
-                .await?;
+            Some(numbers) => {
+                let command = if how.batch == 1 {
+                    Command::Pub {
+                        topic: topic(),
+                        body: body(numbers.start).into(),
+                    }
+                } else {
+                    Command::Mpub {
+                        topic: topic(),
+                        bodies: numbers.clone().map(|n| body(n).into()).collect(),
+                    }
+                };
+                outstanding.push_back(numbers);
+                conn.send(&command).await?;
             }
-            _ if outstanding.is_empty() => return Ok(()),
-            _ => match conn.next_non_heartbeat().await? {
+            None if outstanding.is_empty() => return Ok(()),
+            None => match conn.next_non_heartbeat().await? {
                 Frame::Response(r) if &r[..] == b"OK" => {
-                    if let Some(n) = outstanding.pop_front() {
-                        ledger.lock().expect("ledger").acked.insert(n);
+                    if let Some(numbers) = outstanding.pop_front() {
+                        ledger.lock().expect("ledger").acked.extend(numbers);
                     }
                 }
-                other => bail!("PUB answered {other:?}"),
+                other => bail!("publish answered {other:?}"),
             },
         }
     }
