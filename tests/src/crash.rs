@@ -97,7 +97,11 @@ pub async fn produce(addr: SocketAddr, ledger: SharedLedger, how: Publishing) {
     let _ = produce_until_error(addr, &ledger, how).await;
 }
 
-async fn produce_until_error(addr: SocketAddr, ledger: &SharedLedger, how: Publishing) -> Result<()> {
+async fn produce_until_error(
+    addr: SocketAddr,
+    ledger: &SharedLedger,
+    how: Publishing,
+) -> Result<()> {
     let mut conn = NsqConn::connect(addr).await?;
     let mut outstanding: VecDeque<std::ops::Range<u64>> = VecDeque::new();
     loop {
