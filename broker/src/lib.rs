@@ -13,6 +13,7 @@ pub mod config;
 pub mod pem;
 pub mod signals;
 
+mod accept;
 mod auth;
 mod broker;
 mod health;
@@ -96,7 +97,7 @@ impl Listeners {
         let bind = |flag: &'static str, address: &str| {
             let address = address.to_string();
             async move {
-                TcpListener::bind(&address)
+                accept::bind(&address)
                     .await
                     .map_err(|source| BrokerError::Bind {
                         flag,
@@ -160,6 +161,9 @@ pub async fn run(
         None => None,
     };
 
+    let fd_limit = accept::raise_fd_limit();
+    let http_limits = http_limits(&options, fd_limit);
+    tracing::debug!(?fd_limit, ?http_limits, "file descriptors and HTTP limits");
     let (metrics, server_metrics) = metrics::Metrics::new()?;
     let health = health::Health::new(
         server_metrics.healthy.clone(),
@@ -232,6 +236,7 @@ pub async fn run(
             Some(tokio::spawn(http::serve_https(
                 listener,
                 app.clone(),
+                http_limits,
                 shutdown.clone(),
             )))
         }
@@ -244,7 +249,13 @@ pub async fn run(
         },
         config::TlsRequired::No | config::TlsRequired::TcpOnly => http::PlainHttp::Api,
     };
-    let http = tokio::spawn(http::serve(listeners.http, app, plain, shutdown.clone()));
+    let http = tokio::spawn(http::serve(
+        listeners.http,
+        app,
+        plain,
+        http_limits,
+        shutdown.clone(),
+    ));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing listeners and client connections");
@@ -274,6 +285,19 @@ pub async fn run(
     tokio::task::spawn_blocking(move || persisting.persist()).await?;
     tracing::info!("knsq-broker stopped");
     Ok(())
+}
+
+/// The HTTP limits from the flags, with connections capped by the file descriptor limit: HTTP
+/// and HTTPS get a quarter of what is left after the broker's own reserve.
+fn http_limits(o: &Options, fd_limit: Option<u64>) -> http::HttpLimits {
+    let by_fds = fd_limit.map_or(u64::MAX, |limit| {
+        (limit.saturating_sub(accept::reserved_fds(limit)) / 4).max(1)
+    });
+    http::HttpLimits {
+        header_timeout: o.http_header_timeout,
+        max_header_bytes: usize::try_from(o.http_max_header_bytes).unwrap_or(usize::MAX),
+        max_connections: usize::try_from(o.http_max_connections.min(by_fds)).unwrap_or(usize::MAX),
+    }
 }
 
 /// Fsyncs changed disk queues every `--sync-timeout`, sooner when one has done `--sync-every`

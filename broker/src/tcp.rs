@@ -1,9 +1,9 @@
 //! The NSQ TCP accept loop.
 
+use crate::accept::AcceptFailures;
 use crate::broker::Broker;
 use crate::protocol;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +16,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     connections: TaskTracker,
 ) {
+    let mut failures = AcceptFailures::new("TCP");
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -23,13 +24,11 @@ pub(crate) async fn serve(
         };
         match accepted {
             Ok((stream, _)) => {
+                failures.accepted();
                 connections.spawn(protocol::serve(stream, broker.clone(), shutdown.clone()));
             }
-            Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %e, "TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            // Usually out of file descriptors: back off instead of spinning.
+            Err(e) => failures.failed(&e).await,
         }
     }
 }

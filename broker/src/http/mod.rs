@@ -9,6 +9,7 @@ mod error;
 mod node;
 mod params;
 mod publish;
+mod server;
 mod stats_text;
 mod tls_listener;
 
@@ -16,6 +17,7 @@ pub use error::{
     ApiError, NSQ_CONTENT_TYPE, NSQ_V1, json_response, metrics_response, text_response,
 };
 pub use params::Params;
+pub(crate) use server::HttpLimits;
 pub(crate) use tls_listener::{TlsListener, https_config};
 
 use crate::broker::Broker;
@@ -23,8 +25,6 @@ use crate::metrics::Metrics;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::serve::Listener;
-use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -93,32 +93,24 @@ pub(crate) async fn serve(
     listener: TcpListener,
     state: AppState,
     plain: PlainHttp,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = match plain {
         PlainHttp::Api => router(state),
         PlainHttp::TlsRequired { https_port } => refuse_plain_http(https_port),
     };
-    serve_on(listener, app, shutdown).await
+    server::serve(server::PlainListener::new(listener), app, limits, shutdown).await
 }
 
 /// Serves the API over HTTPS until `shutdown`.
 pub(crate) async fn serve_https(
     listener: TlsListener,
     state: AppState,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_on(listener, router(state), shutdown).await
-}
-
-async fn serve_on<L>(listener: L, app: Router, shutdown: CancellationToken) -> std::io::Result<()>
-where
-    L: Listener,
-    L::Addr: Debug,
-{
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    server::serve(listener, router(state), limits, shutdown).await
 }
 
 #[cfg(test)]
