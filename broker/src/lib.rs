@@ -161,6 +161,7 @@ pub async fn run(
     };
 
     let (metrics, server_metrics) = metrics::Metrics::new()?;
+    metrics.register_data_path(options.data_path.clone())?;
     let health = health::Health::new(
         server_metrics.healthy.clone(),
         server_metrics.disk_write_errors.clone(),
