@@ -124,7 +124,7 @@ async fn install(admin: &Client) {
 
     let role = ClusterRole {
         metadata: meta("knsq-operator", None),
-        rules: Some(chart_rules("clusterrole-rules.yaml")),
+        rules: Some(chart_rules("operator-rules.yaml")),
         ..ClusterRole::default()
     };
     Api::<ClusterRole>::all(admin.clone())
