@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod lookupd;
 mod process;
+pub mod prometheus;
 pub mod transport;
 
 pub use process::ChildProcess;

@@ -15,7 +15,7 @@ use super::pod::{ProbeTarget, Workload, field_env, non_empty, pod_template};
 use super::{BROKER_HTTP, BROKER_HTTPS, BROKER_TCP, Component, LOOKUPD_GRPC, LOOKUPD_HTTP};
 use super::{child_meta, config_checksum, labels, namespace, selector_labels};
 use crate::crd::{ClientAuthPolicy, NSQCluster};
-use crate::validation::Violation;
+use crate::validation::{STORAGE_SIZE_ANNOTATION, Violation};
 
 /// Where a broker keeps its queues.
 const DATA_PATH: &str = "/data";
@@ -182,7 +182,7 @@ pub fn broker_statefulset(
         (Vec::new(), vec![claim])
     };
     volumes.extend(tls_volumes);
-    statefulset(
+    let mut sts = statefulset(
         cluster,
         config_map,
         Stateful {
@@ -204,7 +204,16 @@ pub fn broker_statefulset(
             replicas: spec.replicas,
             volume_claim_templates,
         },
-    )
+    )?;
+    if !storage.ephemeral {
+        // The claim template keeps the size the claims were made with; this is what they were
+        // last asked to grow to.
+        sts.metadata.annotations = Some(BTreeMap::from([(
+            STORAGE_SIZE_ANNOTATION.to_owned(),
+            storage.size.0.clone(),
+        )]));
+    }
+    Ok(sts)
 }
 
 /// Names of the pod's volumes, containers and environment variables the operator sets for a
@@ -458,6 +467,10 @@ mod tests {
         assert_eq!(
             claim.resources.and_then(|r| r.requests).expect("requests")["storage"],
             Quantity("50Gi".to_owned())
+        );
+        assert_eq!(
+            sts.metadata.annotations.as_ref().expect("annotations")["knsq.io/storage-size"],
+            "50Gi"
         );
         assert_eq!(pod(&sts).volumes, None);
         let mounts = container(&sts).volume_mounts.expect("mounts");
