@@ -327,9 +327,14 @@ impl Broker {
     /// Fsyncs every disk queue that changed; false when any fsync failed. `full` also stores
     /// read positions and deletes consumed segments (see `QueueSettings::sync`).
     pub(crate) fn sync_disks(&self, full: bool) -> bool {
+        let passes = &self.settings.disk.passes;
+        let pass = passes.begin();
         let mut ok = true;
         for topic in self.topics() {
             ok &= topic.sync(full);
+        }
+        if ok {
+            passes.completed_ok(pass);
         }
         ok
     }

@@ -171,13 +171,9 @@ pub async fn run(
         sync_every: options.sync_every,
         max_msg_size: options.max_msg_size,
         faults: storage::FaultSwitch::default(),
+        passes: Arc::default(),
     };
-    let settings = queue::QueueSettings::new(
-        &options,
-        disk,
-        health,
-        server_metrics.corrupt_segments.clone(),
-    );
+    let settings = queue::QueueSettings::new(&options, disk, health, server_metrics.damage.clone());
     // Lookupd registrations (issue 4): started once the topics are restored.
     let lookup_metrics = lookup::LookupMetrics::new()?;
     metrics.register(lookup_metrics.collectors())?;
