@@ -440,17 +440,9 @@ async fn grow_claims(
     Ok(storage_status(cluster, resizing).unwrap_or_default())
 }
 
-/// The storage a claim (or claim template) asks for.
+/// The bytes a claim (or claim template) asks for.
 fn claim_request(claim: &PersistentVolumeClaim) -> Option<f64> {
-    claim
-        .spec
-        .as_ref()?
-        .resources
-        .as_ref()?
-        .requests
-        .as_ref()?
-        .get("storage")
-        .and_then(|q| quantity::bytes(&q.0))
+    quantity::bytes(&quantity::requested_storage(claim)?.0)
 }
 
 async fn get_opt(api: &Api<StatefulSet>, name: &str) -> Result<Option<StatefulSet>, Error> {

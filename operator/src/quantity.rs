@@ -1,5 +1,20 @@
 //! Kubernetes resource quantities (`10Gi`, `500M`, `1.5e9`) as numbers, to compare volume sizes.
 
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+/// The storage a claim (or a claim template) asks for.
+pub fn requested_storage(claim: &PersistentVolumeClaim) -> Option<&Quantity> {
+    claim
+        .spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")
+}
+
 /// The value of a quantity, or `None` when it is not one.
 pub fn bytes(quantity: &str) -> Option<f64> {
     let quantity = quantity.trim();

@@ -12,7 +12,7 @@ use kube::ResourceExt;
 
 use crate::children::{CLUSTER_TLS_VOLUME, Component, DATA_VOLUME, TLS_VOLUME, reserved_env};
 use crate::crd::{NSQCluster, TlsRequired, messages};
-use crate::quantity::bytes;
+use crate::quantity::{bytes, requested_storage};
 
 /// Annotation on the broker StatefulSet recording the claim size last applied: volumes only
 /// grow, and the StatefulSet's own claim template cannot change to say so.
@@ -207,12 +207,7 @@ pub fn applied_storage(broker: &StatefulSet) -> Option<AppliedStorage> {
         return Some(AppliedStorage::Ephemeral);
     };
     let claim_spec = claim.spec.as_ref()?;
-    let template_size = claim_spec
-        .resources
-        .as_ref()
-        .and_then(|r| r.requests.as_ref())
-        .and_then(|r| r.get("storage"))
-        .map(|q| q.0.clone())?;
+    let template_size = requested_storage(claim)?.0.clone();
     let size = broker
         .annotations()
         .get(STORAGE_SIZE_ANNOTATION)

@@ -305,15 +305,7 @@ async fn set_capacity(claims: &Api<PersistentVolumeClaim>, name: &str, size: &st
 }
 
 fn requested(claim: &PersistentVolumeClaim) -> Option<String> {
-    claim
-        .spec
-        .as_ref()?
-        .resources
-        .as_ref()?
-        .requests
-        .as_ref()?
-        .get("storage")
-        .map(|q| q.0.clone())
+    operator::quantity::requested_storage(claim).map(|q| q.0.clone())
 }
 
 fn storage_status(cluster: &NSQCluster) -> Option<(String, Vec<String>)> {

@@ -325,6 +325,15 @@ impl HttpResponse {
     }
 }
 
+/// A `POST` that must answer 200.
+pub async fn http_post_ok(addr: SocketAddr, path: &str, body: &[u8]) -> Result<()> {
+    let resp = http_request(addr, "POST", path, body).await?;
+    if resp.status != 200 {
+        bail!("POST {path}: {} {}", resp.status, resp.text());
+    }
+    Ok(())
+}
+
 /// One HTTP/1.1 request with `Connection: close`, enough for tests without an HTTP client
 /// dependency.
 pub async fn http_request(

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 use tests::lookupd::LookupdProcess;
 use tests::prometheus::{PrometheusServer, encode, tools};
-use tests::{BrokerProcess, NsqConn, http_request};
+use tests::{BrokerProcess, NsqConn, http_post_ok, http_request};
 use tokio_util::sync::CancellationToken;
 
 /// What the dashboard's variables are set to: the labels of the scrape config below.
@@ -75,17 +75,6 @@ fn scrape_job(job: &str, targets: &[(SocketAddr, String)]) -> String {
     config
 }
 
-async fn post(address: SocketAddr, path: &str, body: &[u8]) -> Result<()> {
-    let resp = http_request(address, "POST", path, body).await?;
-    ensure!(
-        resp.status == 200,
-        "POST {path}: {} {}",
-        resp.status,
-        resp.text()
-    );
-    Ok(())
-}
-
 async fn consumer(tcp: SocketAddr, channel: &str, identify: Value) -> Result<NsqConn> {
     let mut conn = NsqConn::connect(tcp).await?;
     conn.identify(&identify).await?;
@@ -103,8 +92,8 @@ async fn load(
 ) -> Result<()> {
     let mut tasks = Vec::new();
     for (tcp, http) in brokers {
-        post(http, "/topic/create?topic=orders", b"").await?;
-        post(http, "/channel/create?topic=orders&channel=audit", b"").await?;
+        http_post_ok(http, "/topic/create?topic=orders", b"").await?;
+        http_post_ok(http, "/channel/create?topic=orders&channel=audit", b"").await?;
         let mut billing = consumer(tcp, "billing", json!({"client_id": "billing"})).await?;
         let mut retries = consumer(tcp, "retries", json!({"client_id": "retries"})).await?;
         let mut slow = consumer(
@@ -123,8 +112,8 @@ async fn load(
                     .map(|i| format!("message-{round}-{i}\n"))
                     .collect::<String>()
                     .into_bytes();
-                post(http, "/mpub?topic=orders", &batch).await?;
-                post(http, "/pub?topic=payments", b"one").await?;
+                http_post_ok(http, "/mpub?topic=orders", &batch).await?;
+                http_post_ok(http, "/pub?topic=payments", b"one").await?;
                 for _ in 0..10 {
                     let m = billing.expect_message().await?;
                     billing.send(&Command::Fin(m.id)).await?;
