@@ -255,7 +255,7 @@ async fn every_dashboard_query_returns_data_from_real_binaries() -> Result<()> {
     load.await??;
     ensure!(
         failures.is_empty(),
-        "{} of {} queries failed:\n{}",
+        "{} failures among {} panel queries and the variables:\n{}",
         failures.len(),
         queries.len(),
         failures.join("\n")
