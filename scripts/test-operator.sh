@@ -111,9 +111,10 @@ cleanup() {
 trap cleanup EXIT
 trap "exit 143" INT TERM
 
-# Starts etcd and kube-apiserver with token authentication (an admin in system:masters and the
-# operator's own user) and RBAC, and writes a kubeconfig with an `admin` and an `operator`
-# context to $RUN_DIR/kubeconfig.
+# Starts etcd and kube-apiserver with token authentication (an admin in system:masters, and users
+# with no rights but those the tests bind: the operator watching every namespace, the operator
+# watching one, and the chart's CRD-upgrade hook) and RBAC, and writes a kubeconfig with a
+# context for each (`admin`, `operator`, `operator-ns`, `crd-upgrade`) to $RUN_DIR/kubeconfig.
 start_apiserver() {
   RUN_DIR=$(mktemp -d)
   local etcd_port peer_port api_port
@@ -125,9 +126,11 @@ start_apiserver() {
   PIDS+=($!)
   openssl genrsa -out "$RUN_DIR/sa.key" 2048 2>/dev/null
   openssl rsa -in "$RUN_DIR/sa.key" -pubout -out "$RUN_DIR/sa.pub" 2>/dev/null
-  local admin_token operator_token
+  local admin_token operator_token operator_ns_token upgrade_token
   admin_token=$(openssl rand -hex 16); operator_token=$(openssl rand -hex 16)
-  printf '%s,knsq-admin,1,"system:masters"\n%s,knsq-operator,2\n' "$admin_token" "$operator_token" >"$RUN_DIR/tokens.csv"
+  operator_ns_token=$(openssl rand -hex 16); upgrade_token=$(openssl rand -hex 16)
+  printf '%s,knsq-admin,1,"system:masters"\n%s,knsq-operator,2\n%s,knsq-operator-ns,3\n%s,knsq-crd-upgrade,4\n' \
+    "$admin_token" "$operator_token" "$operator_ns_token" "$upgrade_token" >"$RUN_DIR/tokens.csv"
   "$APISERVER" --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" --insecure-port 0 \
     --cert-dir "$RUN_DIR/certs" --token-auth-file "$RUN_DIR/tokens.csv" --authorization-mode RBAC \
@@ -149,11 +152,19 @@ users:
   user: {token: $admin_token}
 - name: operator
   user: {token: $operator_token}
+- name: operator-ns
+  user: {token: $operator_ns_token}
+- name: crd-upgrade
+  user: {token: $upgrade_token}
 contexts:
 - name: admin
   context: {cluster: test, user: admin}
 - name: operator
   context: {cluster: test, user: operator}
+- name: operator-ns
+  context: {cluster: test, user: operator-ns}
+- name: crd-upgrade
+  context: {cluster: test, user: crd-upgrade}
 current-context: admin
 KUBECONFIG
   local i
@@ -196,8 +207,9 @@ fi
 if install_apt && build_apiserver; then
   start_apiserver || exit 1
   log "operator tests against kube-apiserver v1.20.2"
+  # One at a time: they share the API server, and one of them replaces the CRD.
   if ! KNSQ_TEST_KUBECONFIG="$RUN_DIR/kubeconfig" \
-    cargo nextest run -p operator --locked --no-fail-fast --test apiserver --run-ignored only; then
+    cargo nextest run -p operator --locked --no-fail-fast --test apiserver --run-ignored only --test-threads 1; then
     status=1
     log "the API server's log ends with:"
     tail -n 40 "$RUN_DIR/apiserver.log" >&2

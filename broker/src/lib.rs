@@ -165,6 +165,7 @@ pub async fn run(
     let http_limits = http_limits(&options, fd_limit);
     tracing::debug!(?fd_limit, ?http_limits, "file descriptors and HTTP limits");
     let (metrics, server_metrics) = metrics::Metrics::new()?;
+    metrics.register_data_path(options.data_path.clone())?;
     let health = health::Health::new(
         server_metrics.healthy.clone(),
         server_metrics.disk_write_errors.clone(),

@@ -11,6 +11,7 @@ use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, S
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::path::PathBuf;
 use std::sync::{Mutex, Weak};
 
 /// One registry per process, created at start and passed down.
@@ -101,6 +102,12 @@ impl Metrics {
     pub(crate) fn register_queues(&self, broker: Weak<Broker>) -> Result<(), prometheus::Error> {
         self.registry
             .register(Box::new(QueueCollector::new(broker)?))
+    }
+
+    /// Adds the size and free space of the filesystem holding `--data-path`.
+    pub(crate) fn register_data_path(&self, path: PathBuf) -> Result<(), prometheus::Error> {
+        self.registry
+            .register(Box::new(DataPathCollector::new(path)?))
     }
 
     /// Adds collectors owned elsewhere (the lookupd registrations' metrics).
@@ -430,5 +437,88 @@ impl Collector for QueueCollector {
             .flat_map(|c| c.collect())
             .chain(summaries)
             .collect()
+    }
+}
+
+/// The filesystem of `--data-path`, read at each scrape: a broker whose disk fills refuses
+/// publishes, so alerts need to see it coming.
+struct DataPathCollector {
+    path: PathBuf,
+    available: IntGauge,
+    size: IntGauge,
+}
+
+impl DataPathCollector {
+    fn new(path: PathBuf) -> Result<DataPathCollector, prometheus::Error> {
+        Ok(DataPathCollector {
+            path,
+            available: IntGauge::new(
+                "knsq_data_path_available_bytes",
+                "Bytes the broker may still write on the filesystem of --data-path",
+            )?,
+            size: IntGauge::new(
+                "knsq_data_path_size_bytes",
+                "Size in bytes of the filesystem of --data-path",
+            )?,
+        })
+    }
+}
+
+impl Collector for DataPathCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        [&self.available, &self.size]
+            .into_iter()
+            .flat_map(|g| g.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let stat = match rustix::fs::statvfs(&self.path) {
+            Ok(stat) => stat,
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "statvfs of the data path failed");
+                return Vec::new();
+            }
+        };
+        let bytes =
+            |blocks: u64| i64::try_from(blocks.saturating_mul(stat.f_frsize)).unwrap_or(i64::MAX);
+        self.available.set(bytes(stat.f_bavail));
+        self.size.set(bytes(stat.f_blocks));
+        [&self.available, &self.size]
+            .into_iter()
+            .flat_map(|g| g.collect())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_path_size_and_free_space() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (metrics, _) = Metrics::new().expect("metrics");
+        metrics
+            .register_data_path(dir.path().to_path_buf())
+            .expect("register");
+        let text = metrics.render().expect("render");
+        let value = |name: &str| -> i64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        };
+        let (available, size) = (
+            value("knsq_data_path_available_bytes"),
+            value("knsq_data_path_size_bytes"),
+        );
+        assert!(size > 0 && (0..=size).contains(&available), "{text}");
+
+        // A path that is gone yields no samples rather than a failed scrape.
+        let gone = dir.path().join("gone");
+        let (metrics, _) = Metrics::new().expect("metrics");
+        metrics.register_data_path(gone).expect("register");
+        let text = metrics.render().expect("render");
+        assert!(!text.contains("knsq_data_path_"), "{text}");
     }
 }

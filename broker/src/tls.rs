@@ -118,7 +118,7 @@ impl ClientCertVerifier for AnyClientCert {
 /// A client's TLS session as `/stats` reports it (nsqd's names) and the auth server is told.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct TlsSummary {
-    /// Go's name: `TLS12`, `TLS13`.
+    /// nsqd's name: `TLS1.2`, `TLS1.3`.
     pub(crate) version: &'static str,
     /// Go's name, e.g. `TLS_AES_128_GCM_SHA256`.
     pub(crate) cipher_suite: String,
@@ -130,8 +130,8 @@ pub(crate) struct TlsSummary {
 impl TlsSummary {
     pub(crate) fn of(conn: &ServerConnection) -> TlsSummary {
         let version = match conn.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLS12",
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLS13",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLS1.2",
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLS1.3",
             _ => "Unknown",
         };
         let cipher_suite = conn

@@ -68,13 +68,14 @@ async function roundTrip({broker, clients}, options) {
 }
 
 /** Asserts a /stats client entry shows the expected TLS / snappy / deflate state. */
-function assertConnection(who, client, {tls = false, snappy = false, deflate = false, tlsVersion = 'TLS13'}) {
+function assertConnection(who, client, {tls = false, snappy = false, deflate = false, tlsVersion = 'TLS1.3'}) {
   const what = `${who} /stats entry ${JSON.stringify(client)}`
   assert.equal(client.tls, tls, `tls: ${what}`)
   assert.equal(client.snappy, snappy, `snappy: ${what}`)
   assert.equal(client.deflate, deflate, `deflate: ${what}`)
   if (tls) {
-    assert.match(client.tls_version, /^TLS1[0-3]$/, `tls_version: ${what}`)
+    // nsqd's names: TLS1.0 … TLS1.3.
+    assert.match(client.tls_version, /^TLS1\.[0-3]$/, `tls_version: ${what}`)
     assert.equal(client.tls_version, tlsVersion, `the TLS version both sides speak: ${what}`)
     // Go's (so nsqd's) suite names, e.g. TLS_AES_128_GCM_SHA256, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256.
     assert.match(client.tls_cipher_suite, /^TLS_[A-Z0-9_]+$/, `tls_cipher_suite: ${what}`)
@@ -229,7 +230,7 @@ async function withClientsAtMostTLS12(body) {
 
 brokerTest('TLS 1.2: a client that cannot speak TLS 1.3 works by default', {brokerArgs: serverTLS}, async (ctx) => {
   const result = await withClientsAtMostTLS12(() => roundTrip(ctx, tlsClient))
-  assertFeatures(result, {tls: true, tlsVersion: 'TLS12'})
+  assertFeatures(result, {tls: true, tlsVersion: 'TLS1.2'})
 })
 
 brokerTest('--tls-min-version=tls1.3: a client that cannot speak TLS 1.3 is refused',

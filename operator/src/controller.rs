@@ -6,11 +6,12 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Service};
+use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -20,16 +21,23 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::children::{CHECKSUM_ANNOTATION, Children, Component, DefaultImages, MANAGER};
-use crate::crd::NSQCluster;
+use crate::children::{
+    AdminChildren, CHECKSUM_ANNOTATION, Children, Component, DATA_VOLUME, DefaultImages, MANAGER,
+    selector_labels,
+};
+use crate::crd::{NSQCluster, StorageStatus};
 use crate::metrics::Metrics;
-use crate::status::{self, Outcome};
+use crate::quantity;
+use crate::status::{self, Observed, Outcome};
+use crate::validation::{self, AppliedStorage, Violation};
 
 /// How often a healthy cluster is looked at again even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(300);
 /// First retry delay after a failed reconcile; doubles per consecutive failure.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How often claims asked to grow are looked at until their volumes have.
+const RESIZE_POLL: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,16 +111,24 @@ impl Error {
     }
 }
 
+/// The resources whose version or presence depends on the API server.
+#[derive(Clone, Debug)]
+pub struct Resources {
+    /// `policy/v1` PodDisruptionBudgets, or `policy/v1beta1` on clusters older than 1.21.
+    pub pdb: ApiResource,
+    /// The ServiceMonitor resource, when the Prometheus operator's CRD is installed.
+    pub service_monitor: Option<ApiResource>,
+    /// The PrometheusRule resource, when the Prometheus operator's CRD is installed.
+    pub prometheus_rule: Option<ApiResource>,
+}
+
 /// Everything a reconcile needs besides the cluster itself.
 pub struct Context {
     pub client: Client,
     pub images: DefaultImages,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    /// `policy/v1` PodDisruptionBudgets, or `policy/v1beta1` on clusters older than 1.21.
-    pub pdb_resource: ApiResource,
-    /// The ServiceMonitor resource, when the Prometheus operator's CRD is installed.
-    pub service_monitor_resource: Option<ApiResource>,
+    pub resources: Resources,
     failures: Mutex<HashMap<ObjectRef<NSQCluster>, u32>>,
 }
 
@@ -121,8 +137,7 @@ impl Context {
         client: Client,
         images: DefaultImages,
         metrics: Metrics,
-        pdb_resource: ApiResource,
-        service_monitor_resource: Option<ApiResource>,
+        resources: Resources,
     ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.to_owned(),
@@ -134,8 +149,7 @@ impl Context {
             images,
             recorder,
             metrics,
-            pdb_resource,
-            service_monitor_resource,
+            resources,
             failures: Mutex::default(),
         }
     }
@@ -200,23 +214,46 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
     let broker_name = Component::Broker.name(cluster);
     let before_lookupd = get_opt(&statefulsets, &lookupd_name).await?;
     let before_broker = get_opt(&statefulsets, &broker_name).await?;
+    let before = Observed {
+        lookupd: before_lookupd.as_ref(),
+        broker: before_broker.as_ref(),
+        admin: cluster.status.as_ref().and_then(|s| s.admin.clone()),
+        storage: carried_storage(cluster),
+    };
 
     if cluster.is_paused() {
         info!("reconciliation paused by annotation");
-        write_status(
-            cluster,
-            ctx,
-            before_lookupd.as_ref(),
-            before_broker.as_ref(),
-            &Outcome::Paused,
-        )
-        .await?;
+        write_status(cluster, ctx, &before, &Outcome::Paused).await?;
         return Ok(Action::requeue(RESYNC));
     }
 
-    let children = Children::build(cluster, &ctx.images);
-    match apply_children(ctx, &namespace, &children).await {
-        Ok((lookupd, broker)) => {
+    let applied_storage = before_broker.as_ref().and_then(validation::applied_storage);
+    let mut violations = validation::check(cluster);
+    if let Some(applied) = &applied_storage {
+        violations.extend(validation::check_storage(cluster, applied));
+    }
+    let children = if violations.is_empty() {
+        Children::build(cluster, &ctx.images).map_err(|v| violations.push(v))
+    } else {
+        Err(())
+    };
+    let Ok(mut children) = children else {
+        return refuse(cluster, ctx, &before, &violations).await;
+    };
+    // A StatefulSet's claim template cannot change: keep the applied one, and grow the claims
+    // themselves below.
+    if let (Some(AppliedStorage::Claims { .. }), Some(applied), Some(desired)) = (
+        &applied_storage,
+        before_broker.as_ref().and_then(|s| s.spec.as_ref()),
+        children.broker.spec.as_mut(),
+    ) {
+        desired
+            .volume_claim_templates
+            .clone_from(&applied.volume_claim_templates);
+    }
+
+    match apply_children(ctx, cluster, &namespace, &children).await {
+        Ok(applied) => {
             for (component, before, desired) in [
                 (Component::Lookupd, &before_lookupd, &children.lookupd),
                 (Component::Broker, &before_broker, &children.broker),
@@ -234,15 +271,22 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
                     .await;
                 }
             }
-            write_status(
-                cluster,
-                ctx,
-                Some(&lookupd),
-                Some(&broker),
-                &Outcome::Applied,
-            )
-            .await?;
-            Ok(Action::requeue(RESYNC))
+            let storage = match &applied_storage {
+                Some(AppliedStorage::Claims { .. }) => {
+                    Some(grow_claims(cluster, ctx, &namespace, &applied.broker).await?)
+                }
+                _ => storage_status(cluster, Vec::new()),
+            };
+            let resizing = storage.as_ref().is_some_and(|s| !s.resizing.is_empty());
+            let after = Observed {
+                lookupd: Some(&applied.lookupd),
+                broker: Some(&applied.broker),
+                admin: applied.admin.as_ref().map(status::deployment_status),
+                storage,
+            };
+            write_status(cluster, ctx, &after, &Outcome::Applied).await?;
+            // Volume expansion is reported by the claims, which the operator does not watch.
+            Ok(Action::requeue(if resizing { RESIZE_POLL } else { RESYNC }))
         }
         Err(error) => {
             let message = error.chain();
@@ -256,20 +300,149 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
             )
             .await;
             let failed = Outcome::Failed(message);
-            if let Err(status_error) = write_status(
-                cluster,
-                ctx,
-                before_lookupd.as_ref(),
-                before_broker.as_ref(),
-                &failed,
-            )
-            .await
-            {
+            if let Err(status_error) = write_status(cluster, ctx, &before, &failed).await {
                 warn!(error = %status_error.chain(), "could not record the failure in the status");
             }
             Err(error)
         }
     }
+}
+
+/// The storage status before this reconcile looked at the claims.
+fn carried_storage(cluster: &NSQCluster) -> Option<StorageStatus> {
+    cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.storage.clone())
+        .or_else(|| storage_status(cluster, Vec::new()))
+}
+
+/// The storage status of a cluster whose claims are `resizing`; `None` when ephemeral.
+fn storage_status(cluster: &NSQCluster, resizing: Vec<String>) -> Option<StorageStatus> {
+    let storage = &cluster.spec.broker.storage;
+    (!storage.ephemeral).then(|| StorageStatus {
+        size: storage.size.0.clone(),
+        resizing,
+    })
+}
+
+/// Refuse a spec the CRD's CEL rules (or the operator's own checks) reject: nothing is applied,
+/// the cluster turns `Degraded` naming the fields, and a warning event says so once.
+async fn refuse(
+    cluster: &NSQCluster,
+    ctx: &Context,
+    before: &Observed<'_>,
+    violations: &[Violation],
+) -> Result<Action, Error> {
+    let message = violations
+        .iter()
+        .map(Violation::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    warn!(%message, "refusing an invalid spec");
+    let known = cluster.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == status::DEGRADED && c.reason == status::INVALID_SPEC && c.message == message
+        })
+    });
+    if !known {
+        publish(
+            ctx,
+            cluster,
+            EventType::Warning,
+            status::INVALID_SPEC,
+            message.clone(),
+            None,
+        )
+        .await;
+    }
+    write_status(cluster, ctx, before, &Outcome::Invalid(message)).await?;
+    Ok(Action::await_change())
+}
+
+/// Ask every broker claim smaller than the spec's size to grow to it; the names of those whose
+/// volume has not reached it yet. Claims are found by the StatefulSet's selector, so those of
+/// pods removed by a scale-down grow too, ready for their return.
+async fn grow_claims(
+    cluster: &NSQCluster,
+    ctx: &Context,
+    namespace: &str,
+    broker: &StatefulSet,
+) -> Result<StorageStatus, Error> {
+    let size = &cluster.spec.broker.storage.size;
+    let wanted = quantity::bytes(&size.0).unwrap_or(0.0);
+    let applied = validation::applied_storage(broker);
+    let template_size = match &applied {
+        Some(AppliedStorage::Claims { .. }) => broker
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_claim_templates.as_ref())
+            .and_then(|v| v.first())
+            .and_then(claim_request),
+        _ => None,
+    };
+    // Claims made from a template already this size need nothing: no request at all.
+    if template_size.is_some_and(|t| t >= wanted) {
+        return Ok(storage_status(cluster, Vec::new()).unwrap_or_default());
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector = selector_labels(cluster, Component::Broker)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let prefix = format!("{DATA_VOLUME}-{}-", Component::Broker.name(cluster));
+    let listed = claims
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::Get {
+            kind: "PersistentVolumeClaim",
+            name: format!("{prefix}*"),
+            source,
+        })?;
+    let mut resizing = Vec::new();
+    for claim in listed.items {
+        let name = claim.name_any();
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        if claim_request(&claim).is_some_and(|r| r < wanted) {
+            let patch = json!({"spec": {"resources": {"requests": {"storage": size}}}});
+            claims
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "PersistentVolumeClaim".to_owned(),
+                    name: name.clone(),
+                    source,
+                })?;
+            info!(claim = %name, size = %size.0, "asked the claim to grow");
+            publish(
+                ctx,
+                cluster,
+                EventType::Normal,
+                "VolumeResizing",
+                format!("asked {name} to grow to {}", size.0),
+                None,
+            )
+            .await;
+        }
+        let capacity = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.capacity.as_ref())
+            .and_then(|c| c.get("storage"))
+            .and_then(|q| quantity::bytes(&q.0));
+        if capacity.is_none_or(|c| c < wanted) {
+            resizing.push(name);
+        }
+    }
+    Ok(storage_status(cluster, resizing).unwrap_or_default())
+}
+
+/// The bytes a claim (or claim template) asks for.
+fn claim_request(claim: &PersistentVolumeClaim) -> Option<f64> {
+    quantity::bytes(&quantity::requested_storage(claim)?.0)
 }
 
 async fn get_opt(api: &Api<StatefulSet>, name: &str) -> Result<Option<StatefulSet>, Error> {
@@ -343,13 +516,21 @@ async fn delete_dynamic(
     }
 }
 
+/// What applying the children returned that the status needs.
+struct Applied {
+    lookupd: StatefulSet,
+    broker: StatefulSet,
+    admin: Option<Deployment>,
+}
+
 /// Apply every child in order, and delete the optional ones the spec turned off; returns the
-/// StatefulSets as the API server answered them.
+/// workloads as the API server answered them.
 async fn apply_children(
     ctx: &Context,
+    cluster: &NSQCluster,
     namespace: &str,
     children: &Children,
-) -> Result<(StatefulSet, StatefulSet), Error> {
+) -> Result<Applied, Error> {
     let client = &ctx.client;
     apply(
         &Api::namespaced(client.clone(), namespace),
@@ -369,22 +550,85 @@ async fn apply_children(
             name: pdb.name_any(),
             source,
         })?;
-        apply_dynamic(ctx, namespace, &ctx.pdb_resource, value).await?;
+        apply_dynamic(ctx, namespace, &ctx.resources.pdb, value).await?;
     }
     for name in &children.disabled_pdbs {
-        delete_dynamic(ctx, namespace, &ctx.pdb_resource, name).await?;
+        delete_dynamic(ctx, namespace, &ctx.resources.pdb, name).await?;
     }
-    if let Some(resource) = &ctx.service_monitor_resource {
-        match (
+    let optional = [
+        (
+            &ctx.resources.service_monitor,
             &children.service_monitor,
             &children.disabled_service_monitor,
-        ) {
-            (Some(monitor), _) => apply_dynamic(ctx, namespace, resource, monitor.clone()).await?,
+        ),
+        (
+            &ctx.resources.prometheus_rule,
+            &children.prometheus_rule,
+            &children.disabled_prometheus_rule,
+        ),
+    ];
+    for (resource, object, disabled) in optional {
+        let Some(resource) = resource else { continue };
+        match (object, disabled) {
+            (Some(object), _) => apply_dynamic(ctx, namespace, resource, object.clone()).await?,
             (None, Some(name)) => delete_dynamic(ctx, namespace, resource, name).await?,
             (None, None) => {}
         }
     }
-    Ok((lookupd, broker))
+    let admin = apply_admin(ctx, namespace, &children.admin).await?;
+    delete_admin(ctx, cluster, namespace, &children.admin).await?;
+    Ok(Applied {
+        lookupd,
+        broker,
+        admin,
+    })
+}
+
+/// nsqadmin's objects: applied when asked for; deleted once `spec.admin` is gone (known from
+/// the status, so clusters that never had nsqadmin cost no request).
+async fn apply_admin(
+    ctx: &Context,
+    namespace: &str,
+    admin: &AdminChildren,
+) -> Result<Option<Deployment>, Error> {
+    let client = &ctx.client;
+    let deployment = match (&admin.deployment, &admin.service) {
+        (Some(deployment), Some(service)) => {
+            apply(&Api::namespaced(client.clone(), namespace), service).await?;
+            Some(apply(&Api::namespaced(client.clone(), namespace), deployment).await?)
+        }
+        _ => None,
+    };
+    if let Some(ingress) = &admin.ingress {
+        apply(
+            &Api::<Ingress>::namespaced(client.clone(), namespace),
+            ingress,
+        )
+        .await?;
+    }
+    Ok(deployment)
+}
+
+/// Delete nsqadmin's objects when the spec no longer asks for them.
+async fn delete_admin(
+    ctx: &Context,
+    cluster: &NSQCluster,
+    namespace: &str,
+    admin: &AdminChildren,
+) -> Result<(), Error> {
+    let had_admin = cluster.status.as_ref().is_some_and(|s| s.admin.is_some());
+    let mut gone: Vec<(ApiResource, &String)> = Vec::new();
+    if let (Some(name), true) = (&admin.disabled, had_admin) {
+        gone.push((ApiResource::erase::<Deployment>(&()), name));
+        gone.push((ApiResource::erase::<Service>(&()), name));
+    }
+    if let (Some(name), true) = (&admin.disabled_ingress, had_admin) {
+        gone.push((ApiResource::erase::<Ingress>(&()), name));
+    }
+    for (resource, name) in gone {
+        delete_dynamic(ctx, namespace, &resource, name).await?;
+    }
+    Ok(())
 }
 
 fn replicas(sts: &StatefulSet) -> i32 {
@@ -487,11 +731,10 @@ async fn publish(
 async fn write_status(
     cluster: &NSQCluster,
     ctx: &Context,
-    lookupd: Option<&StatefulSet>,
-    broker: Option<&StatefulSet>,
+    observed: &Observed<'_>,
     outcome: &Outcome,
 ) -> Result<(), Error> {
-    let new = status::compute(cluster, lookupd, broker, outcome, Time(Timestamp::now()));
+    let new = status::compute(cluster, observed, outcome, Time(Timestamp::now()));
     if cluster.status.as_ref() == Some(&new) {
         return Ok(());
     }
@@ -500,13 +743,12 @@ async fn write_status(
         ctx.client.clone(),
         cluster.namespace().as_deref().unwrap_or("default"),
     );
-    api.patch_status(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": new })),
-    )
-    .await
-    .map_err(|source| Error::Status { name, source })?;
+    // Applied, so a field the new status leaves out (nsqadmin removed, claims done resizing)
+    // is removed rather than kept as a merge would.
+    let patch = json!({"apiVersion": "knsq.io/v1alpha1", "kind": "NSQCluster", "status": new});
+    api.patch_status(&name, &apply_params(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::Status { name, source })?;
     Ok(())
 }
 
@@ -517,7 +759,9 @@ mod tests {
     use crate::crd::NSQClusterSpec;
 
     fn broker(spec: NSQClusterSpec) -> StatefulSet {
-        Children::build(&cluster(spec), &images()).broker
+        Children::build(&cluster(spec), &images())
+            .expect("valid")
+            .broker
     }
 
     #[test]

@@ -5,7 +5,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+    Affinity, Container, EnvVar, LocalObjectReference, PodSecurityContext, ResourceRequirements,
+    SecurityContext, Toleration, TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -14,6 +18,22 @@ use serde::{Deserialize, Serialize};
 
 /// Annotation that stops the operator from changing anything of the cluster while it is `"true"`.
 pub const PAUSE_ANNOTATION: &str = "knsq.io/pause-reconciliation";
+
+/// What each CEL rule says when it fails. The operator refuses the same specs with the same
+/// words (`crate::validation`), for API servers too old to run CEL (before 1.25).
+pub mod messages {
+    pub const NAME_LENGTH: &str = "metadata.name must be at most 40 characters so the names of the StatefulSets and Services derived from it stay valid";
+    pub const CLIENT_AUTH_NEEDS_TLS: &str = "clientAuthPolicy makes TLS required: set required to \"true\" or \"tcp-https\", or leave it unset";
+    pub const RESERVED_LABELS: &str =
+        "labels under app.kubernetes.io/ are set by the operator and select its pods";
+    pub const EPHEMERAL_IMMUTABLE: &str = "storage.ephemeral cannot change once the cluster exists";
+    pub const STORAGE_CLASS_IMMUTABLE: &str =
+        "storage.storageClassName cannot change once the cluster exists";
+    pub const EPHEMERAL_CLASS: &str = "storageClassName has no meaning when storage is ephemeral";
+    pub const BODY_SIZE: &str = "maxBodySize must be at least maxMsgSize";
+    pub const MSG_TIMEOUT: &str = "msgTimeout must not exceed maxMsgTimeout";
+    pub const DEFLATE_LEVEL: &str = "maxDeflateLevel has no meaning when deflate is off";
+}
 
 /// Go duration strings as nsqd's flags take them (`60s`, `1m30s`, `500ms`).
 const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h))+$";
@@ -36,7 +56,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h))+$";
     printcolumn(name = "Lookupds", type_ = "integer", description = "Ready lookupds", json_path = ".status.lookupd.readyReplicas"),
     printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("self.metadata.name.size() <= 40").message("metadata.name must be at most 40 characters so the names of the StatefulSets and Services derived from it stay valid")
+    validation = Rule::new("self.metadata.name.size() <= 40").message(messages::NAME_LENGTH)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NSQClusterSpec {
@@ -52,6 +72,47 @@ pub struct NSQClusterSpec {
     /// Mutual TLS between brokers and lookupds (the brokers' gRPC registration); plain when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_tls: Option<ClusterTlsSpec>,
+    /// nsqadmin, NSQ's web UI, pointed at the cluster's lookupds; not deployed when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminSpec>,
+}
+
+/// The nsqadmin Deployment (NSQ's own image), its Service and an optional Ingress.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminSpec {
+    /// Number of nsqadmin pods.
+    #[serde(default = "default_admin_replicas")]
+    #[schemars(range(min = 0, max = 10))]
+    pub replicas: i32,
+    /// Image (`nsqio/nsq:v1.3.0` when unset), resources, scheduling and pod metadata.
+    #[serde(flatten)]
+    pub pod: PodSettings,
+    /// An Ingress in front of the Service; none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<AdminIngressSpec>,
+}
+
+/// How nsqadmin is exposed outside the cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminIngressSpec {
+    /// The IngressClass; the cluster's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_class_name: Option<String>,
+    /// Host name the Ingress answers; every host when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Path prefix nsqadmin is served under (its `--base-path`).
+    #[serde(default = "default_admin_path")]
+    #[schemars(regex(pattern = r"^/[^ ]*$"))]
+    pub path: String,
+    /// Annotations of the Ingress (authentication, rewrites, … of the ingress controller).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// A `kubernetes.io/tls` Secret for HTTPS on `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
 }
 
 /// The broker StatefulSet.
@@ -89,7 +150,7 @@ pub struct BrokerSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     // nsqd treats a client auth policy as TLS required; saying otherwise would be a lie.
-    validation = Rule::new("!has(self.clientAuthPolicy) || !has(self.required) || self.required != 'false'").message("clientAuthPolicy makes TLS required: set required to \"true\" or \"tcp-https\", or leave it unset")
+    validation = Rule::new("!has(self.clientAuthPolicy) || !has(self.required) || self.required != 'false'").message(messages::CLIENT_AUTH_NEEDS_TLS)
 )]
 pub struct BrokerTlsSpec {
     /// The Secret with the brokers' certificate; it must cover the names clients connect to
@@ -166,6 +227,13 @@ fn client_auth_policy_schema(_: &mut schemars::SchemaGenerator) -> schemars::Sch
 fn tls_version_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     string_enum(&["tls1.2", "tls1.3"])
 }
+fn quantiles_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "array", "maxItems": 10, "items": {"type": "number", "exclusiveMinimum": true, "minimum": 0, "maximum": 1}})
+}
+/// An object the API server keeps as given (the pod template override, checked by the operator).
+fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
 
 impl TlsRequired {
     pub fn as_str(self) -> &'static str {
@@ -226,7 +294,7 @@ pub struct LookupdSpec {
     pub pdb: PdbSpec,
 }
 
-/// What the pods of either component take from the spec.
+/// What the pods of every component take from the spec.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSettings {
@@ -242,6 +310,47 @@ pub struct PodSettings {
     /// Extra pod annotations and labels.
     #[serde(default)]
     pub pod_metadata: PodMetadata,
+    /// Secrets holding the credentials to pull the images of a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// The pods' PriorityClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// The ServiceAccount the pods run as; the namespace's `default` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Extra environment variables of the main container, after the operator's own (so they
+    /// may refer to them as `$(POD_NAME)`); the operator's names are reserved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Extra pod volumes, for `volumeMounts` and the sidecars; the operator's names (`data`,
+    /// `tls`, `cluster-tls`) are reserved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Extra mounts of the main container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// Containers running beside the main one (log shippers, proxies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sidecars: Vec<Container>,
+    /// Containers run to completion, in order, before the main one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<Container>,
+    /// The pods' security context, in place of the operator's (user and group 65532, non-root,
+    /// `RuntimeDefault` seccomp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security_context: Option<PodSecurityContext>,
+    /// The main container's security context, in place of the operator's (no privilege
+    /// escalation, read-only root filesystem, every capability dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+    /// A pod template merged last into the one the operator generates, for what no field
+    /// covers: objects merge key by key, lists of named items (containers, volumes, env,
+    /// volumeMounts, ports, imagePullSecrets) merge by name (an item with `$patch: delete`
+    /// removes its namesake), other lists and values replace, and `null` removes a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub pod_template: Option<serde_json::Value>,
 }
 
 /// Pod scheduling constraints, copied into the pod template.
@@ -265,23 +374,27 @@ pub struct PodMetadata {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('app.kubernetes.io/'))").message("labels under app.kubernetes.io/ are set by the operator and select its pods"))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('app.kubernetes.io/'))").message(messages::RESERVED_LABELS))]
     pub labels: BTreeMap<String, String>,
 }
 
-/// Broker storage: a PersistentVolumeClaim per broker, or an emptyDir when ephemeral. It cannot
-/// change after creation, because a StatefulSet's volume claim templates cannot.
+/// Broker storage: a PersistentVolumeClaim per broker, or an emptyDir when ephemeral. Whether it
+/// is ephemeral and its StorageClass cannot change after creation; the size of the claims can
+/// grow (never shrink), which the operator does claim by claim.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self == oldSelf").message("storage cannot change once the cluster exists"),
-    validation = Rule::new("!self.ephemeral || !has(self.storageClassName)").message("storageClassName has no meaning when storage is ephemeral")
+    validation = Rule::new("self.ephemeral == oldSelf.ephemeral").message(messages::EPHEMERAL_IMMUTABLE),
+    validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)").message(messages::STORAGE_CLASS_IMMUTABLE),
+    validation = Rule::new("!self.ephemeral || !has(self.storageClassName)").message(messages::EPHEMERAL_CLASS)
 )]
 pub struct StorageSpec {
     /// Keep messages on an emptyDir that dies with the pod instead of a PersistentVolumeClaim.
     #[serde(default)]
     pub ephemeral: bool,
-    /// Size of each broker's volume (or the emptyDir size limit when ephemeral).
+    /// Size of each broker's volume (or the emptyDir size limit when ephemeral). Raising it
+    /// expands every broker's claim (its StorageClass must allow volume expansion); lowering it
+    /// is refused.
     #[serde(default = "default_storage_size")]
     pub size: Quantity,
     /// StorageClass of the claims; the cluster default when unset.
@@ -293,9 +406,9 @@ pub struct StorageSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.maxBodySize >= self.maxMsgSize").message("maxBodySize must be at least maxMsgSize"),
-    validation = Rule::new("duration(self.msgTimeout) <= duration(self.maxMsgTimeout)").message("msgTimeout must not exceed maxMsgTimeout"),
-    validation = Rule::new("!has(self.maxDeflateLevel) || !has(self.deflate) || self.deflate").message("maxDeflateLevel has no meaning when deflate is off")
+    validation = Rule::new("self.maxBodySize >= self.maxMsgSize").message(messages::BODY_SIZE),
+    validation = Rule::new("duration(self.msgTimeout) <= duration(self.maxMsgTimeout)").message(messages::MSG_TIMEOUT),
+    validation = Rule::new("!has(self.maxDeflateLevel) || !has(self.deflate) || self.deflate").message(messages::DEFLATE_LEVEL)
 )]
 pub struct BrokerSettings {
     /// `--mem-queue-size`: messages kept in memory per topic and channel before going to disk.
@@ -342,6 +455,11 @@ pub struct BrokerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 9))]
     pub max_deflate_level: Option<i64>,
+    /// `--e2e-processing-latency-percentile`: quantiles of publish-to-finish latency the brokers
+    /// report in `/stats` and `/metrics` (e.g. `[0.99, 0.95, 0.5]`); none when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "quantiles_schema")]
+    pub e2e_processing_latency_percentiles: Vec<f64>,
 }
 
 /// The nsqlookupd options users tune.
@@ -377,6 +495,20 @@ pub struct MetricsSpec {
     /// A ServiceMonitor scraping brokers and lookupds, when the Prometheus operator's CRD exists.
     #[serde(default)]
     pub service_monitor: ServiceMonitorSpec,
+    /// A PrometheusRule with knsq's alerts for this cluster, when the Prometheus operator's CRD
+    /// exists.
+    #[serde(default)]
+    pub prometheus_rule: PrometheusRuleSpec,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusRuleSpec {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Labels the Prometheus instance selects rules by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -407,6 +539,12 @@ pub struct NSQClusterStatus {
     pub broker: ComponentStatus,
     #[serde(default)]
     pub lookupd: ComponentStatus,
+    /// The nsqadmin Deployment, when `spec.admin` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<ComponentStatus>,
+    /// The brokers' volumes, when they are claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageStatus>,
     /// Where clients connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
@@ -421,6 +559,17 @@ pub struct ComponentStatus {
     pub updated_replicas: i32,
 }
 
+/// The brokers' PersistentVolumeClaims.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageStatus {
+    /// The size every broker claim is asked for.
+    pub size: String,
+    /// Claims asked to grow whose volume is not that size yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resizing: Vec<String>,
+}
+
 /// The in-cluster addresses clients use.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -431,6 +580,9 @@ pub struct Endpoints {
     pub broker_http: String,
     /// HTTP API of the lookupds (`http://host:port`), for consumers' `/lookup`.
     pub lookupd_http: String,
+    /// nsqadmin's web UI inside the cluster (`http://host:port`), when deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_http: Option<String>,
 }
 
 impl Default for BrokerSpec {
@@ -482,6 +634,7 @@ impl Default for BrokerSettings {
             snappy: None,
             deflate: None,
             max_deflate_level: None,
+            e2e_processing_latency_percentiles: Vec::new(),
         }
     }
 }
@@ -525,9 +678,131 @@ impl NSQCluster {
     }
 }
 
+/// Fields whose schema comes from Kubernetes' own types: their descriptions are left out of the
+/// CRD (`kubectl explain` on the core types has them), which keeps it about a third of the size,
+/// well under the 256 KiB `kubectl apply` can annotate.
+const KUBERNETES_TYPED: &[&str] = &[
+    "resources",
+    "scheduling",
+    "imagePullSecrets",
+    "env",
+    "volumes",
+    "volumeMounts",
+    "sidecars",
+    "initContainers",
+    "podSecurityContext",
+    "securityContext",
+    "conditions",
+];
+
+/// The CustomResourceDefinition as it is installed.
+pub fn definition() -> CustomResourceDefinition {
+    let mut crd = NSQCluster::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            strip_kubernetes_descriptions(schema);
+        }
+    }
+    crd
+}
+
+fn strip_kubernetes_descriptions(schema: &mut JSONSchemaProps) {
+    fn strip(schema: &mut JSONSchemaProps) {
+        schema.description = None;
+        each_child(schema, strip);
+    }
+    if let Some(properties) = &mut schema.properties {
+        for (name, child) in properties.iter_mut() {
+            if KUBERNETES_TYPED.contains(&name.as_str()) {
+                // The field's own description stays; what is inside is Kubernetes'.
+                each_child(child, strip);
+            } else {
+                strip_kubernetes_descriptions(child);
+            }
+        }
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = &mut schema.items {
+        strip_kubernetes_descriptions(items);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(values)) = &mut schema.additional_properties {
+        strip_kubernetes_descriptions(values);
+    }
+}
+
+/// Applies `f` to every direct subschema.
+fn each_child(schema: &mut JSONSchemaProps, f: fn(&mut JSONSchemaProps)) {
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        f(child);
+    }
+    match &mut schema.items {
+        Some(JSONSchemaPropsOrArray::Schema(items)) => f(items),
+        Some(JSONSchemaPropsOrArray::Schemas(items)) => items.iter_mut().for_each(f),
+        None => {}
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(values)) = &mut schema.additional_properties {
+        f(values);
+    }
+    for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of] {
+        list.iter_mut().flatten().for_each(f);
+    }
+}
+
+/// Field manager of the CRD when the operator's binary applies it (`knsq-operator crd --apply`,
+/// the chart's pre-upgrade hook).
+pub const CRD_MANAGER: &str = "knsq-crd";
+
+/// Server-side apply the CRD, taking over its fields from whoever installed it (Helm's
+/// `crds/`, `kubectl apply`): what `helm upgrade` runs before it applies the new templates, so
+/// the new fields are in the schema (and not pruned) by the time a new spec uses them. API
+/// servers before 1.25 run no CEL and refuse the rules as unknown fields, so there they go; the
+/// operator refuses the same specs itself.
+pub async fn apply_definition(
+    client: &kube::Client,
+) -> Result<CustomResourceDefinition, kube::Error> {
+    let mut crd = definition();
+    let version = client.apiserver_version().await?;
+    if !runs_cel(&version.major, &version.minor) {
+        for schema in crd
+            .spec
+            .versions
+            .iter_mut()
+            .filter_map(|v| v.schema.as_mut()?.open_api_v3_schema.as_mut())
+        {
+            strip_validations(schema);
+        }
+    }
+    let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &kube::api::PatchParams::apply(CRD_MANAGER).force(),
+        &kube::api::Patch::Apply(&crd),
+    )
+    .await
+}
+
+/// Whether an API server of this version evaluates `x-kubernetes-validations` (beta and on by
+/// default from 1.25). Minor versions may carry a `+` (`"28+"`).
+pub fn runs_cel(major: &str, minor: &str) -> bool {
+    let number = |s: &str| s.trim_end_matches('+').parse::<u32>().unwrap_or(0);
+    (number(major), number(minor)) >= (1, 25)
+}
+
+fn strip_validations(schema: &mut JSONSchemaProps) {
+    fn strip(schema: &mut JSONSchemaProps) {
+        schema.x_kubernetes_validations = None;
+        each_child(schema, strip);
+    }
+    strip(schema);
+}
+
 /// The CRD as YAML, as `knsq-operator crd` prints it and the committed copies hold it.
 pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
-    serde_saphyr::to_string(&NSQCluster::crd())
+    serde_saphyr::to_string(&definition())
 }
 
 fn default_broker_replicas() -> i32 {
@@ -571,6 +846,12 @@ fn default_inactive_producer_timeout() -> String {
 }
 fn default_tombstone_lifetime() -> String {
     "45s".to_owned()
+}
+fn default_admin_replicas() -> i32 {
+    1
+}
+fn default_admin_path() -> String {
+    "/".to_owned()
 }
 fn enabled() -> bool {
     true

@@ -1,12 +1,15 @@
 //! knsq-operator: reconciles `NSQCluster` resources into running knsq clusters.
 //!
 //! - [`crd`]: the custom resource and its schema;
+//! - [`validation`]: the operator's own checks of a spec (CEL's twins);
 //! - [`children`]: pure builders of the objects a cluster owns;
+//! - [`alerts`]: the Prometheus alerts;
 //! - [`status`]: status computation;
 //! - [`controller`]: the reconciler;
 //! - [`leader`]: Lease-based leader election;
 //! - [`server`], [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 
+pub mod alerts;
 pub mod children;
 pub mod controller;
 // kube's `KubeSchema` derive emits a hidden copy of each schema struct with the same
@@ -15,14 +18,16 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod quantity;
 pub mod server;
 pub mod status;
+pub mod validation;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::{Controller, watcher};
@@ -33,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::children::{DefaultImages, MANAGER};
-use crate::controller::Context;
+use crate::controller::{Context, Resources};
 use crate::crd::NSQCluster;
 use crate::leader::{Elector, LeaseConfig};
 use crate::metrics::Metrics;
@@ -99,10 +104,13 @@ async fn lead_and_reconcile(
     ready: &AtomicBool,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
-    let pdb_resource = pdb_resource(&client).await?;
-    let service_monitor_resource = service_monitor_resource(&client).await?;
+    let resources = Resources {
+        pdb: pdb_resource(&client).await?,
+        service_monitor: monitoring_resource(&client, "ServiceMonitor", "servicemonitors").await?,
+        prometheus_rule: monitoring_resource(&client, "PrometheusRule", "prometheusrules").await?,
+    };
     ready.store(true, Ordering::Relaxed);
-    info!(pdb = %pdb_resource.api_version, service_monitors = service_monitor_resource.is_some(), "discovered the API server");
+    info!(pdb = %resources.pdb.api_version, service_monitors = resources.service_monitor.is_some(), prometheus_rules = resources.prometheus_rule.is_some(), "discovered the API server");
 
     let elector = settings
         .leader_election
@@ -124,8 +132,7 @@ async fn lead_and_reconcile(
         client.clone(),
         settings.images,
         metrics.clone(),
-        pdb_resource,
-        service_monitor_resource,
+        resources,
     ));
     let controller = controller(client, settings.namespace.as_deref(), &ctx, stop.clone());
     let lost = match keeper {
@@ -187,15 +194,23 @@ async fn controller(
     .owns(api::<StatefulSet>(&client, namespace), owned.clone())
     .owns(api::<Service>(&client, namespace), owned.clone())
     .owns(api::<ConfigMap>(&client, namespace), owned.clone())
+    .owns(api::<Deployment>(&client, namespace), owned.clone())
     .owns_with(
-        dynamic_api(&ctx.pdb_resource),
-        ctx.pdb_resource.clone(),
+        dynamic_api(&ctx.resources.pdb),
+        ctx.resources.pdb.clone(),
         owned.clone(),
     );
-    if let Some(resource) = &ctx.service_monitor_resource {
+    for resource in [
+        &ctx.resources.service_monitor,
+        &ctx.resources.prometheus_rule,
+    ]
+    .into_iter()
+    .flatten()
+    {
         controller = controller.owns_with(dynamic_api(resource), resource.clone(), owned.clone());
     }
     let store = controller.store();
+    ctx.metrics.watch_clusters(store.clone());
     let running = controller
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::reconcile, controller::error_policy, ctx.clone())
@@ -245,18 +260,18 @@ async fn pdb_resource(client: &Client) -> Result<ApiResource, Error> {
     ))
 }
 
-/// The Prometheus operator's ServiceMonitor, when its CRD is installed.
-async fn service_monitor_resource(client: &Client) -> Result<Option<ApiResource>, Error> {
-    let served = serves(
-        client,
-        children::SERVICE_MONITOR_API_VERSION,
-        "servicemonitors",
-    )
-    .await?;
+/// A resource of the Prometheus operator (ServiceMonitor, PrometheusRule), when its CRD is
+/// installed.
+async fn monitoring_resource(
+    client: &Client,
+    kind: &str,
+    plural: &str,
+) -> Result<Option<ApiResource>, Error> {
+    let served = serves(client, children::MONITORING_API_VERSION, plural).await?;
     Ok(served.then(|| {
         ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
-            "servicemonitors",
+            &GroupVersionKind::gvk("monitoring.coreos.com", "v1", kind),
+            plural,
         )
     }))
 }

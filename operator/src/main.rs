@@ -62,19 +62,63 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Print the NSQCluster CustomResourceDefinition as YAML.
-    Crd,
+    /// Print the NSQCluster CustomResourceDefinition as YAML, or apply it.
+    Crd {
+        /// Server-side apply it to the cluster of KUBECONFIG or the in-cluster config (the
+        /// chart's pre-upgrade hook), instead of printing it.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Print knsq's Prometheus alerting rules for every cluster, as a rule file.
+    PrometheusRules,
+    /// Print the objects the operator makes of an NSQCluster (YAML file, `-` for stdin).
+    Render { file: std::path::PathBuf },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Crd) = cli.command {
-        print!(
-            "{}",
-            operator::crd::crd_yaml().context("rendering the CRD")?
-        );
-        return Ok(());
+    match &cli.command {
+        Some(Command::Crd { apply: false }) => {
+            print!(
+                "{}",
+                operator::crd::crd_yaml().context("rendering the CRD")?
+            );
+            return Ok(());
+        }
+        Some(Command::Crd { apply: true }) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("loading the kubeconfig or in-cluster config")?;
+            let crd = operator::crd::apply_definition(&client)
+                .await
+                .context("applying the NSQCluster CRD")?;
+            let generation = crd.metadata.generation.unwrap_or_default();
+            println!("applied the NSQCluster CRD (generation {generation})");
+            return Ok(());
+        }
+        Some(Command::PrometheusRules) => {
+            print!(
+                "{}",
+                operator::alerts::rules_yaml().context("rendering the rules")?
+            );
+            return Ok(());
+        }
+        Some(Command::Render { file }) => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let images = DefaultImages {
+                broker: cli.broker_image.clone(),
+                lookupd: cli.lookupd_image.clone(),
+            };
+            print!("{}", render(&text, &images)?);
+            return Ok(());
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -121,6 +165,58 @@ async fn main() -> anyhow::Result<()> {
         Ok(result) => Ok(result.context("operator task")??),
         Err(_) => anyhow::bail!("reconciles still running after {grace:?}; exiting"),
     }
+}
+
+/// The objects the operator makes of an NSQCluster given as YAML, as a YAML stream: what
+/// `knsq-operator render` prints, for review and for schema checks of every Kubernetes version.
+/// The cluster's namespace defaults to `default`; PodDisruptionBudgets are `policy/v1`.
+fn render(cluster_yaml: &str, images: &DefaultImages) -> anyhow::Result<String> {
+    let mut cluster: operator::crd::NSQCluster =
+        serde_saphyr::from_str(cluster_yaml).context("parsing the NSQCluster")?;
+    cluster
+        .metadata
+        .namespace
+        .get_or_insert_with(|| "default".to_owned());
+    let mut problems = operator::validation::check(&cluster);
+    let children =
+        operator::children::Children::build(&cluster, images).map_err(|v| problems.push(v));
+    let children = match children {
+        Ok(children) if problems.is_empty() => children,
+        _ => anyhow::bail!(
+            "the operator refuses this spec: {}",
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    };
+    let mut objects: Vec<serde_json::Value> = Vec::new();
+    let mut push = |o: serde_json::Result<serde_json::Value>| -> anyhow::Result<()> {
+        objects.push(o.context("encoding")?);
+        Ok(())
+    };
+    push(serde_json::to_value(&children.config_map))?;
+    for service in &children.services {
+        push(serde_json::to_value(service))?;
+    }
+    push(serde_json::to_value(&children.lookupd))?;
+    push(serde_json::to_value(&children.broker))?;
+    for pdb in &children.pdbs {
+        push(serde_json::to_value(pdb))?;
+    }
+    let admin = &children.admin;
+    push(serde_json::to_value(&admin.service))?;
+    push(serde_json::to_value(&admin.deployment))?;
+    push(serde_json::to_value(&admin.ingress))?;
+    objects.extend(children.service_monitor.clone());
+    objects.extend(children.prometheus_rule.clone());
+    let mut out = String::new();
+    for object in objects.into_iter().filter(|o| !o.is_null()) {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&object).context("writing YAML")?);
+    }
+    Ok(out)
 }
 
 /// SIGTERM (the kubelet stopping the pod) or SIGINT.

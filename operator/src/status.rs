@@ -1,15 +1,17 @@
 //! Status computation: from the StatefulSets the API server reports to the cluster's
 //! `NSQClusterStatus`. Pure, so every condition transition is tested without a server.
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::children::{BROKER_HTTP, BROKER_TCP, Component, LOOKUPD_HTTP};
-use crate::crd::{ComponentStatus, Endpoints, NSQCluster, NSQClusterStatus};
+use crate::children::{ADMIN_HTTP, BROKER_HTTP, BROKER_TCP, Component, LOOKUPD_HTTP};
+use crate::crd::{ComponentStatus, Endpoints, NSQCluster, NSQClusterStatus, StorageStatus};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// The `Degraded` reason of a spec the operator refuses.
+pub const INVALID_SPEC: &str = "InvalidSpec";
 
 /// How the last reconcile went, as far as status is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +22,28 @@ pub enum Outcome {
     Paused,
     /// Applying failed with this message.
     Failed(String),
+    /// The spec was refused for these reasons; nothing was applied.
+    Invalid(String),
+}
+
+/// What the status is computed from: the workloads as the API server reports them, and the
+/// brokers' claims as the reconcile found them.
+#[derive(Clone, Debug, Default)]
+pub struct Observed<'a> {
+    pub lookupd: Option<&'a StatefulSet>,
+    pub broker: Option<&'a StatefulSet>,
+    pub admin: Option<ComponentStatus>,
+    pub storage: Option<StorageStatus>,
+}
+
+/// Replica counts of nsqadmin's Deployment.
+pub fn deployment_status(deployment: &Deployment) -> ComponentStatus {
+    let status = deployment.status.clone().unwrap_or_default();
+    ComponentStatus {
+        replicas: status.replicas.unwrap_or(0),
+        ready_replicas: status.ready_replicas.unwrap_or(0),
+        updated_replicas: status.updated_replicas.unwrap_or(0),
+    }
 }
 
 /// One component's rollout as read from its StatefulSet.
@@ -95,8 +119,7 @@ fn carry_transition_times(conditions: &mut [Condition], previous: &[Condition]) 
 /// The status the cluster should have given its StatefulSets and the reconcile outcome.
 pub fn compute(
     cluster: &NSQCluster,
-    lookupd: Option<&StatefulSet>,
-    broker: Option<&StatefulSet>,
+    observed: &Observed<'_>,
     outcome: &Outcome,
     now: Time,
 ) -> NSQClusterStatus {
@@ -104,13 +127,18 @@ pub fn compute(
     let rollouts = [
         (
             Component::Lookupd,
-            rollout(lookupd, cluster.spec.lookupd.replicas),
+            rollout(observed.lookupd, cluster.spec.lookupd.replicas),
         ),
         (
             Component::Broker,
-            rollout(broker, cluster.spec.broker.replicas),
+            rollout(observed.broker, cluster.spec.broker.replicas),
         ),
     ];
+    let resizing = observed
+        .storage
+        .as_ref()
+        .map(|s| s.resizing.as_slice())
+        .unwrap_or_default();
     let not_ready: Vec<String> = rollouts
         .iter()
         .filter(|(_, r)| r.counts.ready_replicas < r.desired)
@@ -178,6 +206,18 @@ pub fn compute(
             generation,
             &now,
         ),
+        _ if !resizing.is_empty() => condition(
+            PROGRESSING,
+            true,
+            "VolumeResizing",
+            format!(
+                "growing {} to {}",
+                resizing.join(", "),
+                observed.storage.as_ref().map_or("", |s| s.size.as_str())
+            ),
+            generation,
+            &now,
+        ),
         _ => condition(
             PROGRESSING,
             false,
@@ -192,6 +232,14 @@ pub fn compute(
             DEGRADED,
             true,
             "ReconcileFailed",
+            message.clone(),
+            generation,
+            &now,
+        ),
+        Outcome::Invalid(message) => condition(
+            DEGRADED,
+            true,
+            INVALID_SPEC,
             message.clone(),
             generation,
             &now,
@@ -227,6 +275,12 @@ pub fn compute(
         conditions,
         broker: broker.counts,
         lookupd: lookupd.counts,
+        admin: cluster
+            .spec
+            .admin
+            .as_ref()
+            .map(|_| observed.admin.clone().unwrap_or_default()),
+        storage: observed.storage.clone(),
         endpoints: Some(endpoints(cluster)),
     }
 }
@@ -242,6 +296,13 @@ pub fn endpoints(cluster: &NSQCluster) -> Endpoints {
             Component::Lookupd.service_host(cluster),
             LOOKUPD_HTTP.port
         ),
+        admin_http: cluster.spec.admin.as_ref().map(|_| {
+            format!(
+                "http://{}:{}",
+                Component::Admin.service_host(cluster),
+                ADMIN_HTTP.port
+            )
+        }),
     }
 }
 
@@ -292,11 +353,18 @@ mod tests {
     fn applied(cluster: &NSQCluster, broker: &StatefulSet) -> NSQClusterStatus {
         compute(
             cluster,
-            Some(&healthy(3)),
-            Some(broker),
+            &seen(Some(&healthy(3)), Some(broker)),
             &Outcome::Applied,
             at(0),
         )
+    }
+
+    fn seen<'a>(lookupd: Option<&'a StatefulSet>, broker: Option<&'a StatefulSet>) -> Observed<'a> {
+        Observed {
+            lookupd,
+            broker,
+            ..Observed::default()
+        }
     }
 
     fn get<'a>(status: &'a NSQClusterStatus, type_: &str) -> &'a Condition {
@@ -322,7 +390,7 @@ mod tests {
     #[test]
     fn new_cluster_without_statefulsets_is_progressing() {
         let c = cluster(NSQClusterSpec::default());
-        let status = compute(&c, None, None, &Outcome::Applied, at(0));
+        let status = compute(&c, &seen(None, None), &Outcome::Applied, at(0));
         assert_eq!(
             summary(&status),
             [
@@ -365,6 +433,7 @@ mod tests {
                 broker_tcp: "events-broker.prod.svc:4150".to_owned(),
                 broker_http: "http://events-broker.prod.svc:4151".to_owned(),
                 lookupd_http: "http://events-lookupd.prod.svc:4161".to_owned(),
+                admin_http: None,
             })
         );
     }
@@ -425,8 +494,7 @@ mod tests {
         let c = cluster(NSQClusterSpec::default());
         let failed = compute(
             &c,
-            Some(&healthy(3)),
-            Some(&healthy(3)),
+            &seen(Some(&healthy(3)), Some(&healthy(3))),
             &Outcome::Failed("boom".to_owned()),
             at(0),
         );
@@ -434,8 +502,7 @@ mod tests {
         assert_eq!(get(&failed, DEGRADED).message, "boom");
         let paused = compute(
             &c,
-            Some(&healthy(3)),
-            Some(&healthy(3)),
+            &seen(Some(&healthy(3)), Some(&healthy(3))),
             &Outcome::Paused,
             at(0),
         );
@@ -446,8 +513,13 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut c = cluster(NSQClusterSpec::default());
-        c.status = Some(compute(&c, None, None, &Outcome::Applied, at(0)));
-        let still_progressing = compute(&c, Some(&healthy(3)), None, &Outcome::Applied, at(10));
+        c.status = Some(compute(&c, &seen(None, None), &Outcome::Applied, at(0)));
+        let still_progressing = compute(
+            &c,
+            &seen(Some(&healthy(3)), None),
+            &Outcome::Applied,
+            at(10),
+        );
         assert_eq!(get(&still_progressing, READY).last_transition_time, at(0));
         assert_eq!(
             get(&still_progressing, PROGRESSING).last_transition_time,
@@ -455,8 +527,7 @@ mod tests {
         );
         let ready = compute(
             &c,
-            Some(&healthy(3)),
-            Some(&healthy(3)),
+            &seen(Some(&healthy(3)), Some(&healthy(3))),
             &Outcome::Applied,
             at(20),
         );

@@ -4,9 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use kube::CustomResourceExt;
+use std::collections::BTreeSet;
+
 use kube::core::cel::Validator;
-use operator::crd::{NSQCluster, NSQClusterSpec, crd_yaml};
+use operator::children::{Children, DefaultImages};
+use operator::crd::{NSQCluster, NSQClusterSpec, crd_yaml, definition, messages};
+use operator::validation::{self, Violation};
 use serde_json::{Value, json};
 
 fn repo_root() -> PathBuf {
@@ -32,13 +35,13 @@ fn committed_crds_match_the_generated_one() {
 }
 
 fn schema() -> Value {
-    let crd = serde_json::to_value(NSQCluster::crd()).expect("encode");
+    let crd = serde_json::to_value(definition()).expect("encode");
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
 #[test]
 fn schema_has_names_defaults_bounds_and_columns() {
-    let crd = serde_json::to_value(NSQCluster::crd()).expect("encode");
+    let crd = serde_json::to_value(definition()).expect("encode");
     assert_eq!(crd["metadata"]["name"], "nsqclusters.knsq.io");
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["nsqc"]));
     let version = &crd["spec"]["versions"][0];
@@ -136,21 +139,197 @@ fn cel_rejects_long_names() {
 }
 
 #[test]
-fn cel_keeps_storage_immutable() {
+fn cel_lets_storage_grow_but_not_change_kind() {
     let old = object(json!({"broker": {"storage": {"size": "10Gi"}}}));
     let resized = object(json!({"broker": {"storage": {"size": "20Gi"}}}));
-    assert_eq!(
-        cel_failures(&resized, Some(&old)),
-        ["storage cannot change once the cluster exists"]
-    );
+    assert_eq!(cel_failures(&resized, Some(&old)), Vec::<String>::new());
     let scaled = object(json!({"broker": {"replicas": 7, "storage": {"size": "10Gi"}}}));
     assert_eq!(cel_failures(&scaled, Some(&old)), Vec::<String>::new());
+    let classed =
+        object(json!({"broker": {"storage": {"size": "10Gi", "storageClassName": "fast"}}}));
+    assert_eq!(
+        cel_failures(&classed, Some(&old)),
+        [messages::STORAGE_CLASS_IMMUTABLE]
+    );
+    let ephemeral = object(json!({"broker": {"storage": {"ephemeral": true}}}));
+    assert_eq!(
+        cel_failures(&ephemeral, Some(&old)),
+        [messages::EPHEMERAL_IMMUTABLE]
+    );
 
     let mut typed_old = NSQCluster::new("events", NSQClusterSpec::default());
     typed_old.metadata.namespace = Some("prod".to_owned());
     let mut typed_new = typed_old.clone();
     typed_new.spec.broker.storage.ephemeral = true;
     assert!(typed_new.validate_cel_update(&typed_old).is_err());
+}
+
+/// Every CEL message of the schema, once each.
+fn cel_messages() -> BTreeSet<String> {
+    fn walk(schema: &Value, out: &mut BTreeSet<String>) {
+        match schema {
+            Value::Object(fields) => {
+                for rule in fields
+                    .get("x-kubernetes-validations")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    out.insert(rule["message"].as_str().expect("message").to_owned());
+                }
+                fields.values().for_each(|v| walk(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(&schema(), &mut out);
+    out
+}
+
+fn typed(object: &Value) -> NSQCluster {
+    serde_json::from_value(object.clone()).expect("typed cluster")
+}
+
+/// API servers before 1.25 run no CEL: the operator must refuse exactly what each rule refuses,
+/// with its message, naming the field. A rule added without its twin fails here.
+#[test]
+fn the_operator_refuses_what_every_cel_rule_refuses() {
+    let mut long = object(json!({}));
+    long["metadata"]["name"] = json!("a".repeat(41));
+    let spec_cases = [
+        (long, "metadata.name", messages::NAME_LENGTH),
+        (
+            object(
+                json!({"broker": {"tls": {"secretName": "t", "required": "false", "clientAuthPolicy": "require"}}}),
+            ),
+            "spec.broker.tls.clientAuthPolicy",
+            messages::CLIENT_AUTH_NEEDS_TLS,
+        ),
+        (
+            object(
+                json!({"lookupd": {"podMetadata": {"labels": {"app.kubernetes.io/part-of": "x"}}}}),
+            ),
+            "spec.lookupd.podMetadata.labels",
+            messages::RESERVED_LABELS,
+        ),
+        (
+            object(json!({"broker": {"storage": {"ephemeral": true, "storageClassName": "fast"}}})),
+            "spec.broker.storage.storageClassName",
+            messages::EPHEMERAL_CLASS,
+        ),
+        (
+            object(json!({"broker": {"settings": {"maxMsgSize": 2048, "maxBodySize": 1024}}})),
+            "spec.broker.settings.maxBodySize",
+            messages::BODY_SIZE,
+        ),
+        (
+            object(
+                json!({"broker": {"settings": {"msgTimeout": "1h", "maxMsgTimeout": "59m59s"}}}),
+            ),
+            "spec.broker.settings.msgTimeout",
+            messages::MSG_TIMEOUT,
+        ),
+        (
+            object(json!({"broker": {"settings": {"deflate": false, "maxDeflateLevel": 4}}})),
+            "spec.broker.settings.maxDeflateLevel",
+            messages::DEFLATE_LEVEL,
+        ),
+    ];
+    let mut covered = BTreeSet::new();
+    for (object, field, message) in spec_cases {
+        assert_eq!(cel_failures(&object, None), [message], "{object}");
+        assert_eq!(
+            validation::check(&typed(&object)),
+            [Violation {
+                field: field.to_owned(),
+                message: message.to_owned()
+            }],
+            "{object}"
+        );
+        covered.insert(message.to_owned());
+    }
+
+    // Transition rules: the operator compares with the StatefulSet it applied.
+    let images = DefaultImages {
+        broker: "b".to_owned(),
+        lookupd: "l".to_owned(),
+    };
+    let transitions = [
+        (
+            json!({"broker": {"storage": {"size": "10Gi"}}}),
+            json!({"broker": {"storage": {"size": "10Gi", "storageClassName": "fast"}}}),
+            "spec.broker.storage.storageClassName",
+            messages::STORAGE_CLASS_IMMUTABLE,
+        ),
+        (
+            json!({"broker": {"storage": {"size": "10Gi", "storageClassName": "fast"}}}),
+            json!({"broker": {"storage": {"size": "10Gi", "storageClassName": "slow"}}}),
+            "spec.broker.storage.storageClassName",
+            messages::STORAGE_CLASS_IMMUTABLE,
+        ),
+        (
+            json!({"broker": {"storage": {"size": "10Gi"}}}),
+            json!({"broker": {"storage": {"ephemeral": true}}}),
+            "spec.broker.storage.ephemeral",
+            messages::EPHEMERAL_IMMUTABLE,
+        ),
+        (
+            json!({"broker": {"storage": {"ephemeral": true}}}),
+            json!({"broker": {"storage": {"ephemeral": false}}}),
+            "spec.broker.storage.ephemeral",
+            messages::EPHEMERAL_IMMUTABLE,
+        ),
+    ];
+    for (old, new, field, message) in transitions {
+        let (old, new) = (object(old), object(new));
+        assert_eq!(cel_failures(&new, Some(&old)), [message], "{old} -> {new}");
+        let mut old_cluster = typed(&old);
+        old_cluster.metadata.namespace = Some("prod".to_owned());
+        let applied = Children::build(&old_cluster, &images)
+            .expect("valid")
+            .broker;
+        let applied = validation::applied_storage(&applied).expect("storage");
+        assert_eq!(
+            validation::check_storage(&typed(&new), &applied),
+            [Violation {
+                field: field.to_owned(),
+                message: message.to_owned()
+            }],
+            "{old} -> {new}"
+        );
+        covered.insert(message.to_owned());
+    }
+    assert_eq!(
+        covered,
+        cel_messages(),
+        "a CEL rule has no operator twin here"
+    );
+}
+
+#[test]
+fn the_operator_refuses_shrinking_volumes_which_cel_cannot_see() {
+    let images = DefaultImages {
+        broker: "b".to_owned(),
+        lookupd: "l".to_owned(),
+    };
+    let mut old = typed(&object(json!({"broker": {"storage": {"size": "20Gi"}}})));
+    old.metadata.namespace = Some("prod".to_owned());
+    let applied = Children::build(&old, &images).expect("valid").broker;
+    let applied = validation::applied_storage(&applied).expect("storage");
+    let grown = typed(&object(
+        json!({"broker": {"storage": {"size": "21474836481"}}}),
+    ));
+    assert_eq!(validation::check_storage(&grown, &applied), []);
+    let shrunk = typed(&object(json!({"broker": {"storage": {"size": "20G"}}})));
+    assert_eq!(
+        validation::check_storage(&shrunk, &applied),
+        [Violation {
+            field: "spec.broker.storage.size".to_owned(),
+            message: "volumes only grow: the claims are 20Gi, so 20G is too small".to_owned()
+        }]
+    );
 }
 
 #[test]

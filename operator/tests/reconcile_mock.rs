@@ -11,7 +11,7 @@ use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::{Client, ResourceExt};
 use operator::children::{Children, DefaultImages};
-use operator::controller::{Context, Error, error_policy, reconcile};
+use operator::controller::{Context, Error, Resources, error_policy, reconcile};
 use operator::crd::{NSQCluster, NSQClusterSpec, PAUSE_ANNOTATION};
 use operator::metrics::Metrics;
 use prometheus::Registry;
@@ -85,7 +85,16 @@ fn harness(registry: &Registry) -> (Arc<Context>, MockHandle) {
         "poddisruptionbudgets",
     );
     (
-        Arc::new(Context::new(client, images(), metrics, pdb, None)),
+        Arc::new(Context::new(
+            client,
+            images(),
+            metrics,
+            Resources {
+                pdb,
+                service_monitor: None,
+                prometheus_rule: None,
+            },
+        )),
         handle,
     )
 }
@@ -182,12 +191,12 @@ fn event_post() -> (String, String) {
 fn status_patch() -> (String, String) {
     (
         "PATCH".to_owned(),
-        "/apis/knsq.io/v1alpha1/namespaces/prod/nsqclusters/events/status?".to_owned(),
+        format!("/apis/knsq.io/v1alpha1/namespaces/prod/nsqclusters/events/status{APPLY}"),
     )
 }
 
 fn existing(spec: NSQClusterSpec, ready: bool) -> (Value, Value) {
-    let children = Children::build(&cluster(spec), &images());
+    let children = Children::build(&cluster(spec), &images()).expect("valid");
     let with_status = |mut sts: StatefulSet| {
         let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
         sts.metadata.generation = Some(1);

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod crash;
 pub mod lookupd;
 mod process;
+pub mod prometheus;
 pub mod transport;
 
 pub use process::ChildProcess;
@@ -322,6 +323,15 @@ impl HttpResponse {
     pub fn json(&self) -> Result<serde_json::Value> {
         serde_json::from_slice(&self.body).with_context(|| format!("not JSON: {}", self.text()))
     }
+}
+
+/// A `POST` that must answer 200.
+pub async fn http_post_ok(addr: SocketAddr, path: &str, body: &[u8]) -> Result<()> {
+    let resp = http_request(addr, "POST", path, body).await?;
+    if resp.status != 200 {
+        bail!("POST {path}: {} {}", resp.status, resp.text());
+    }
+    Ok(())
 }
 
 /// One HTTP/1.1 request with `Connection: close`, enough for tests without an HTTP client

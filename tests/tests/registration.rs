@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tests::lookupd::{LookupdProcess, TestLookupd, eventually, lookup, lookup_producers};
-use tests::{BrokerProcess, NsqConn, TestBroker, http_request};
+use tests::{BrokerProcess, NsqConn, TestBroker, http_post_ok, http_request};
 
 /// The identity `/lookup` gives a broker: `broadcast_address:tcp_port`.
 fn producer(tcp: SocketAddr) -> String {
@@ -78,17 +78,6 @@ async fn expect_channels(http: SocketAddr, topic: &str, want: &[&str]) -> Result
     .await
 }
 
-async fn post(http: SocketAddr, path: &str, body: &[u8]) -> Result<()> {
-    let resp = http_request(http, "POST", path, body).await?;
-    ensure!(
-        resp.status == 200,
-        "POST {path}: {} {}",
-        resp.status,
-        resp.text()
-    );
-    Ok(())
-}
-
 /// A TCP connection subscribed to `topic`/`channel`.
 async fn subscriber(tcp: SocketAddr, topic: &str, channel: &str) -> Result<NsqConn> {
     let mut conn = NsqConn::connect(tcp).await?;
@@ -151,8 +140,8 @@ async fn topics_and_channels_appear_in_lookup_and_follow_changes() -> Result<()>
     let http = lookupd.http_address();
     let me = producer(broker.tcp_address());
 
-    post(broker.http_address(), "/topic/create?topic=orders", b"").await?;
-    post(
+    http_post_ok(broker.http_address(), "/topic/create?topic=orders", b"").await?;
+    http_post_ok(
         broker.http_address(),
         "/channel/create?topic=orders&channel=billing",
         b"",
@@ -171,7 +160,7 @@ async fn topics_and_channels_appear_in_lookup_and_follow_changes() -> Result<()>
     // Changes follow: a channel deleted (nsqlookupd keeps listing a channel without producers
     // until it is deleted there, so /debug shows the unregistration), the ephemeral channel
     // gone with its consumer, a topic deleted.
-    post(
+    http_post_ok(
         broker.http_address(),
         "/channel/delete?topic=orders&channel=billing",
         b"",
@@ -185,7 +174,7 @@ async fn topics_and_channels_appear_in_lookup_and_follow_changes() -> Result<()>
     .await?;
     drop(_consumer);
     expect_channels(http, "orders", &["billing"]).await?;
-    post(broker.http_address(), "/topic/delete?topic=orders", b"").await?;
+    http_post_ok(broker.http_address(), "/topic/delete?topic=orders", b"").await?;
     expect_producers(http, "orders", &[]).await?;
 
     let sample = format!(
@@ -204,8 +193,8 @@ async fn a_broker_killed_with_sigkill_disappears_from_lookup_at_once() -> Result
     let grpc = format!("--lookupd-grpc-address={}", lookupd.grpc_address);
     let mut broker = BrokerProcess::start(&[&grpc])?;
     let other = BrokerProcess::start(&[&grpc])?;
-    post(broker.http_address, "/topic/create?topic=t", b"").await?;
-    post(other.http_address, "/topic/create?topic=t", b"").await?;
+    http_post_ok(broker.http_address, "/topic/create?topic=t", b"").await?;
+    http_post_ok(other.http_address, "/topic/create?topic=t", b"").await?;
     let both = [producer(broker.tcp_address), producer(other.tcp_address)];
     expect_producers(lookupd.http_address, "t", &both).await?;
 
@@ -226,7 +215,7 @@ async fn a_broker_whose_heartbeats_stop_disappears_after_the_inactivity_timeout(
     let lookupd = LookupdProcess::start(&["--inactive-producer-timeout=2s"])?;
     let grpc = format!("--lookupd-grpc-address={}", lookupd.grpc_address);
     let broker = BrokerProcess::start(&[&grpc, "--lookupd-heartbeat-interval=200ms"])?;
-    post(broker.http_address, "/topic/create?topic=t", b"").await?;
+    http_post_ok(broker.http_address, "/topic/create?topic=t", b"").await?;
     let me = [producer(broker.tcp_address)];
     expect_producers(lookupd.http_address, "t", &me).await?;
 
@@ -255,7 +244,7 @@ async fn every_broker_registers_again_after_a_lookupd_restart() -> Result<()> {
     let (grpc, http) = (lookupd.grpc_address, lookupd.http_address);
     let brokers = [broker_with(&[grpc]).await?, broker_with(&[grpc]).await?];
     for b in &brokers {
-        post(b.http_address(), "/topic/create?topic=t", b"").await?;
+        http_post_ok(b.http_address(), "/topic/create?topic=t", b"").await?;
     }
     let all: Vec<String> = brokers.iter().map(|b| producer(b.tcp_address())).collect();
     expect_producers(http, "t", &all).await?;
@@ -286,21 +275,21 @@ async fn with_two_lookupds_both_answer_with_the_full_view() -> Result<()> {
     let grpc: Vec<SocketAddr> = lookupds.iter().map(TestLookupd::grpc_address).collect();
     let a = broker_with(&grpc).await?;
     let b = broker_with(&grpc).await?;
-    post(a.http_address(), "/topic/create?topic=shared", b"").await?;
-    post(b.http_address(), "/topic/create?topic=shared", b"").await?;
-    post(
+    http_post_ok(a.http_address(), "/topic/create?topic=shared", b"").await?;
+    http_post_ok(b.http_address(), "/topic/create?topic=shared", b"").await?;
+    http_post_ok(
         a.http_address(),
         "/channel/create?topic=shared&channel=one",
         b"",
     )
     .await?;
-    post(
+    http_post_ok(
         b.http_address(),
         "/channel/create?topic=shared&channel=two",
         b"",
     )
     .await?;
-    post(b.http_address(), "/topic/create?topic=only-b", b"").await?;
+    http_post_ok(b.http_address(), "/topic/create?topic=only-b", b"").await?;
     let both = [producer(a.tcp_address()), producer(b.tcp_address())];
     for l in &lookupds {
         expect_producers(l.http_address(), "shared", &both).await?;
@@ -324,14 +313,14 @@ async fn a_broker_started_later_precreates_the_channels_known_elsewhere() -> Res
     let lookupd = TestLookupd::start(|_| {}).await?;
     let grpc = lookupd.grpc_address();
     let first = broker_with(&[grpc]).await?;
-    post(first.http_address(), "/topic/create?topic=events", b"").await?;
-    post(
+    http_post_ok(first.http_address(), "/topic/create?topic=events", b"").await?;
+    http_post_ok(
         first.http_address(),
         "/channel/create?topic=events&channel=archive",
         b"",
     )
     .await?;
-    post(
+    http_post_ok(
         first.http_address(),
         "/channel/create?topic=events&channel=index",
         b"",
@@ -349,7 +338,7 @@ async fn a_broker_started_later_precreates_the_channels_known_elsewhere() -> Res
     // "events" over TCP; another over HTTP.
     for over_http in [false, true] {
         let later = broker_with(&[grpc]).await?;
-        post(later.http_address(), "/topic/create?topic=mine", b"").await?;
+        http_post_ok(later.http_address(), "/topic/create?topic=mine", b"").await?;
         expect_producers(
             lookupd.http_address(),
             "mine",
@@ -357,7 +346,7 @@ async fn a_broker_started_later_precreates_the_channels_known_elsewhere() -> Res
         )
         .await?;
         if over_http {
-            post(later.http_address(), "/pub?topic=events", b"hello").await?;
+            http_post_ok(later.http_address(), "/pub?topic=events", b"hello").await?;
         } else {
             tcp_publish(later.tcp_address(), "events", b"hello").await?;
         }
@@ -384,13 +373,13 @@ async fn tombstoning_a_topic_hides_the_broker_for_the_tombstone_lifetime() -> Re
     let lookupd = TestLookupd::start(|o| o.tombstone_lifetime = lifetime).await?;
     let grpc = lookupd.grpc_address();
     let (a, b) = (broker_with(&[grpc]).await?, broker_with(&[grpc]).await?);
-    post(a.http_address(), "/topic/create?topic=t", b"").await?;
-    post(b.http_address(), "/topic/create?topic=t", b"").await?;
+    http_post_ok(a.http_address(), "/topic/create?topic=t", b"").await?;
+    http_post_ok(b.http_address(), "/topic/create?topic=t", b"").await?;
     let both = [producer(a.tcp_address()), producer(b.tcp_address())];
     expect_producers(lookupd.http_address(), "t", &both).await?;
 
     let node = format!("127.0.0.1:{}", a.http_address().port());
-    post(
+    http_post_ok(
         lookupd.http_address(),
         &format!("/topic/tombstone?topic=t&node={node}"),
         b"",
@@ -399,7 +388,7 @@ async fn tombstoning_a_topic_hides_the_broker_for_the_tombstone_lifetime() -> Re
     let tombstoned = Instant::now();
     ensure!(lookup_producers(lookupd.http_address(), "t").await? == both[1..]);
     // Still hidden a while later (heartbeats and new channels do not lift it)...
-    post(a.http_address(), "/channel/create?topic=t&channel=c", b"").await?;
+    http_post_ok(a.http_address(), "/channel/create?topic=t&channel=c", b"").await?;
     tokio::time::sleep(lifetime / 2).await;
     ensure!(lookup_producers(lookupd.http_address(), "t").await? == both[1..]);
     // ...and listed again once the tombstone has expired.
@@ -415,7 +404,7 @@ async fn put_config_nsqlookupd_tcp_addresses_moves_the_registration() -> Result<
     let l1 = TestLookupd::start(|_| {}).await?;
     let l2 = TestLookupd::start(|_| {}).await?;
     let broker = broker_with(&[l1.grpc_address()]).await?;
-    post(broker.http_address(), "/topic/create?topic=t", b"").await?;
+    http_post_ok(broker.http_address(), "/topic/create?topic=t", b"").await?;
     let me = [producer(broker.tcp_address())];
     expect_producers(l1.http_address(), "t", &me).await?;
     ensure!(lookup_producers(l2.http_address(), "t").await?.is_empty());
@@ -463,7 +452,7 @@ async fn a_lookupd_down_at_broker_start_is_retried_while_the_broker_serves() -> 
     // A free port, with nothing listening on it yet.
     let grpc = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let broker = broker_with(&[grpc]).await?;
-    post(broker.http_address(), "/pub?topic=early", b"served").await?;
+    http_post_ok(broker.http_address(), "/pub?topic=early", b"served").await?;
     let mut conn = subscriber(broker.tcp_address(), "early", "c").await?;
     ensure!(conn.expect_message().await?.body.as_ref() == b"served");
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -497,7 +486,7 @@ async fn a_frozen_lookupd_holds_up_no_publisher_and_new_topics_for_a_second_at_m
 {
     let lookupd = LookupdProcess::start(&[])?;
     let broker = broker_with(&[lookupd.grpc_address]).await?;
-    post(broker.http_address(), "/topic/create?topic=hot", b"").await?;
+    http_post_ok(broker.http_address(), "/topic/create?topic=hot", b"").await?;
     expect_producers(
         lookupd.http_address,
         "hot",
@@ -518,7 +507,7 @@ async fn a_frozen_lookupd_holds_up_no_publisher_and_new_topics_for_a_second_at_m
             .await?;
             conn.expect_response(b"OK").await?;
         }
-        post(
+        http_post_ok(
             broker.http_address(),
             "/channel/create?topic=hot&channel=new",
             b"",

@@ -32,8 +32,9 @@ pub struct ConfigError {
     after_help = "Flags take nsqd's names and Go's syntax too: -flag=value, -flag value, --flag, --flag=false."
 )]
 pub struct Options {
-    /// Unique id of this broker, in [0,1024): part of every message ID
-    #[arg(long, env = "KNSQ_NODE_ID", default_value_t = default_node_id())]
+    /// Unique id of this broker, in [0,1024): part of every message ID. Also takes a
+    /// StatefulSet pod name (`events-broker-2`), whose trailing ordinal is the id
+    #[arg(long, env = "KNSQ_NODE_ID", default_value_t = default_node_id(), value_parser = parse_node_id)]
     pub node_id: u16,
 
     /// <addr>:<port> to listen on for TCP clients
@@ -244,6 +245,14 @@ impl Options {
         parse_go_command_line(args)
     }
 
+    /// The e2e latency quantiles in nsqd's order, highest first: its flag sorts them so, and
+    /// `/stats` and nsqadmin list them in that order.
+    pub fn e2e_quantiles(&self) -> Vec<f64> {
+        let mut quantiles = self.e2e_processing_latency_percentiles.clone();
+        quantiles.sort_by(|a, b| b.total_cmp(a));
+        quantiles
+    }
+
     /// Checks what a flag's type cannot: ranges and relations between flags.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |flag, reason: String| Err(ConfigError { flag, reason });
@@ -405,9 +414,7 @@ impl Options {
             "sync_every" => json!(self.sync_every),
             "sync_timeout" => ns(self.sync_timeout),
             "sync_publish" => json!(self.sync_publish),
-            "e2e_processing_latency_percentiles" => {
-                json!(self.e2e_processing_latency_percentiles)
-            }
+            "e2e_processing_latency_percentiles" => json!(self.e2e_quantiles()),
             "e2e_processing_latency_window_time" => ns(self.e2e_processing_latency_window_time),
             "log_level" => json!(self.log_level),
             "verbose" => json!(self.verbose),
@@ -420,6 +427,21 @@ fn parse_quantile(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(q) if q > 0.0 && q <= 1.0 => Ok(q),
         _ => Err(format!("{text:?} is not a quantile in (0,1]")),
+    }
+}
+
+/// A node id, or a StatefulSet pod name ending in `-<ordinal>`: the operator passes
+/// `$(POD_NAME)`, which works on every Kubernetes version (the pod-index label needs 1.28).
+fn parse_node_id(text: &str) -> Result<u16, String> {
+    let digits = match text.rsplit_once('-') {
+        Some((name, ordinal)) if !name.is_empty() => ordinal,
+        _ => text,
+    };
+    match digits.parse::<u16>() {
+        Ok(id) if !digits.starts_with('+') => Ok(id),
+        _ => Err(format!(
+            "{text:?} is neither a number nor a pod name ending in -<ordinal>"
+        )),
     }
 }
 
@@ -511,6 +533,28 @@ mod tests {
     }
 
     #[test]
+    fn node_id_from_a_pod_name_ordinal() {
+        assert_eq!(parse(&["--node-id=7"]).unwrap().node_id, 7);
+        assert_eq!(parse(&["--node-id=events-broker-12"]).unwrap().node_id, 12);
+        assert_eq!(parse(&["--node-id=b-0"]).unwrap().node_id, 0);
+        for bad in ["events-broker", "events-broker-", "-3", "x-+3", "broker-2a"] {
+            let err = parse(&[&format!("--node-id={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--node-id"), "{bad}: {err}");
+        }
+        // The ordinal is still a node id: in [0,1024).
+        let err = parse(&["--node-id=events-broker-1024"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value for --node-id: 1024 is not in [0,1024)"
+        );
+    }
+
+    #[test]
     fn accepts_go_flag_syntax() {
         let o = parse(&[
             "-data-path=/tmp/x",
@@ -531,6 +575,12 @@ mod tests {
         assert_eq!(o.msg_timeout, Duration::from_secs(2));
         assert!(o.verbose);
         assert_eq!(o.e2e_processing_latency_percentiles, vec![0.99, 0.5, 1.0]);
+        // Reported highest first, as nsqd's flag sorts them.
+        assert_eq!(o.e2e_quantiles(), vec![1.0, 0.99, 0.5]);
+        assert_eq!(
+            o.config_value("e2e_processing_latency_percentiles"),
+            Some(serde_json::json!([1.0, 0.99, 0.5]))
+        );
         let o = parse(&["--verbose=false"]).unwrap();
         assert!(!o.verbose);
     }

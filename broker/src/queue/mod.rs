@@ -70,7 +70,7 @@ impl QueueSettings {
             mem_queue_size: usize::try_from(o.mem_queue_size).unwrap_or(usize::MAX),
             max_msg_timeout: o.max_msg_timeout,
             max_channel_consumers: usize::try_from(o.max_channel_consumers).unwrap_or(usize::MAX),
-            e2e_quantiles: o.e2e_processing_latency_percentiles.clone(),
+            e2e_quantiles: o.e2e_quantiles(),
             e2e_window: o.e2e_processing_latency_window_time,
             data_path: o.data_path.clone(),
             disk,

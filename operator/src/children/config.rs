@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use super::{Component, child_meta, labels};
+use super::{Component, child_meta, cluster_labels};
 use crate::crd::NSQCluster;
 
 /// One setting: the command-line flag it feeds and the ConfigMap key (and environment variable)
@@ -55,6 +55,18 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                 s.max_deflate_level
                     .map(|v| setting("max-deflate-level", "BROKER_MAX_DEFLATE_LEVEL", v)),
             );
+            if !s.e2e_processing_latency_percentiles.is_empty() {
+                let quantiles: Vec<String> = s
+                    .e2e_processing_latency_percentiles
+                    .iter()
+                    .map(f64::to_string)
+                    .collect();
+                settings.push(setting(
+                    "e2e-processing-latency-percentile",
+                    "BROKER_E2E_PROCESSING_LATENCY_PERCENTILE",
+                    quantiles.join(","),
+                ));
+            }
             if let Some(tls) = &cluster.spec.broker.tls {
                 settings.extend(
                     tls.required
@@ -74,6 +86,7 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
             }
             settings
         }
+        Component::Admin => Vec::new(),
         Component::Lookupd => {
             let s = &cluster.spec.lookupd.settings;
             vec![
@@ -99,15 +112,13 @@ pub(crate) fn config_map_name(cluster: &NSQCluster) -> String {
 
 /// The ConfigMap holding the settings of both components.
 pub fn config_map(cluster: &NSQCluster) -> ConfigMap {
-    let data = Component::ALL
+    let data = Component::STATEFUL
         .into_iter()
         .flat_map(|c| settings(cluster, c))
         .map(|s| (s.key.to_owned(), s.value))
         .collect();
-    let mut labels = labels(cluster, Component::Broker);
-    labels.remove("app.kubernetes.io/component");
     ConfigMap {
-        metadata: child_meta(cluster, config_map_name(cluster), labels),
+        metadata: child_meta(cluster, config_map_name(cluster), cluster_labels(cluster)),
         data: Some(data),
         ..ConfigMap::default()
     }
@@ -118,6 +129,7 @@ pub fn config_checksum(config_map: &ConfigMap, component: Component) -> String {
     let prefix = match component {
         Component::Broker => "BROKER_",
         Component::Lookupd => "LOOKUPD_",
+        Component::Admin => "ADMIN_",
     };
     let empty = BTreeMap::new();
     let mut hasher = Sha256::new();

@@ -1,9 +1,12 @@
 //! Pure builders of the objects an `NSQCluster` owns. Nothing here talks to the API server: each
 //! builder turns the cluster (and the operator's defaults) into the object to server-side apply.
 
+mod admin;
 mod config;
 mod monitor;
 mod pdb;
+mod pod;
+mod rules;
 mod services;
 mod statefulset;
 
@@ -16,12 +19,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde_json::Value;
 
-use crate::crd::NSQCluster;
+use crate::crd::{NSQCluster, PodSettings};
+use crate::validation::Violation;
 
+pub use admin::{ADMIN_IMAGE, AdminChildren, admin_children};
 pub use config::{config_checksum, config_map};
-pub use monitor::{SERVICE_MONITOR_API_VERSION, service_monitor};
+pub use monitor::{MONITORING_API_VERSION, service_monitor};
 pub use pdb::pod_disruption_budget;
+pub use rules::prometheus_rule;
 pub use services::{client_service, headless_service};
+pub(crate) use statefulset::{CLUSTER_TLS_VOLUME, DATA_VOLUME, TLS_VOLUME, reserved_env};
 pub use statefulset::{broker_statefulset, lookupd_statefulset};
 
 /// Pod annotation holding a digest of a component's settings, so a change restarts its pods.
@@ -29,11 +36,12 @@ pub const CHECKSUM_ANNOTATION: &str = "knsq.io/config-checksum";
 /// The value of `app.kubernetes.io/managed-by` on every child.
 pub const MANAGER: &str = "knsq-operator";
 
-/// The two StatefulSets of a cluster.
+/// The workloads of a cluster: two StatefulSets, and nsqadmin's Deployment when asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Component {
     Broker,
     Lookupd,
+    Admin,
 }
 
 /// A named TCP port of a component's container and Services.
@@ -71,21 +79,50 @@ pub const LOOKUPD_HTTP: PortSpec = PortSpec {
     port: 4161,
     app_protocol: "http",
 };
+/// nsqadmin's web UI.
+pub const ADMIN_HTTP: PortSpec = PortSpec {
+    name: "http",
+    port: 4171,
+    app_protocol: "http",
+};
+/// Label telling a component's headless Service from its client Service: the ServiceMonitor
+/// selects the headless ones only, so Prometheus scrapes each pod once, ready or not.
+pub const SERVICE_LABEL: &str = "knsq.io/service";
 
 impl Component {
-    pub const ALL: [Component; 2] = [Component::Lookupd, Component::Broker];
+    /// The StatefulSet components, in the order they are applied.
+    pub const STATEFUL: [Component; 2] = [Component::Lookupd, Component::Broker];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Component::Broker => "broker",
             Component::Lookupd => "lookupd",
+            Component::Admin => "admin",
+        }
+    }
+
+    /// Where the component's settings are in the NSQCluster, for messages naming a field.
+    pub fn spec_path(self) -> &'static str {
+        match self {
+            Component::Broker => "spec.broker",
+            Component::Lookupd => "spec.lookupd",
+            Component::Admin => "spec.admin",
+        }
+    }
+
+    /// The component's pod settings; `None` for nsqadmin when `spec.admin` is unset.
+    pub fn pod_settings(self, cluster: &NSQCluster) -> Option<&PodSettings> {
+        match self {
+            Component::Broker => Some(&cluster.spec.broker.pod),
+            Component::Lookupd => Some(&cluster.spec.lookupd.pod),
+            Component::Admin => cluster.spec.admin.as_ref().map(|a| &a.pod),
         }
     }
 
     /// Every port the component's container listens on.
     pub fn ports(self, cluster: &NSQCluster) -> Vec<PortSpec> {
         match self {
-            Component::Broker => self.client_ports(cluster),
+            Component::Broker | Component::Admin => self.client_ports(cluster),
             Component::Lookupd => vec![lookupd_grpc(cluster), LOOKUPD_HTTP],
         }
     }
@@ -98,10 +135,11 @@ impl Component {
             }
             Component::Broker => vec![BROKER_TCP, BROKER_HTTP],
             Component::Lookupd => vec![LOOKUPD_HTTP],
+            Component::Admin => vec![ADMIN_HTTP],
         }
     }
 
-    /// Name of the component's StatefulSet, ClusterIP Service and PodDisruptionBudget.
+    /// Name of the component's workload, ClusterIP Service and PodDisruptionBudget.
     pub fn name(self, cluster: &NSQCluster) -> String {
         format!("{}-{}", cluster.name_any(), self.as_str())
     }
@@ -161,6 +199,14 @@ pub fn labels(cluster: &NSQCluster, component: Component) -> BTreeMap<String, St
     labels
 }
 
+/// Labels of the children that belong to no one component (ConfigMap, ServiceMonitor,
+/// PrometheusRule).
+pub fn cluster_labels(cluster: &NSQCluster) -> BTreeMap<String, String> {
+    let mut labels = labels(cluster, Component::Broker);
+    labels.remove("app.kubernetes.io/component");
+    labels
+}
+
 /// Metadata of a child: its name, the cluster's namespace, labels and the controller owner
 /// reference that makes the garbage collector delete it with the cluster.
 pub fn child_meta(
@@ -203,30 +249,40 @@ pub struct Children {
     pub service_monitor: Option<Value>,
     /// Name of the ServiceMonitor when the spec turns it off, deleted if it exists.
     pub disabled_service_monitor: Option<String>,
+    /// The PrometheusRule (`monitoring.coreos.com/v1`), when enabled in the spec.
+    pub prometheus_rule: Option<Value>,
+    /// Name of the PrometheusRule when the spec turns it off, deleted if it exists.
+    pub disabled_prometheus_rule: Option<String>,
+    /// nsqadmin's Deployment, Service and Ingress, when `spec.admin` is set.
+    pub admin: AdminChildren,
 }
 
 impl Children {
-    pub fn build(cluster: &NSQCluster, images: &DefaultImages) -> Children {
+    /// Every child of the cluster, or the first field that keeps one from being built (a
+    /// `podTemplate` that merges into no valid pod template).
+    pub fn build(cluster: &NSQCluster, images: &DefaultImages) -> Result<Children, Violation> {
         let config_map = config_map(cluster);
-        let services = Component::ALL
+        let services = Component::STATEFUL
             .into_iter()
             .flat_map(|c| [headless_service(cluster, c), client_service(cluster, c)])
             .collect();
-        let lookupd = lookupd_statefulset(cluster, &images.lookupd, &config_map);
-        let broker = broker_statefulset(cluster, &images.broker, &config_map);
-        let (pdbs, disabled_pdbs) =
-            Component::ALL
-                .into_iter()
-                .fold((Vec::new(), Vec::new()), |(mut on, mut off), c| {
-                    match pod_disruption_budget(cluster, c) {
-                        Some(pdb) => on.push(pdb),
-                        None => off.push(c.name(cluster)),
-                    }
-                    (on, off)
-                });
+        let lookupd = lookupd_statefulset(cluster, &images.lookupd, &config_map)?;
+        let broker = broker_statefulset(cluster, &images.broker, &config_map)?;
+        let (pdbs, disabled_pdbs) = Component::STATEFUL.into_iter().fold(
+            (Vec::new(), Vec::new()),
+            |(mut on, mut off), c| {
+                match pod_disruption_budget(cluster, c) {
+                    Some(pdb) => on.push(pdb),
+                    None => off.push(c.name(cluster)),
+                }
+                (on, off)
+            },
+        );
         let service_monitor = service_monitor(cluster);
         let disabled_service_monitor = service_monitor.is_none().then(|| cluster.name_any());
-        Children {
+        let prometheus_rule = prometheus_rule(cluster);
+        let disabled_prometheus_rule = prometheus_rule.is_none().then(|| cluster.name_any());
+        Ok(Children {
             config_map,
             services,
             lookupd,
@@ -235,7 +291,10 @@ impl Children {
             disabled_pdbs,
             service_monitor,
             disabled_service_monitor,
-        }
+            prometheus_rule,
+            disabled_prometheus_rule,
+            admin: admin_children(cluster)?,
+        })
     }
 }
 
@@ -295,7 +354,7 @@ pub(crate) mod tests {
     #[test]
     fn children_in_apply_order() {
         let c = cluster(NSQClusterSpec::default());
-        let children = Children::build(&c, &images());
+        let children = Children::build(&c, &images()).expect("valid");
         let services: Vec<_> = children.services.iter().map(|s| s.name_any()).collect();
         assert_eq!(
             services,
@@ -318,7 +377,7 @@ pub(crate) mod tests {
         let mut spec = NSQClusterSpec::default();
         spec.broker.pdb.enabled = false;
         spec.metrics.service_monitor.enabled = true;
-        let children = Children::build(&cluster(spec), &images());
+        let children = Children::build(&cluster(spec), &images()).expect("valid");
         assert_eq!(children.pdbs.len(), 1);
         assert_eq!(children.disabled_pdbs, ["events-broker"]);
         assert!(children.service_monitor.is_some());

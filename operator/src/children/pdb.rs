@@ -15,6 +15,7 @@ pub fn pod_disruption_budget(
     let pdb = match component {
         Component::Broker => &cluster.spec.broker.pdb,
         Component::Lookupd => &cluster.spec.lookupd.pdb,
+        Component::Admin => return None,
     };
     pdb.enabled.then(|| PodDisruptionBudget {
         metadata: child_meta(cluster, component.name(cluster), labels(cluster, component)),

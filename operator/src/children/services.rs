@@ -5,7 +5,7 @@
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Component, PortSpec, child_meta, labels, selector_labels};
+use super::{Component, PortSpec, SERVICE_LABEL, child_meta, labels, selector_labels};
 use crate::crd::NSQCluster;
 
 fn service_ports(ports: &[PortSpec]) -> Vec<ServicePort> {
@@ -22,6 +22,16 @@ fn service_ports(ports: &[PortSpec]) -> Vec<ServicePort> {
         .collect()
 }
 
+fn service_labels(
+    cluster: &NSQCluster,
+    component: Component,
+    kind: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let mut labels = labels(cluster, component);
+    labels.insert(SERVICE_LABEL.to_owned(), kind.to_owned());
+    labels
+}
+
 /// The headless Service behind the component's StatefulSet. It publishes pods before they are
 /// ready, so brokers and lookupds can find each other while starting.
 pub fn headless_service(cluster: &NSQCluster, component: Component) -> Service {
@@ -29,7 +39,7 @@ pub fn headless_service(cluster: &NSQCluster, component: Component) -> Service {
         metadata: child_meta(
             cluster,
             component.headless_name(cluster),
-            labels(cluster, component),
+            service_labels(cluster, component, "headless"),
         ),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
@@ -46,7 +56,11 @@ pub fn headless_service(cluster: &NSQCluster, component: Component) -> Service {
 /// the lookupds' HTTP `/lookup`.
 pub fn client_service(cluster: &NSQCluster, component: Component) -> Service {
     Service {
-        metadata: child_meta(cluster, component.name(cluster), labels(cluster, component)),
+        metadata: child_meta(
+            cluster,
+            component.name(cluster),
+            service_labels(cluster, component, "client"),
+        ),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(selector_labels(cluster, component)),

@@ -4,67 +4,35 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource,
-    SecurityContext, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    ConfigMap, ConfigMapKeySelector, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, SecretVolumeSource, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{config_map_name, settings};
-use super::{
-    BROKER_HTTP, BROKER_HTTPS, BROKER_TCP, CHECKSUM_ANNOTATION, Component, LOOKUPD_GRPC,
-    LOOKUPD_HTTP, PortSpec,
-};
+use super::pod::{ProbeTarget, Workload, field_env, non_empty, pod_template};
+use super::{BROKER_HTTP, BROKER_HTTPS, BROKER_TCP, Component, LOOKUPD_GRPC, LOOKUPD_HTTP};
 use super::{child_meta, config_checksum, labels, namespace, selector_labels};
-use crate::crd::{ClientAuthPolicy, NSQCluster, PodSettings};
+use crate::crd::{ClientAuthPolicy, NSQCluster};
+use crate::validation::{STORAGE_SIZE_ANNOTATION, Violation};
 
 /// Where a broker keeps its queues.
 const DATA_PATH: &str = "/data";
-const DATA_VOLUME: &str = "data";
-/// The unprivileged user the images run as.
-const RUN_AS: i64 = 65532;
-/// Label the StatefulSet controller sets on each pod with its ordinal (Kubernetes 1.28+).
-const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+pub(crate) const DATA_VOLUME: &str = "data";
 /// The brokers' client TLS Secret (`spec.broker.tls`).
-const TLS_VOLUME: &str = "tls";
+pub(crate) const TLS_VOLUME: &str = "tls";
 const TLS_PATH: &str = "/etc/knsq/tls";
 /// The broker↔lookupd mutual TLS Secret (`spec.clusterTls`), mounted by both components.
-const CLUSTER_TLS_VOLUME: &str = "cluster-tls";
+pub(crate) const CLUSTER_TLS_VOLUME: &str = "cluster-tls";
 const CLUSTER_TLS_PATH: &str = "/etc/knsq/cluster-tls";
 /// Owner and group (the pods' fsGroup) may read the keys, nobody else.
 const SECRET_MODE: i32 = 0o440;
 
-/// What the kubelet's probes hit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ProbeTarget {
-    /// `GET /ping` on a port.
-    Http(PortSpec),
-    /// `GET /ping` over TLS (the kubelet does not verify the certificate).
-    Https(PortSpec),
-    /// A TCP connect: brokers requiring client certificates refuse the kubelet's HTTPS, since it
-    /// cannot show one.
-    Tcp(PortSpec),
-}
-
-/// What differs between the two components' StatefulSets.
-struct Workload<'a> {
-    component: Component,
+/// What differs between the two StatefulSets besides the pod.
+struct Stateful<'a> {
+    workload: Workload<'a>,
     replicas: i32,
-    pod: &'a PodSettings,
-    default_image: &'a str,
-    /// The component's own flags; the broadcast address and the settings are added to them.
-    args: Vec<String>,
-    /// The component's own environment; `POD_NAME` and the settings are added to it.
-    env: Vec<EnvVar>,
-    http: PortSpec,
-    probe: ProbeTarget,
-    termination_grace_period_seconds: i64,
-    volume_mounts: Vec<VolumeMount>,
-    volumes: Vec<Volume>,
     volume_claim_templates: Vec<PersistentVolumeClaim>,
 }
 
@@ -73,7 +41,7 @@ pub fn lookupd_statefulset(
     cluster: &NSQCluster,
     default_image: &str,
     config_map: &ConfigMap,
-) -> StatefulSet {
+) -> Result<StatefulSet, Violation> {
     let spec = &cluster.spec.lookupd;
     let component = Component::Lookupd;
     let mut args = vec![
@@ -92,41 +60,48 @@ pub fn lookupd_statefulset(
         volume_mounts.push(mount);
         volumes.push(volume);
     }
-    let env = Vec::new();
     statefulset(
         cluster,
         config_map,
-        Workload {
-            component,
+        Stateful {
+            workload: Workload {
+                component,
+                pod: &spec.pod,
+                default_image,
+                command: None,
+                args,
+                env: Vec::new(),
+                ports: component.ports(cluster),
+                probe: ProbeTarget::Http(LOOKUPD_HTTP),
+                metrics_port: Some(LOOKUPD_HTTP),
+                checksum: None,
+                termination_grace_period_seconds: 30,
+                volume_mounts,
+                volumes,
+            },
             replicas: spec.replicas,
-            pod: &spec.pod,
-            default_image,
-            args,
-            env,
-            http: LOOKUPD_HTTP,
-            probe: ProbeTarget::Http(LOOKUPD_HTTP),
-            termination_grace_period_seconds: 30,
-            volume_mounts,
-            volumes,
             volume_claim_templates: Vec::new(),
         },
     )
 }
 
-/// The broker StatefulSet: a node id from the pod ordinal, the stable pod DNS name as broadcast
-/// address, every lookupd pod as a registration target, and data on a claim (or an emptyDir).
+/// The broker StatefulSet: a node id from the pod name's ordinal, the stable pod DNS name as
+/// broadcast address, every lookupd pod as a registration target, and data on a claim (or an
+/// emptyDir).
 pub fn broker_statefulset(
     cluster: &NSQCluster,
     default_image: &str,
     config_map: &ConfigMap,
-) -> StatefulSet {
+) -> Result<StatefulSet, Violation> {
     let spec = &cluster.spec.broker;
     let component = Component::Broker;
+    // The broker takes the ordinal at the end of its pod name as node id: that works on every
+    // Kubernetes version, unlike the pod-index label (1.28+).
     let mut args = vec![
         format!("--tcp-address=0.0.0.0:{}", BROKER_TCP.port),
         format!("--http-address=0.0.0.0:{}", BROKER_HTTP.port),
         format!("--data-path={DATA_PATH}"),
-        "--node-id=$(POD_INDEX)".to_owned(),
+        "--node-id=$(POD_NAME)".to_owned(),
     ];
     args.extend((0..cluster.spec.lookupd.replicas).map(|i| {
         format!(
@@ -135,10 +110,6 @@ pub fn broker_statefulset(
             LOOKUPD_GRPC.port
         )
     }));
-    let env = vec![field_env(
-        "POD_INDEX",
-        &format!("metadata.labels['{POD_INDEX_LABEL}']"),
-    )];
     let mut volume_mounts = vec![VolumeMount {
         name: DATA_VOLUME.to_owned(),
         mount_path: DATA_PATH.to_owned(),
@@ -211,24 +182,50 @@ pub fn broker_statefulset(
         (Vec::new(), vec![claim])
     };
     volumes.extend(tls_volumes);
-    statefulset(
+    let mut sts = statefulset(
         cluster,
         config_map,
-        Workload {
-            component,
+        Stateful {
+            workload: Workload {
+                component,
+                pod: &spec.pod,
+                default_image,
+                command: None,
+                args,
+                env: Vec::new(),
+                ports: component.ports(cluster),
+                probe: broker_probe(cluster),
+                metrics_port: Some(BROKER_HTTP),
+                checksum: None,
+                termination_grace_period_seconds: spec.termination_grace_period_seconds,
+                volume_mounts,
+                volumes,
+            },
             replicas: spec.replicas,
-            pod: &spec.pod,
-            default_image,
-            args,
-            env,
-            http: BROKER_HTTP,
-            probe: broker_probe(cluster),
-            termination_grace_period_seconds: spec.termination_grace_period_seconds,
-            volume_mounts,
-            volumes,
             volume_claim_templates,
         },
-    )
+    )?;
+    if !storage.ephemeral {
+        // The claim template keeps the size the claims were made with; this is what they were
+        // last asked to grow to.
+        sts.metadata.annotations = Some(BTreeMap::from([(
+            STORAGE_SIZE_ANNOTATION.to_owned(),
+            storage.size.0.clone(),
+        )]));
+    }
+    Ok(sts)
+}
+
+/// Names of the pod's volumes, containers and environment variables the operator sets for a
+/// component; the user's must not reuse them.
+pub(crate) fn reserved_env(cluster: &NSQCluster, component: Component) -> Vec<String> {
+    let mut names = vec!["POD_NAME".to_owned()];
+    names.extend(
+        settings(cluster, component)
+            .into_iter()
+            .map(|s| s.key.to_owned()),
+    );
+    names
 }
 
 /// The cluster TLS Secret as both components mount it.
@@ -310,81 +307,12 @@ fn setting_env(cluster: &NSQCluster, component: Component) -> impl Iterator<Item
         })
 }
 
-fn field_env(name: &str, field_path: &str) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: field_path.to_owned(),
-                ..ObjectFieldSelector::default()
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    }
-}
-
-fn ping_probe(target: ProbeTarget, period_seconds: i32, failure_threshold: i32) -> Probe {
-    // The scheme stays unset (HTTP) for plain probes, as before TLS existed.
-    let http_get = |port: PortSpec, scheme: Option<&str>| HTTPGetAction {
-        path: Some("/ping".to_owned()),
-        port: IntOrString::String(port.name.to_owned()),
-        scheme: scheme.map(str::to_owned),
-        ..HTTPGetAction::default()
-    };
-    let (http_get, tcp_socket) = match target {
-        ProbeTarget::Http(port) => (Some(http_get(port, None)), None),
-        ProbeTarget::Https(port) => (Some(http_get(port, Some("HTTPS"))), None),
-        ProbeTarget::Tcp(port) => (
-            None,
-            Some(TCPSocketAction {
-                port: IntOrString::String(port.name.to_owned()),
-                ..TCPSocketAction::default()
-            }),
-        ),
-    };
-    Probe {
-        http_get,
-        tcp_socket,
-        period_seconds: Some(period_seconds),
-        failure_threshold: Some(failure_threshold),
-        timeout_seconds: Some(2),
-        ..Probe::default()
-    }
-}
-
-/// Spread a component's pods over nodes unless the user set their own affinity.
-fn default_affinity(cluster: &NSQCluster, component: Component) -> Affinity {
-    Affinity {
-        pod_anti_affinity: Some(PodAntiAffinity {
-            preferred_during_scheduling_ignored_during_execution: Some(vec![
-                WeightedPodAffinityTerm {
-                    weight: 100,
-                    pod_affinity_term: PodAffinityTerm {
-                        topology_key: "kubernetes.io/hostname".to_owned(),
-                        label_selector: Some(LabelSelector {
-                            match_labels: Some(selector_labels(cluster, component)),
-                            ..LabelSelector::default()
-                        }),
-                        ..PodAffinityTerm::default()
-                    },
-                },
-            ]),
-            ..PodAntiAffinity::default()
-        }),
-        ..Affinity::default()
-    }
-}
-
-fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
-    (!v.is_empty()).then_some(v)
-}
-
-fn non_empty_map(m: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
-    (!m.is_empty()).then_some(m)
-}
-
-fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) -> StatefulSet {
+fn statefulset(
+    cluster: &NSQCluster,
+    config_map: &ConfigMap,
+    s: Stateful<'_>,
+) -> Result<StatefulSet, Violation> {
+    let mut w = s.workload;
     let component = w.component;
     // Each pod announces its stable DNS name, never its IP.
     let mut args = vec![format!(
@@ -392,90 +320,18 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
         component.headless_name(cluster),
         namespace(cluster)
     )];
-    args.extend(w.args);
+    args.append(&mut w.args);
     args.extend(setting_args(cluster, component));
+    w.args = args;
     let mut env = vec![field_env("POD_NAME", "metadata.name")];
-    env.extend(w.env);
+    env.append(&mut w.env);
     env.extend(setting_env(cluster, component));
-    let mut pod_labels = w.pod.pod_metadata.labels.clone();
-    pod_labels.extend(labels(cluster, component));
-    let mut annotations = w.pod.pod_metadata.annotations.clone();
-    annotations.insert(
-        CHECKSUM_ANNOTATION.to_owned(),
-        config_checksum(config_map, component),
-    );
-    annotations.insert("prometheus.io/scrape".to_owned(), "true".to_owned());
-    annotations.insert("prometheus.io/port".to_owned(), w.http.port.to_string());
-    annotations.insert("prometheus.io/path".to_owned(), "/metrics".to_owned());
-
-    let ports = component
-        .ports(cluster)
-        .iter()
-        .map(|p| ContainerPort {
-            name: Some(p.name.to_owned()),
-            container_port: p.port,
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        })
-        .collect();
-    let container = Container {
-        name: component.as_str().to_owned(),
-        image: Some(
-            w.pod
-                .image
-                .clone()
-                .unwrap_or_else(|| w.default_image.to_owned()),
-        ),
-        args: Some(args),
-        env: Some(env),
-        ports: Some(ports),
-        readiness_probe: Some(ping_probe(w.probe, 5, 2)),
-        liveness_probe: Some(ping_probe(w.probe, 10, 6)),
-        resources: w.pod.resources.clone(),
-        volume_mounts: non_empty(w.volume_mounts),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
-        ..Container::default()
-    };
-    let scheduling = &w.pod.scheduling;
-    let pod = PodSpec {
-        containers: vec![container],
-        termination_grace_period_seconds: Some(w.termination_grace_period_seconds),
-        volumes: non_empty(w.volumes),
-        node_selector: non_empty_map(scheduling.node_selector.clone()),
-        tolerations: non_empty(scheduling.tolerations.clone()),
-        affinity: Some(
-            scheduling
-                .affinity
-                .clone()
-                .unwrap_or_else(|| default_affinity(cluster, component)),
-        ),
-        topology_spread_constraints: non_empty(scheduling.topology_spread_constraints.clone()),
-        enable_service_links: Some(false),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS),
-            run_as_group: Some(RUN_AS),
-            fs_group: Some(RUN_AS),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".to_owned(),
-                ..SeccompProfile::default()
-            }),
-            ..PodSecurityContext::default()
-        }),
-        ..PodSpec::default()
-    };
-    StatefulSet {
+    w.env = env;
+    w.checksum = Some(config_checksum(config_map, component));
+    Ok(StatefulSet {
         metadata: child_meta(cluster, component.name(cluster), labels(cluster, component)),
         spec: Some(StatefulSetSpec {
-            replicas: Some(w.replicas),
+            replicas: Some(s.replicas),
             service_name: Some(component.headless_name(cluster)),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(cluster, component)),
@@ -486,32 +342,27 @@ fn statefulset(cluster: &NSQCluster, config_map: &ConfigMap, w: Workload<'_>) ->
                 type_: Some("RollingUpdate".to_owned()),
                 ..StatefulSetUpdateStrategy::default()
             }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(annotations),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(pod),
-            },
-            volume_claim_templates: non_empty(w.volume_claim_templates),
+            template: pod_template(cluster, w)?,
+            volume_claim_templates: non_empty(s.volume_claim_templates),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::children::config_map;
     use crate::children::tests::cluster;
+    use crate::children::{CHECKSUM_ANNOTATION, config_map};
     use crate::crd::{BrokerTlsSpec, ClusterTlsSpec, NSQClusterSpec, TlsRequired, TlsVersion};
+    use k8s_openapi::api::core::v1::{Affinity, Container, PodSpec, Probe};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn build_broker(spec: NSQClusterSpec) -> StatefulSet {
         let c = cluster(spec);
-        broker_statefulset(&c, "knsq/knsq-broker:1.0.0", &config_map(&c))
+        broker_statefulset(&c, "knsq/knsq-broker:1.0.0", &config_map(&c)).expect("valid")
     }
 
     fn pod(sts: &StatefulSet) -> PodSpec {
@@ -546,7 +397,7 @@ mod tests {
                 "--tcp-address=0.0.0.0:4150",
                 "--http-address=0.0.0.0:4151",
                 "--data-path=/data",
-                "--node-id=$(POD_INDEX)",
+                "--node-id=$(POD_NAME)",
                 "--lookupd-grpc-address=events-lookupd-0.events-lookupd-headless.prod.svc:4160",
                 "--lookupd-grpc-address=events-lookupd-1.events-lookupd-headless.prod.svc:4160",
                 "--lookupd-grpc-address=events-lookupd-2.events-lookupd-headless.prod.svc:4160",
@@ -561,15 +412,18 @@ mod tests {
             ]
         );
         let env = container(&sts).env.expect("env");
-        let pod_index = env
+        // The pod name, whose ordinal the broker takes as node id: no pod-index label, which
+        // only Kubernetes 1.28+ sets.
+        let pod_name = env
             .iter()
-            .find(|e| e.name == "POD_INDEX")
+            .find(|e| e.name == "POD_NAME")
             .and_then(|e| e.value_from.clone())
             .and_then(|v| v.field_ref);
         assert_eq!(
-            pod_index.map(|f| f.field_path).as_deref(),
-            Some("metadata.labels['apps.kubernetes.io/pod-index']")
+            pod_name.map(|f| f.field_path).as_deref(),
+            Some("metadata.name")
         );
+        assert!(!env.iter().any(|e| e.name == "POD_INDEX"), "{env:?}");
         let mem = env
             .iter()
             .find(|e| e.name == "BROKER_MEM_QUEUE_SIZE")
@@ -613,6 +467,10 @@ mod tests {
         assert_eq!(
             claim.resources.and_then(|r| r.requests).expect("requests")["storage"],
             Quantity("50Gi".to_owned())
+        );
+        assert_eq!(
+            sts.metadata.annotations.as_ref().expect("annotations")["knsq.io/storage-size"],
+            "50Gi"
         );
         assert_eq!(pod(&sts).volumes, None);
         let mounts = container(&sts).volume_mounts.expect("mounts");
@@ -746,7 +604,8 @@ mod tests {
     #[test]
     fn lookupd_statefulset_args() {
         let c = cluster(NSQClusterSpec::default());
-        let sts = lookupd_statefulset(&c, "knsq/knsq-lookupd:1.0.0", &config_map(&c));
+        let sts =
+            lookupd_statefulset(&c, "knsq/knsq-lookupd:1.0.0", &config_map(&c)).expect("valid");
         assert_eq!(sts.metadata.name.as_deref(), Some("events-lookupd"));
         let s = sts.spec.as_ref().expect("spec");
         assert_eq!(s.replicas, Some(3));
@@ -965,7 +824,8 @@ mod tests {
         // Persistent storage: the Secret is the pod's only volume.
         assert_eq!(pod(&broker).volumes.expect("volumes").len(), 1);
 
-        let lookupd = lookupd_statefulset(&c, "knsq/knsq-lookupd:1.0.0", &config_map(&c));
+        let lookupd =
+            lookupd_statefulset(&c, "knsq/knsq-lookupd:1.0.0", &config_map(&c)).expect("valid");
         assert_eq!(
             container(&lookupd).args.expect("args")[3..6],
             [
@@ -1011,7 +871,7 @@ mod tests {
         };
         let lookupd = |spec: NSQClusterSpec| {
             let c = c(spec);
-            template(&lookupd_statefulset(&c, "l", &config_map(&c)))
+            template(&lookupd_statefulset(&c, "l", &config_map(&c)).expect("valid"))
         };
         let base = NSQClusterSpec::default();
         let with_tls = tls_spec(None, None);
