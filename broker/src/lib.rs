@@ -10,8 +10,6 @@
 //! [`Server`] wraps both for tests and embedding.
 
 pub mod config;
-pub mod pem;
-pub mod signals;
 
 mod auth;
 mod broker;
@@ -25,16 +23,12 @@ mod queue;
 mod stats;
 mod storage;
 mod tcp;
-mod tls;
 
-pub use config::Options;
-pub use http::LogLevelSetter;
-/// nsqd's HTTP API conventions, shared with knsq-lookupd: the `{"message": …}` error, V1
-/// responses with `X-NSQ-Content-Type`, and Go's strict query parsing.
-pub use http::{
-    ApiError, NSQ_CONTENT_TYPE, NSQ_V1, Params, json_response, metrics_response, text_response,
-};
+pub use config::{Config, Options};
+pub use server_kit::process::LogLevelSetter;
 
+use server_kit::listen::{BindError, bind, local_address};
+use server_kit::tls::server::{HttpsListener, https_config};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
@@ -46,13 +40,8 @@ use tokio_util::task::TaskTracker;
 pub enum BrokerError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("cannot listen on --{flag} {address}: {source}")]
-    Bind {
-        flag: &'static str,
-        address: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("cannot use --data-path {path}: {source}")]
     DataPath {
         path: String,
@@ -67,21 +56,6 @@ pub enum BrokerError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// An error and its chain of sources, `: `-separated, each said once (hyper's and tonic's own
-/// texts hide the cause, such as a refused connection).
-pub(crate) fn with_sources(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let said = e.to_string();
-        if !text.contains(&said) {
-            text = format!("{text}: {said}");
-        }
-        source = e.source();
-    }
-    text
-}
-
 /// The broker's listening sockets, bound before it runs (port 0 picks a free port).
 #[derive(Debug)]
 pub struct Listeners {
@@ -92,19 +66,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(options: &Options) -> Result<Listeners, BrokerError> {
-        let bind = |flag: &'static str, address: &str| {
-            let address = address.to_string();
-            async move {
-                TcpListener::bind(&address)
-                    .await
-                    .map_err(|source| BrokerError::Bind {
-                        flag,
-                        address,
-                        source,
-                    })
-            }
-        };
+    pub async fn bind(options: &Options) -> Result<Listeners, BindError> {
         let tcp = bind("tcp-address", &options.tcp_address).await?;
         let http = bind("http-address", &options.http_address).await?;
         let https = if options.tls.serves_https() {
@@ -115,48 +77,47 @@ impl Listeners {
         Ok(Listeners { tcp, http, https })
     }
 
-    pub fn tcp_address(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
+    pub fn tcp_address(&self) -> Result<SocketAddr, BindError> {
+        local_address(&self.tcp, "tcp-address")
     }
 
-    pub fn http_address(&self) -> std::io::Result<SocketAddr> {
-        self.http.local_addr()
+    pub fn http_address(&self) -> Result<SocketAddr, BindError> {
+        local_address(&self.http, "http-address")
     }
 
     /// The HTTPS address, when TLS is on and `--https-address` is not empty.
-    pub fn https_address(&self) -> std::io::Result<Option<SocketAddr>> {
-        self.https.as_ref().map(TcpListener::local_addr).transpose()
+    pub fn https_address(&self) -> Result<Option<SocketAddr>, BindError> {
+        let https = self.https.as_ref();
+        https.map(|l| local_address(l, "https-address")).transpose()
     }
 }
 
 /// Runs the broker until `shutdown` is cancelled, then closes every connection and waits
 /// for them, at most `--shutdown-timeout`.
 pub async fn run(
-    options: Options,
+    config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
     set_log_level: Option<LogLevelSetter>,
 ) -> Result<(), BrokerError> {
-    options.validate()?;
+    let Config {
+        options,
+        client_tls,
+        lookupd_tls,
+        auth,
+    } = config;
     let data_error = |source| BrokerError::DataPath {
         path: options.data_path.display().to_string(),
         source,
     };
     std::fs::create_dir_all(&options.data_path).map_err(data_error)?;
     let _lock = persist::DataDirLock::acquire(&options.data_path)?;
-    let local = |l: &TcpListener, flag| {
-        l.local_addr().map_err(|source| BrokerError::Bind {
-            flag,
-            address: String::new(),
-            source,
-        })
-    };
-    let tcp_address = local(&listeners.tcp, "tcp-address")?;
-    let http_address = local(&listeners.http, "http-address")?;
+    let tcp_address = listeners.tcp_address()?;
+    let http_address = listeners.http_address()?;
     // A listener bound for HTTPS is served only when the options still say so.
     let https_listener = listeners.https.filter(|_| options.tls.serves_https());
     let https_address = match &https_listener {
-        Some(l) => Some(local(l, "https-address")?),
+        Some(l) => Some(local_address(l, "https-address")?),
         None => None,
     };
 
@@ -182,12 +143,12 @@ pub async fn run(
     metrics.register(lookup_metrics.collectors())?;
     let lookup = lookup::Lookup::new(
         options.lookupd_grpc_addresses.clone(),
+        lookupd_tls,
         options.lookupd_heartbeat_interval,
         lookup_metrics,
         shutdown.clone(),
     );
-    let auth = auth::AuthServers::from_options(&options)?;
-    let client_tls = tls::server_config(&options.tls)?;
+    let auth = auth.as_ref().map(auth::AuthServers::new);
     let state = Arc::new(broker::Broker::new(
         options,
         auth,
@@ -232,7 +193,7 @@ pub async fn run(
     // listener, `--tls-required=true` answers plain HTTP with `https_port: 0`.
     let https = match (https_listener, https_address, &state.tls) {
         (Some(listener), Some(address), Some(tls)) => {
-            let listener = http::TlsListener::new(listener, address, http::https_config(tls));
+            let listener = HttpsListener::new(listener, address, https_config(tls));
             Some(tokio::spawn(http::serve_https(
                 listener,
                 app.clone(),
@@ -319,24 +280,13 @@ pub struct Server {
 impl Server {
     /// Binds the configured addresses and starts serving.
     pub async fn start(options: Options) -> Result<Server, BrokerError> {
-        options.validate()?;
+        let config = options.validate()?;
         let listeners = Listeners::bind(&options).await?;
-        let bind_error = |flag| {
-            move |source| BrokerError::Bind {
-                flag,
-                address: String::new(),
-                source,
-            }
-        };
-        let tcp_address = listeners.tcp_address().map_err(bind_error("tcp-address"))?;
-        let http_address = listeners
-            .http_address()
-            .map_err(bind_error("http-address"))?;
-        let https_address = listeners
-            .https_address()
-            .map_err(bind_error("https-address"))?;
+        let tcp_address = listeners.tcp_address()?;
+        let http_address = listeners.http_address()?;
+        let https_address = listeners.https_address()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(options, listeners, shutdown.clone(), None));
+        let task = tokio::spawn(run(config, listeners, shutdown.clone(), None));
         Ok(Server {
             tcp_address,
             http_address,

@@ -1,8 +1,6 @@
 //! `/ping`, `/info`, `/stats`, `/config/:opt` and `/metrics`.
 
 use super::AppState;
-use super::error::{ApiError, json_response, metrics_response, text_response};
-use super::params::Params;
 use super::stats_text::render_stats;
 use crate::config::NSQ_COMPAT_VERSION;
 use axum::body::{Body, to_bytes};
@@ -10,6 +8,8 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use server_kit::http::Params;
+use server_kit::http::{ApiError, json_response, metrics_response, text_response};
 
 /// `OK`, or 500 `NOK - <reason>` while disk writes fail, as nsqd.
 pub(super) async fn ping(State(s): State<AppState>) -> Response {

@@ -2,7 +2,7 @@
 
 use super::outbox::Outbox;
 use crate::stats::{ClientStats, PubCount};
-use crate::tls::TlsSummary;
+use server_kit::tls::server::TlsSummary;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};

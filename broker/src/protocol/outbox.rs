@@ -12,11 +12,11 @@
 //! connection's writer task instead of doing it while they hold their own lock.
 
 use super::transport::Layers;
-use crate::tls::TlsSummary;
 use bytes::{Buf, BytesMut};
 use proto::wire::compression::Compressor;
 use proto::wire::frame::write_response;
 use rustls::ServerConnection;
+use server_kit::tls::server::TlsSummary;
 use std::io::ErrorKind;
 use std::net::Shutdown;
 use std::sync::{Mutex, MutexGuard};
