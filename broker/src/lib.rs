@@ -126,43 +126,29 @@ pub async fn run(
         server_metrics.healthy.clone(),
         server_metrics.disk_write_errors.clone(),
     );
-    let disk = storage::DiskQueueOptions {
-        max_bytes_per_file: options.max_bytes_per_file,
-        sync_every: options.sync_every,
-        max_msg_size: options.max_msg_size,
-        faults: storage::FaultSwitch::default(),
-    };
-    let settings = queue::QueueSettings::new(
-        &options,
-        disk,
-        health,
-        server_metrics.corrupt_segments.clone(),
-    );
+    let settings =
+        queue::QueueSettings::new(&options, health, server_metrics.corrupt_segments.clone());
     // Lookupd registrations (issue 4): started once the topics are restored.
     let lookup_metrics = lookup::LookupMetrics::new()?;
     metrics.register(lookup_metrics.collectors())?;
-    let lookup = lookup::Lookup::new(
+    let lookup = Arc::new(lookup::Lookup::new(
         options.lookupd_grpc_addresses.clone(),
         lookupd_tls,
         options.lookupd_heartbeat_interval,
         lookup_metrics,
         shutdown.clone(),
-    );
-    let auth = auth.as_ref().map(auth::AuthServers::new);
+    ));
     let state = Arc::new(broker::Broker::new(
         options,
-        auth,
-        client_tls,
         settings,
         tcp_address,
         http_address,
-        server_metrics,
-        lookup,
+        lookup.clone(),
     ));
     metrics.register_queues(Arc::downgrade(&state))?;
     state.restore()?;
     state.save_metadata();
-    state.lookup.start(&state);
+    lookup.start(&state);
     let syncer = tokio::spawn(sync_disks(state.clone(), shutdown.clone()));
     tracing::info!(
         node_id = state.options.node_id,
@@ -175,15 +161,28 @@ pub async fn run(
         tracing::info!("HTTPS: listening on {address}");
     }
 
+    let clients = Arc::new(protocol::Clients::default());
+    let protocol = Arc::new(protocol::Shared {
+        broker: state.clone(),
+        clients: clients.clone(),
+        auth: auth.as_ref().map(auth::AuthServers::new),
+        tls_required: client_tls.is_some()
+            && state.options.tls.required() != config::TlsRequired::No,
+        tls: client_tls.clone(),
+        metrics: server_metrics.connections.clone(),
+    });
     let connections = TaskTracker::new();
     let tcp = tokio::spawn(tcp::serve(
         listeners.tcp,
-        state.clone(),
+        protocol,
+        state.options.max_connections,
         shutdown.clone(),
         connections.clone(),
     ));
     let app = http::AppState {
         broker: state.clone(),
+        clients: clients.clone(),
+        lookup: lookup.clone(),
         metrics: Arc::new(metrics),
         log_level: Arc::new(Mutex::new(state.options.log_level.clone())),
         set_log_level,
@@ -191,7 +190,7 @@ pub async fn run(
     // HTTPS serves the API with the TCP clients' TLS config, so the same client
     // certificates are asked for; it needs listeners bound with TLS on. Without an HTTPS
     // listener, `--tls-required=true` answers plain HTTP with `https_port: 0`.
-    let https = match (https_listener, https_address, &state.tls) {
+    let https = match (https_listener, https_address, &client_tls) {
         (Some(listener), Some(address), Some(tls)) => {
             let listener = HttpsListener::new(listener, address, https_config(tls));
             Some(tokio::spawn(http::serve_https(
@@ -213,7 +212,7 @@ pub async fn run(
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing listeners and client connections");
-    state.close_clients();
+    clients.close_all();
     connections.close();
     let grace = state.options.shutdown_timeout;
     let drained = tokio::time::timeout(grace, async {
@@ -233,7 +232,7 @@ pub async fn run(
     }
     let _ = syncer.await;
     // The registration streams end, so lookupds drop this broker at once.
-    state.lookup.stopped(grace).await;
+    lookup.stopped(grace).await;
     // Messages in memory, in flight and deferred go to disk; nothing acknowledged is lost.
     let persisting = state.clone();
     tokio::task::spawn_blocking(move || persisting.persist()).await?;

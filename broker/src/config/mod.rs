@@ -193,6 +193,11 @@ pub struct Options {
     #[arg(long, env = "KNSQ_MAX_CHANNEL_CONSUMERS", default_value_t = 0)]
     pub max_channel_consumers: u64,
 
+    /// knsq only: most NSQ TCP connections open at once; a client past it is told
+    /// E_INVALID and closed
+    #[arg(long, env = "KNSQ_MAX_CONNECTIONS", default_value_t = 65536)]
+    pub max_connections: usize,
+
     /// Size at which a disk queue starts a new segment file, in bytes
     #[arg(long, env = "KNSQ_MAX_BYTES_PER_FILE", default_value_t = 104857600)]
     pub max_bytes_per_file: u64,
@@ -274,6 +279,9 @@ impl Options {
         }
         if self.max_bytes_per_file < 1024 {
             return fail("max-bytes-per-file", "must be at least 1024".into());
+        }
+        if self.max_connections == 0 {
+            return fail("max-connections", "must be at least 1".into());
         }
         if self.max_rdy_count == 0 {
             return fail("max-rdy-count", "must be at least 1".into());

@@ -10,7 +10,9 @@ mod publish;
 mod stats_text;
 
 use crate::broker::Broker;
+use crate::lookup::Lookup;
 use crate::metrics::Metrics;
+use crate::protocol::Clients;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -26,6 +28,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) broker: Arc<Broker>,
+    /// The TCP clients, for `/stats`.
+    pub(crate) clients: Arc<Clients>,
+    /// The lookupd registrations, whose addresses `/config` shows and changes.
+    pub(crate) lookup: Arc<Lookup>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) log_level: Arc<Mutex<String>>,
     pub(crate) set_log_level: Option<LogLevelSetter>,

@@ -87,6 +87,7 @@ pub(super) async fn stats(
         nonempty("channel"),
         bool_param(&params, "include_clients", true),
         bool_param(&params, "include_mem", true),
+        |topic| s.clients.producers(topic),
     );
     if params.get("format") == Some("json") {
         return Ok(to_json(&stats));
@@ -112,7 +113,7 @@ fn config_value(s: &AppState, opt: &str) -> Result<Response, ApiError> {
     }
     if opt == "nsqlookupd_tcp_addresses" {
         // Changeable at runtime: the lookupd registrations hold the current list.
-        return Ok(to_json(&s.broker.lookup.addresses()));
+        return Ok(to_json(&s.lookup.addresses()));
     }
     s.broker
         .options
@@ -150,7 +151,7 @@ pub(super) async fn put_config(
             // A JSON array of strings, as nsqd decodes into its option; `null` empties it.
             let addresses: Option<Vec<String>> = serde_json::from_slice(&body)
                 .map_err(|_| ApiError::bad_request("INVALID_VALUE"))?;
-            s.broker.lookup.set_addresses(addresses.unwrap_or_default());
+            s.lookup.set_addresses(addresses.unwrap_or_default());
         }
         _ => return Err(ApiError::bad_request("INVALID_OPTION")),
     }

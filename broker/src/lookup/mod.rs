@@ -25,9 +25,7 @@ mod backoff;
 mod peer;
 mod sync;
 
-pub(crate) use sync::Registrations;
-
-use crate::broker::Broker;
+use crate::broker::{Broker, Cluster};
 use prometheus::core::Collector;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use proto::cluster::v1::TopicChannelsRequest;
@@ -273,6 +271,23 @@ impl Lookup {
         {
             tracing::warn!("lookupd registrations did not end in time");
         }
+    }
+}
+
+impl Cluster for Lookup {
+    fn topic_changed(&self, topic: &str) {
+        self.changed(topic);
+    }
+
+    fn knows_channels(&self) -> bool {
+        self.any_registered()
+    }
+
+    fn topic_channels<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<String>> + Send + 'a>> {
+        Box::pin(Lookup::topic_channels(self, topic))
     }
 }
 

@@ -6,9 +6,11 @@
 //! up to `--mem-queue-size` messages in memory and the rest in its disk queue; whenever the
 //! disk queue holds anything, new messages go behind it, so a queue stays first in, first out.
 //! Ephemeral topics and channels have no disk queue and drop what does not fit, as in nsqd.
+//! Consumers are known only through the [`Consumer`] handle defined here.
 
 mod channel;
 mod commits;
+mod consumer;
 mod deferred;
 pub(crate) mod e2e;
 mod guid;
@@ -18,10 +20,11 @@ mod topic;
 
 pub(crate) use channel::{Channel, SubscribeError};
 pub(crate) use commits::Commits;
+pub(crate) use consumer::{Consumer, ConsumerCounters, Subscriber};
 pub(crate) use topic::{PublishError, Topic};
 
 use crate::health::Health;
-use crate::storage::{DiskQueue, DiskQueueOptions, DiskRecord, StorageError};
+use crate::storage::{DiskQueue, DiskQueueOptions, DiskRecord, FaultSwitch, StorageError};
 use prometheus::IntCounter;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,10 +54,15 @@ pub(crate) struct QueueSettings {
 impl QueueSettings {
     pub(crate) fn new(
         o: &crate::config::Options,
-        disk: DiskQueueOptions,
         health: Health,
         corrupt_segments: IntCounter,
     ) -> Self {
+        let disk = DiskQueueOptions {
+            max_bytes_per_file: o.max_bytes_per_file,
+            sync_every: o.sync_every,
+            max_msg_size: o.max_msg_size,
+            faults: FaultSwitch::default(),
+        };
         QueueSettings {
             node_id: o.node_id,
             mem_queue_size: usize::try_from(o.mem_queue_size).unwrap_or(usize::MAX),

@@ -8,13 +8,13 @@ mod https;
 pub use https::HttpsConnector;
 
 use super::crypto_provider;
-#[cfg(feature = "grpc")]
+#[cfg(feature = "grpc-client")]
 use rustls::pki_types::TrustAnchor;
 use rustls::{ClientConfig, RootCertStore, SupportedProtocolVersion};
 use std::sync::Arc;
 
 /// What a TLS connection to a gRPC server needs.
-#[cfg(feature = "grpc")]
+#[cfg(feature = "grpc-client")]
 #[derive(Debug, Clone)]
 pub struct GrpcClientTls {
     /// The certificate authorities servers' certificates must chain to.
@@ -24,7 +24,7 @@ pub struct GrpcClientTls {
     server_name: Option<String>,
 }
 
-#[cfg(feature = "grpc")]
+#[cfg(feature = "grpc-client")]
 impl GrpcClientTls {
     /// `identity`: the client certificate for mutual TLS; `server_name`: the name checked in
     /// servers' certificates instead of the host each is reached by.

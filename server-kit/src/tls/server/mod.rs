@@ -71,12 +71,12 @@ pub fn config(
 
 /// A connection that has not finished its gRPC handshake by then is closed, so a client that
 /// stalls in the handshake holds nothing for long.
-#[cfg(feature = "grpc")]
+#[cfg(feature = "grpc-server")]
 const GRPC_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The config of a gRPC (tonic) listener showing `identity`; with `client_ca`, clients must
 /// show a certificate those authorities signed (mutual TLS).
-#[cfg(feature = "grpc")]
+#[cfg(feature = "grpc-server")]
 pub fn grpc_config(
     identity: Identity,
     client_ca: Option<super::Roots>,
