@@ -98,7 +98,12 @@ impl Broker {
         let healthy =
             prometheus::IntGauge::new("healthy", "test").unwrap_or_else(|e| panic!("{e}"));
         let health = crate::health::Health::new(healthy, counter("write_errors"));
-        let settings = QueueSettings::new(&options, health, counter("corrupt"));
+        let damage = crate::queue::DamageCounters {
+            records: counter("damaged_records"),
+            bytes: counter("damaged_bytes"),
+        };
+        let disk = crate::storage::DiskQueueOptions::default();
+        let settings = QueueSettings::new(&options, disk, health, damage);
         let address = SocketAddr::from(([127, 0, 0, 1], 0));
         Broker::new(options, settings, address, address, Arc::new(Alone))
     }
@@ -357,9 +362,14 @@ impl Broker {
     /// Fsyncs every disk queue that changed; false when any fsync failed. `full` also stores
     /// read positions and deletes consumed segments (see `QueueSettings::sync`).
     pub(crate) fn sync_disks(&self, full: bool) -> bool {
+        let passes = &self.settings.disk.passes;
+        let pass = passes.begin();
         let mut ok = true;
         for topic in self.topics() {
             ok &= topic.sync(full);
+        }
+        if ok {
+            passes.completed_ok(pass);
         }
         ok
     }

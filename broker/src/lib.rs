@@ -27,7 +27,7 @@ mod tcp;
 pub use config::{Config, Options};
 pub use server_kit::process::LogLevelSetter;
 
-use server_kit::listen::{BindError, bind, local_address};
+use server_kit::listen::{BindError, bind, local_address, raise_fd_limit, reserved_fds};
 use server_kit::tls::server::{HttpsListener, https_config};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -121,13 +121,28 @@ pub async fn run(
         None => None,
     };
 
+    let fd_limit = raise_fd_limit();
+    let http_limits = http_limits(&options, fd_limit);
+    let tcp_limit = tcp_connections(&options, fd_limit);
+    tracing::debug!(
+        ?fd_limit,
+        ?http_limits,
+        tcp_limit,
+        "file descriptors and connection limits"
+    );
     let (metrics, server_metrics) = metrics::Metrics::new()?;
     let health = health::Health::new(
         server_metrics.healthy.clone(),
         server_metrics.disk_write_errors.clone(),
     );
-    let settings =
-        queue::QueueSettings::new(&options, health, server_metrics.corrupt_segments.clone());
+    let disk = storage::DiskQueueOptions {
+        max_bytes_per_file: options.max_bytes_per_file,
+        sync_every: options.sync_every,
+        max_msg_size: options.max_msg_size,
+        faults: storage::FaultSwitch::default(),
+        passes: Arc::default(),
+    };
+    let settings = queue::QueueSettings::new(&options, disk, health, server_metrics.damage.clone());
     // Lookupd registrations (issue 4): started once the topics are restored.
     let lookup_metrics = lookup::LookupMetrics::new()?;
     metrics.register(lookup_metrics.collectors())?;
@@ -175,7 +190,7 @@ pub async fn run(
     let tcp = tokio::spawn(tcp::serve(
         listeners.tcp,
         protocol,
-        state.options.max_connections,
+        tcp_limit,
         shutdown.clone(),
         connections.clone(),
     ));
@@ -196,6 +211,7 @@ pub async fn run(
             Some(tokio::spawn(http::serve_https(
                 listener,
                 app.clone(),
+                http_limits,
                 shutdown.clone(),
             )))
         }
@@ -208,7 +224,13 @@ pub async fn run(
         },
         config::TlsRequired::No | config::TlsRequired::TcpOnly => http::PlainHttp::Api,
     };
-    let http = tokio::spawn(http::serve(listeners.http, app, plain, shutdown.clone()));
+    let http = tokio::spawn(http::serve(
+        listeners.http,
+        app,
+        plain,
+        http_limits,
+        shutdown.clone(),
+    ));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing listeners and client connections");
@@ -238,6 +260,29 @@ pub async fn run(
     tokio::task::spawn_blocking(move || persisting.persist()).await?;
     tracing::info!("knsq-broker stopped");
     Ok(())
+}
+
+/// The HTTP limits from the flags, with connections capped by the file descriptor limit: HTTP
+/// and HTTPS get a quarter of what is left after the broker's own reserve.
+fn http_limits(o: &Options, fd_limit: Option<u64>) -> http::HttpLimits {
+    let by_fds = fd_limit.map_or(u64::MAX, |limit| {
+        (limit.saturating_sub(reserved_fds(limit)) / 4).max(1)
+    });
+    http::HttpLimits {
+        header_timeout: o.http_header_timeout,
+        max_header_bytes: usize::try_from(o.http_max_header_bytes).unwrap_or(usize::MAX),
+        max_connections: usize::try_from(o.http_max_connections.min(by_fds)).unwrap_or(usize::MAX),
+    }
+}
+
+/// The most NSQ TCP connections at once: `--max-connections`, capped by the file descriptor
+/// limit (half of what is left after the broker's own reserve; HTTP and HTTPS get a quarter
+/// each), so clients past it are told why instead of the accept failing.
+fn tcp_connections(o: &Options, fd_limit: Option<u64>) -> usize {
+    let by_fds = fd_limit.map_or(u64::MAX, |limit| {
+        (limit.saturating_sub(reserved_fds(limit)) / 2).max(1)
+    });
+    usize::try_from(by_fds).map_or(o.max_connections, |by_fds| by_fds.min(o.max_connections))
 }
 
 /// Fsyncs changed disk queues every `--sync-timeout`, sooner when one has done `--sync-every`

@@ -32,7 +32,7 @@ pub(crate) struct ServerMetrics {
     /// 1 while disk writes succeed, 0 after one failed (nsqd's health).
     pub(crate) healthy: IntGauge,
     pub(crate) disk_write_errors: IntCounter,
-    pub(crate) corrupt_segments: IntCounter,
+    pub(crate) damage: crate::queue::DamageCounters,
 }
 
 impl Metrics {
@@ -58,17 +58,24 @@ impl Metrics {
                 "knsq_disk_write_errors_total",
                 "Failed writes and fsyncs of disk queues and metadata",
             )?,
-            corrupt_segments: IntCounter::new(
-                "knsq_disk_corrupt_segments_total",
-                "Disk queue segments found corrupt, skipped and moved aside as .bad",
-            )?,
+            damage: crate::queue::DamageCounters {
+                records: IntCounter::new(
+                    "knsq_disk_damaged_records_total",
+                    "Damaged disk queue records stepped over and set aside as .bad files",
+                )?,
+                bytes: IntCounter::new(
+                    "knsq_disk_damaged_bytes_total",
+                    "Bytes of damaged disk queue records stepped over and set aside",
+                )?,
+            },
         };
         registry.register(Box::new(server.connections.open.clone()))?;
         registry.register(Box::new(server.connections.accepted.clone()))?;
         registry.register(Box::new(server.connections.refused.clone()))?;
         registry.register(Box::new(server.healthy.clone()))?;
         registry.register(Box::new(server.disk_write_errors.clone()))?;
-        registry.register(Box::new(server.corrupt_segments.clone()))?;
+        registry.register(Box::new(server.damage.records.clone()))?;
+        registry.register(Box::new(server.damage.bytes.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new(
                 "knsq_build_info",

@@ -14,6 +14,10 @@ pub(crate) struct NodeStats {
     pub(crate) producers: Option<Vec<ClientStats>>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct TopicStats {
     pub(crate) topic_name: String,
@@ -24,6 +28,12 @@ pub(crate) struct TopicStats {
     pub(crate) message_bytes: u64,
     pub(crate) paused: bool,
     pub(crate) e2e_processing_latency: E2eStats,
+    /// knsq only, and only once there was any: records and bytes of the topic's disk queue
+    /// lost to damage.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) disk_damaged_records: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) disk_damaged_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,6 +50,12 @@ pub(crate) struct ChannelStats {
     pub(crate) clients: Option<Vec<ClientStats>>,
     pub(crate) paused: bool,
     pub(crate) e2e_processing_latency: E2eStats,
+    /// knsq only, and only once there was any: records and bytes of the channel's disk queue
+    /// lost to damage.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) disk_damaged_records: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) disk_damaged_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

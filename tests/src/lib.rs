@@ -3,6 +3,7 @@
 //! connection ([`NsqConn`]) for byte-level protocol tests.
 
 pub mod certs;
+pub mod crash;
 pub mod lookupd;
 mod process;
 pub mod transport;

@@ -36,7 +36,7 @@ async fn connections_past_the_cap_are_refused_politely_and_counted() -> Result<(
 
     let mut third = broker.connect().await?;
     third
-        .expect_error("E_INVALID too many connections (--max-connections 2)")
+        .expect_error("E_INVALID too many connections (at most 2)")
         .await?;
     third.expect_closed().await?;
     assert_eq!(

@@ -233,6 +233,24 @@ pub struct Options {
     #[arg(long, env = "KNSQ_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_go_duration)]
     pub shutdown_timeout: Duration,
 
+    /// knsq only: time an HTTP client has to send a request's headers, counted from the
+    /// connection being opened or going idle (so also the keep-alive idle timeout)
+    #[arg(long, env = "KNSQ_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
+    pub http_header_timeout: Duration,
+
+    /// knsq only: time an HTTP client has to send a /pub or /mpub body
+    #[arg(long, env = "KNSQ_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_go_duration)]
+    pub http_body_timeout: Duration,
+
+    /// knsq only: largest HTTP request line and headers, in bytes (at least 8192)
+    #[arg(long, env = "KNSQ_HTTP_MAX_HEADER_BYTES", default_value_t = 65536)]
+    pub http_max_header_bytes: u64,
+
+    /// knsq only: HTTP and HTTPS connections open at once, each; at the limit the longest-idle
+    /// one is closed to make room (also capped by the file descriptor limit)
+    #[arg(long, env = "KNSQ_HTTP_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub http_max_connections: u64,
+
     /// Deprecated in nsqd (use --log-level=debug); accepted and ignored
     #[arg(long, env = "KNSQ_VERBOSE", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
@@ -285,6 +303,18 @@ impl Options {
         }
         if self.max_rdy_count == 0 {
             return fail("max-rdy-count", "must be at least 1".into());
+        }
+        if self.http_header_timeout.is_zero() {
+            return fail("http-header-timeout", "must be longer than 0s".into());
+        }
+        if self.http_body_timeout.is_zero() {
+            return fail("http-body-timeout", "must be longer than 0s".into());
+        }
+        if self.http_max_header_bytes < 8192 {
+            return fail("http-max-header-bytes", "must be at least 8192".into());
+        }
+        if self.http_max_connections == 0 {
+            return fail("http-max-connections", "must be at least 1".into());
         }
         if self.msg_timeout < Duration::from_millis(1) {
             return fail("msg-timeout", "must be at least 1ms".into());

@@ -7,7 +7,10 @@
 mod admin;
 mod node;
 mod publish;
+mod server;
 mod stats_text;
+
+pub(crate) use server::HttpLimits;
 
 use crate::broker::Broker;
 use crate::lookup::Lookup;
@@ -16,11 +19,9 @@ use crate::protocol::Clients;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::serve::Listener;
 use server_kit::http::{ApiError, json_response};
 use server_kit::process::LogLevelSetter;
 use server_kit::tls::server::HttpsListener;
-use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -90,32 +91,24 @@ pub(crate) async fn serve(
     listener: TcpListener,
     state: AppState,
     plain: PlainHttp,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = match plain {
         PlainHttp::Api => router(state),
         PlainHttp::TlsRequired { https_port } => refuse_plain_http(https_port),
     };
-    serve_on(listener, app, shutdown).await
+    server::serve(server::PlainListener::new(listener), app, limits, shutdown).await
 }
 
 /// Serves the API over HTTPS until `shutdown`.
 pub(crate) async fn serve_https(
     listener: HttpsListener,
     state: AppState,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_on(listener, router(state), shutdown).await
-}
-
-async fn serve_on<L>(listener: L, app: Router, shutdown: CancellationToken) -> std::io::Result<()>
-where
-    L: Listener,
-    L::Addr: Debug,
-{
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    server::serve(listener, router(state), limits, shutdown).await
 }
 
 #[cfg(test)]

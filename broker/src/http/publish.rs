@@ -14,8 +14,12 @@ use std::time::Duration;
 const MSG_TOO_BIG: ApiError = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "MSG_TOO_BIG");
 const BODY_TOO_BIG: ApiError = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "BODY_TOO_BIG");
 
-/// Reads a body of at most `limit` bytes; a declared or actual larger one is `too_big`.
+const BODY_TIMEOUT: ApiError = ApiError::new(StatusCode::REQUEST_TIMEOUT, "BODY_TIMEOUT");
+
+/// Reads a body of at most `limit` bytes within `--http-body-timeout`; a declared or actual
+/// larger one is `too_big`, a slower one 408 `BODY_TIMEOUT`.
 async fn read_body(
+    s: &AppState,
     headers: &HeaderMap,
     body: Body,
     limit: u64,
@@ -28,7 +32,11 @@ async fn read_body(
         return Err(too_big);
     }
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    axum::body::to_bytes(body, limit).await.map_err(|_| too_big)
+    let timeout = s.broker.options.http_body_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(read) => read.map_err(|_| too_big),
+        Err(_) => Err(BODY_TIMEOUT),
+    }
 }
 
 /// The `topic` parameter, validated as for publishing.
@@ -60,7 +68,7 @@ pub(super) async fn publish(
     body: Body,
 ) -> Result<Response, ApiError> {
     let o = &s.broker.options;
-    let body = read_body(&headers, body, o.max_msg_size, MSG_TOO_BIG).await?;
+    let body = read_body(&s, &headers, body, o.max_msg_size, MSG_TOO_BIG).await?;
     if body.is_empty() {
         return Err(ApiError::bad_request("MSG_EMPTY"));
     }
@@ -100,7 +108,7 @@ pub(super) async fn multi_publish(
     }
     let params = Params::parse(query.as_deref())?;
     let topic = topic_param(&params)?;
-    let body = read_body(&headers, body, o.max_body_size, BODY_TOO_BIG).await?;
+    let body = read_body(&s, &headers, body, o.max_body_size, BODY_TOO_BIG).await?;
     // nsqd 1.3: `binary` of false/0 means text; any other value, or none given, as below.
     let binary = match params.get("binary") {
         None | Some("false") | Some("0") => false,

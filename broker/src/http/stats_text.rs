@@ -53,6 +53,7 @@ pub(super) fn render_stats(stats: &NodeStats) -> String {
             t.message_count,
             e2e(&t.e2e_processing_latency)
         );
+        damage_line(&mut w, "   ", t.disk_damaged_records, t.disk_damaged_bytes);
         for c in &t.channels {
             let _ = writeln!(
                 w,
@@ -67,6 +68,12 @@ pub(super) fn render_stats(stats: &NodeStats) -> String {
                 c.timeout_count,
                 c.message_count,
                 e2e(&c.e2e_processing_latency)
+            );
+            damage_line(
+                &mut w,
+                "      ",
+                c.disk_damaged_records,
+                c.disk_damaged_bytes,
             );
             for client in c.clients.as_deref().unwrap_or_default() {
                 let _ = writeln!(w, "        {}", client_line(client, now));
@@ -83,6 +90,16 @@ pub(super) fn render_stats(stats: &NodeStats) -> String {
         }
     }
     w
+}
+
+/// knsq only: what a queue lost to damaged disk records, once it lost any.
+fn damage_line(w: &mut String, indent: &str, records: u64, bytes: u64) {
+    if records > 0 || bytes > 0 {
+        let _ = writeln!(
+            w,
+            "{indent}  damaged on disk: {records} records, {bytes} bytes skipped"
+        );
+    }
 }
 
 fn e2e(stats: &E2eStats) -> String {

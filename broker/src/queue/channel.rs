@@ -10,10 +10,10 @@ use super::consumer::{Consumer as ConsumerHandle, Subscriber};
 use super::deferred::Deferred;
 use super::e2e::{Histogram, LatencyWindow};
 use super::in_flight::{InFlight, InFlightError};
-use super::message::{Msg, NOT_HELD};
+use super::message::Msg;
 use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::stats::{ChannelStats, E2eStats};
-use crate::storage::{DiskQueue, DiskRecord, StorageError};
+use crate::storage::{DiskQueue, DiskRecord, StorageError, Ticket};
 use proto::wire::MessageId;
 use proto::wire::frame::write_message;
 use std::collections::VecDeque;
@@ -62,7 +62,7 @@ struct State {
     /// The rest, for channels that are not ephemeral.
     disk: Option<DiskQueue>,
     /// Reused buffer for records read from disk.
-    read: Vec<DiskRecord>,
+    read: Vec<(DiskRecord, Ticket)>,
     in_flight: InFlight,
     deferred: Deferred,
     consumers: Vec<Consumer>,
@@ -192,7 +192,7 @@ impl Channel {
                 c.in_flight = c.in_flight.saturating_sub(1);
                 c.publish_counts();
             }
-            st.queue.push_back(entry.msg);
+            self.put_back(st, entry.msg, Duration::ZERO, now);
         }
         if timed_out > 0 {
             self.timeout_count.fetch_add(timed_out, Relaxed);
@@ -223,11 +223,11 @@ impl Channel {
                 self.wake_timer_if_earlier(&mut st);
             }
             _ => {
-                let on_disk = st.disk.as_ref().map_or(0, DiskQueue::depth);
-                let room = match st.disk {
-                    Some(_) => self
-                        .settings
-                        .memory_room(st.queue.len(), on_disk, msgs.len()),
+                let room = match &st.disk {
+                    Some(disk) => {
+                        self.settings
+                            .memory_room(st.queue.len(), disk.has_unread(), msgs.len())
+                    }
                     None => limit.saturating_sub(st.queue.len()).min(msgs.len()),
                 };
                 let (memory, spill) = msgs.split_at(room);
@@ -250,7 +250,8 @@ impl Channel {
     }
 
     /// Moves records from disk into memory for delivery: up to `want`, deferred ones to the
-    /// deferred queue until due.
+    /// deferred queue until due. Each stays on disk until finished, so a crash hands out
+    /// again what was not.
     fn read_disk(&self, st: &mut State, want: usize, now: Instant) {
         let State {
             disk,
@@ -259,23 +260,60 @@ impl Channel {
             deferred,
             ..
         } = st;
-        let Some(disk) = disk.as_mut().filter(|d| d.depth() > 0) else {
+        let Some(disk) = disk.as_mut().filter(|d| d.has_unread()) else {
             return;
         };
-        let mut segments = Vec::new();
-        // With --sync-publish a message stays on disk until finished, so a crash loses none.
-        let held = self.settings.sync_publish.then_some(&mut segments);
-        self.settings.pop(disk, &self.name, want, read, held);
-        let mut segments = segments.into_iter();
-        for record in read.drain(..) {
-            let (mut msg, due) = Msg::from_record(record);
-            if let Some(segment) = segments.next() {
-                msg.segment = segment as u32;
-            }
+        self.settings.pop(disk, &self.name, want, read);
+        for (record, ticket) in read.drain(..) {
+            let (msg, due) = Msg::from_record(record, ticket);
             match due_instant(due, now) {
                 Some(at) => deferred.push(msg, at),
                 None => queue.push_back(msg),
             }
+        }
+    }
+
+    /// A message back from a consumer (REQ, timeout): into memory while the memory queue has
+    /// room (as in nsqd), otherwise to the back of the disk queue, so memory stays within
+    /// `--mem-queue-size`. A delayed one read from disk (or in `--sync-publish` mode) goes back
+    /// to disk with its due time, so that its segment can go and a crash keeps it; other
+    /// delayed ones wait in memory, as in nsqd. Ephemeral channels drop what does not fit.
+    fn put_back(&self, st: &mut State, mut msg: Msg, delay: Duration, now: Instant) {
+        let room = self.settings.mem_queue_size > st.queue.len()
+            && !(self.settings.sync_publish && st.disk.is_some());
+        let to_disk = if delay.is_zero() {
+            !room
+        } else {
+            st.disk.is_some() && (msg.ticket().is_some() || self.settings.sync_publish)
+        };
+        if to_disk && let Some(disk) = st.disk.as_mut() {
+            let due_ms = if delay.is_zero() {
+                0
+            } else {
+                due_unix_ms(now + delay, now)
+            };
+            match self.settings.append(disk, &[msg.to_record(due_ms)]) {
+                Ok(()) => {
+                    self.settings.finish(&mut st.disk, &mut msg, true);
+                    return;
+                }
+                Err(error) => tracing::warn!(
+                    topic = %self.topic_name,
+                    channel = %self.name,
+                    %error,
+                    "cannot store a requeued message on disk; keeping it in memory",
+                ),
+            }
+        }
+        if delay.is_zero() {
+            if st.disk.is_none() && !room {
+                // Ephemeral and full: dropped, as nsqd drops it.
+                return;
+            }
+            st.queue.push_back(msg);
+        } else {
+            st.deferred.push(msg, now + delay);
+            self.wake_timer_if_earlier(st);
         }
     }
 
@@ -356,9 +394,9 @@ impl Channel {
         let mut done = 0;
         for id in ids {
             match st.in_flight.remove(id, client_id) {
-                Ok(entry) => {
+                Ok(mut entry) => {
                     done += 1;
-                    release(&mut st.disk, entry.msg.segment);
+                    self.settings.finish(&mut st.disk, &mut entry.msg, false);
                     if let Some(e2e) = st.e2e.as_mut() {
                         let latency = now_ns.saturating_sub(entry.msg.timestamp).max(0);
                         e2e.record(latency as u64, now);
@@ -393,12 +431,7 @@ impl Channel {
             c.client.counters().requeue_count.fetch_add(1, Relaxed);
         }
         let now = Instant::now();
-        if delay.is_zero() {
-            st.queue.push_back(entry.msg);
-        } else {
-            st.deferred.push(entry.msg, now + delay);
-            self.wake_timer_if_earlier(&mut st);
-        }
+        self.put_back(&mut st, entry.msg, delay, now);
         self.dispatch(&mut st, now);
         Ok(())
     }
@@ -490,8 +523,6 @@ impl Channel {
         let Some(disk) = disk.as_mut() else {
             return Ok(());
         };
-        // What this stores again replaces what the disk held for it.
-        disk.release_all();
         let mut records: Vec<DiskRecord> = in_flight.drain().map(|e| e.msg.to_record(0)).collect();
         records.extend(queue.drain(..).map(|m| m.to_record(0)));
         records.extend(
@@ -502,17 +533,17 @@ impl Channel {
         if !records.is_empty() {
             self.settings.append(disk, &records)?;
         }
+        // What was just stored again replaces what the disk held for it.
+        disk.finish_all();
         disk.sync()
     }
 
-    /// Fsyncs the disk queue (the syncer calls this off the async runtime); false when the
-    /// fsync failed. See [`QueueSettings::sync`] for `full`.
+    /// Fsyncs the disk queue (the syncer calls this off the async runtime) without holding
+    /// the channel's lock meanwhile; false when the fsync failed. See [`QueueSettings::sync`]
+    /// for `full`.
     pub(crate) fn sync(&self, full: bool) -> bool {
-        let mut st = self.lock();
-        match st.disk.as_mut() {
-            Some(disk) => self.settings.sync(disk, &self.name, full),
-            None => true,
-        }
+        self.settings
+            .sync(&self.name, &self.state, |st| st.disk.as_mut(), full)
     }
 
     /// Adds this channel's e2e latency samples to `into`.
@@ -529,6 +560,7 @@ impl Channel {
             w.merge_into(&mut e2e, Instant::now());
         }
         let on_disk = st.disk.as_ref().map_or(0, DiskQueue::depth) as i64;
+        let damage = st.disk.as_ref().map(DiskQueue::damage).unwrap_or_default();
         ChannelStats {
             channel_name: self.name.clone(),
             depth: st.queue.len() as i64 + on_disk,
@@ -547,6 +579,8 @@ impl Channel {
             }),
             paused: st.paused,
             e2e_processing_latency: E2eStats::new(&self.settings.e2e_quantiles, &e2e),
+            disk_damaged_records: damage.records,
+            disk_damaged_bytes: damage.bytes,
         }
     }
 
@@ -585,12 +619,13 @@ impl Channel {
             let client = c.client.clone();
             // nsqd flushes as soon as a client can take no more.
             let flush = take >= c.free();
-            let mut sampled_out = Vec::new();
+            let mut sampled_out: Vec<Msg> = Vec::new();
             let mut sent = 0;
             client.push_messages(flush, &mut |buf| {
                 for mut msg in queue.drain(..take as usize) {
                     if c.sample_rate > 0 && c.next_percent() > c.sample_rate {
-                        sampled_out.push(msg.segment);
+                        // nsqd drops what a client samples out.
+                        sampled_out.push(msg);
                         continue;
                     }
                     msg.attempts = msg.attempts.saturating_add(1);
@@ -602,8 +637,8 @@ impl Channel {
             c.in_flight += sent;
             client.counters().message_count.fetch_add(sent, Relaxed);
             c.publish_counts();
-            for segment in sampled_out {
-                release(&mut st.disk, segment);
+            for mut msg in sampled_out {
+                self.settings.finish(&mut st.disk, &mut msg, false);
             }
         }
         self.wake_timer_if_earlier(st);
@@ -617,15 +652,6 @@ impl Channel {
             st.timer_at = Some(next);
             self.timer.notify_one();
         }
-    }
-}
-
-/// A message held on disk is done with.
-fn release(disk: &mut Option<DiskQueue>, segment: u32) {
-    if segment != NOT_HELD
-        && let Some(disk) = disk.as_mut()
-    {
-        disk.release(u64::from(segment));
     }
 }
 

@@ -80,13 +80,9 @@ mod tests {
     use std::time::Duration;
 
     fn msg(n: u64) -> Msg {
-        Msg {
-            id: MessageId::from_u64(n),
-            timestamp: 0,
-            attempts: 0,
-            segment: super::super::message::NOT_HELD,
-            body: Bytes::new(),
-        }
+        let mut msg = Msg::new(MessageId::from_u64(n), 0, Bytes::new());
+        msg.attempts = 0;
+        msg
     }
 
     #[test]

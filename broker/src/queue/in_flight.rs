@@ -232,13 +232,9 @@ mod tests {
     use bytes::Bytes;
 
     fn msg(n: u64) -> Msg {
-        Msg {
-            id: MessageId::from_u64(n),
-            timestamp: 0,
-            attempts: 1,
-            segment: super::super::message::NOT_HELD,
-            body: Bytes::new(),
-        }
+        let mut msg = Msg::new(MessageId::from_u64(n), 0, Bytes::new());
+        msg.attempts = 1;
+        msg
     }
 
     fn secs(s: u64) -> Duration {

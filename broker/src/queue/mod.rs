@@ -18,17 +18,27 @@ mod in_flight;
 mod message;
 mod topic;
 
+use message::Msg;
+
 pub(crate) use channel::{Channel, SubscribeError};
 pub(crate) use commits::Commits;
 pub(crate) use consumer::{Consumer, ConsumerCounters, Subscriber};
 pub(crate) use topic::{PublishError, Topic};
 
 use crate::health::Health;
-use crate::storage::{DiskQueue, DiskQueueOptions, DiskRecord, FaultSwitch, StorageError};
+use crate::storage::{DiskQueue, DiskQueueOptions, DiskRecord, StorageError, Ticket};
 use prometheus::IntCounter;
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Records and bytes lost to damaged disk records, over every queue.
+#[derive(Debug, Clone)]
+pub(crate) struct DamageCounters {
+    pub(crate) records: IntCounter,
+    pub(crate) bytes: IntCounter,
+}
 
 /// What every topic and channel reads and reports to.
 #[derive(Debug)]
@@ -43,8 +53,8 @@ pub(crate) struct QueueSettings {
     pub(crate) data_path: PathBuf,
     pub(crate) disk: DiskQueueOptions,
     pub(crate) health: Health,
-    /// Corrupt disk segments skipped and moved aside.
-    pub(crate) corrupt_segments: IntCounter,
+    /// Damaged disk records stepped over.
+    pub(crate) damage: DamageCounters,
     /// `--sync-publish`: every message goes through disk, and publishes wait for an fsync.
     pub(crate) sync_publish: bool,
     /// Publishers waiting for fsyncs; also wakes the syncer at `--sync-every` operations.
@@ -54,15 +64,10 @@ pub(crate) struct QueueSettings {
 impl QueueSettings {
     pub(crate) fn new(
         o: &crate::config::Options,
+        disk: DiskQueueOptions,
         health: Health,
-        corrupt_segments: IntCounter,
+        damage: DamageCounters,
     ) -> Self {
-        let disk = DiskQueueOptions {
-            max_bytes_per_file: o.max_bytes_per_file,
-            sync_every: o.sync_every,
-            max_msg_size: o.max_msg_size,
-            faults: FaultSwitch::default(),
-        };
         QueueSettings {
             node_id: o.node_id,
             mem_queue_size: usize::try_from(o.mem_queue_size).unwrap_or(usize::MAX),
@@ -73,7 +78,7 @@ impl QueueSettings {
             data_path: o.data_path.clone(),
             disk,
             health,
-            corrupt_segments,
+            damage,
             sync_publish: o.sync_publish,
             commits: Commits::default(),
         }
@@ -103,49 +108,79 @@ impl QueueSettings {
         }
     }
 
-    /// Takes up to `max` records off the front of a disk queue (held until released when
-    /// `held` collects their segments), counting corrupt segments it had to skip. A read error
-    /// is logged and leaves the queue as it was.
+    /// Takes up to `max` records off the front of a disk queue, each with the ticket that
+    /// finishes it, counting damaged records it stepped over. A read error is logged and
+    /// leaves the queue as it was.
     fn pop(
         &self,
         disk: &mut DiskQueue,
         name: &str,
         max: usize,
-        out: &mut Vec<DiskRecord>,
-        held: Option<&mut Vec<u64>>,
+        out: &mut Vec<(DiskRecord, Ticket)>,
     ) {
-        let corrupt_before = disk.corrupt_segments();
-        let popped = match held {
-            Some(segments) => disk.pop_held(max, out, segments),
-            None => disk.pop(max, out),
-        };
-        if let Err(e) = popped {
+        let before = disk.damage();
+        if let Err(e) = disk.pop(max, out) {
             tracing::error!(queue = %name, error = %e, "reading the disk queue failed");
         }
-        let corrupt = disk.corrupt_segments() - corrupt_before;
-        if corrupt > 0 {
-            self.corrupt_segments.inc_by(corrupt);
+        let after = disk.damage();
+        if after != before {
+            self.damage.records.inc_by(after.records - before.records);
+            self.damage.bytes.inc_by(after.bytes - before.bytes);
         }
         self.note_ops(disk);
     }
 
-    /// Asks the syncer for an fsync once the queue has done `--sync-every` operations.
+    /// Asks the syncer for a pass once the queue has done `--sync-every` operations or has a
+    /// consumed segment to delete.
     fn note_ops(&self, disk: &DiskQueue) {
         if disk.sync_due() {
             self.commits.wanted.notify_one();
         }
     }
 
-    /// Fsyncs a disk queue, keeping health up to date; false when it failed. A full sync also
-    /// stores the read position and deletes consumed segments; otherwise only what was written
-    /// is made durable (enough for a publish to be acknowledged), unless `--sync-every` is due.
-    fn sync(&self, disk: &mut DiskQueue, name: &str, full: bool) -> bool {
-        let synced = if full || disk.sync_due() {
-            disk.sync()
-        } else {
-            disk.sync_data()
+    /// A message read from disk is done with there: finished by its consumer, dropped, or
+    /// stored again elsewhere. A copy stored again must be durable first in `--sync-publish`
+    /// mode, where nothing acknowledged may be lost even by a machine crash.
+    fn finish(&self, disk: &mut Option<DiskQueue>, msg: &mut Msg, stored_again: bool) {
+        let (Some(ticket), Some(disk)) = (msg.ticket(), disk.as_mut()) else {
+            return;
         };
-        match synced {
+        msg.forget_ticket();
+        if stored_again && self.sync_publish {
+            disk.finish_when_durable(ticket);
+        } else {
+            disk.finish(ticket);
+        }
+        self.note_ops(disk);
+    }
+
+    /// Fsyncs the disk queue that `disk` finds behind `lock` without holding the lock while
+    /// the fsyncs run; false when they failed. A full sync (or one `--sync-every` asks for)
+    /// also writes a snapshot and deletes consumed segments; otherwise only what was written
+    /// is made durable (enough for a publish to be acknowledged).
+    fn sync<S>(
+        &self,
+        name: &str,
+        lock: &Mutex<S>,
+        disk: impl Fn(&mut S) -> Option<&mut DiskQueue>,
+        full: bool,
+    ) -> bool {
+        let relock = || lock.lock().unwrap_or_else(|e| e.into_inner());
+        let job = {
+            let mut st: MutexGuard<'_, S> = relock();
+            disk(&mut st).and_then(|d| {
+                let full = full || d.sync_due();
+                d.prepare_sync(full)
+            })
+        };
+        let Some(mut job) = job else {
+            return true;
+        };
+        let result = job.run();
+        if let Some(d) = disk(&mut relock()) {
+            d.complete_sync(job, &result);
+        }
+        match result {
             Ok(()) => {
                 self.health.write_succeeded();
                 true
@@ -158,10 +193,11 @@ impl QueueSettings {
         }
     }
 
-    /// Messages that may stay in memory when `in_memory` are queued and nothing waits on
-    /// disk: none in `--sync-publish` mode, where every message goes through disk.
-    fn memory_room(&self, in_memory: usize, on_disk: u64, wanted: usize) -> usize {
-        if self.sync_publish || on_disk > 0 {
+    /// Messages that may stay in memory when `in_memory` are queued: none while records wait
+    /// on disk (a queue stays first in, first out), and none in `--sync-publish` mode, where
+    /// every message goes through disk.
+    fn memory_room(&self, in_memory: usize, disk_waiting: bool, wanted: usize) -> usize {
+        if self.sync_publish || disk_waiting {
             return 0;
         }
         self.mem_queue_size.saturating_sub(in_memory).min(wanted)

@@ -9,7 +9,7 @@ use super::channel::{Channel, SubscribeError};
 use super::consumer::Subscriber;
 use super::e2e::Histogram;
 use super::guid::IdGenerator;
-use super::message::{Msg, NOT_HELD};
+use super::message::Msg;
 use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::persist::{ChannelMeta, TopicMeta};
 use crate::stats::{E2eStats, TopicStats};
@@ -66,8 +66,12 @@ impl State {
         self.disk.as_ref().map_or(0, DiskQueue::depth)
     }
 
+    fn disk_waiting(&self) -> bool {
+        self.disk.as_ref().is_some_and(DiskQueue::has_unread)
+    }
+
     fn holds_messages(&self) -> bool {
-        !self.pending.is_empty() || self.on_disk() > 0
+        !self.pending.is_empty() || self.disk_waiting()
     }
 }
 
@@ -141,7 +145,7 @@ impl Topic {
         let room = match st.disk {
             Some(_) => self
                 .settings
-                .memory_room(st.pending.len(), st.on_disk(), msgs.len()),
+                .memory_room(st.pending.len(), st.disk_waiting(), msgs.len()),
             None => self
                 .settings
                 .mem_queue_size
@@ -161,7 +165,9 @@ impl Topic {
         Ok(())
     }
 
-    /// Moves waiting messages to the channels: memory first, then disk.
+    /// Moves waiting messages to the channels: memory first, then disk. A record read from
+    /// the topic's disk queue is finished there once the channels have it (and, in
+    /// `--sync-publish` mode, once their copies are durable).
     fn release(&self, st: &mut State) {
         if st.paused || st.channels.is_empty() {
             return;
@@ -169,17 +175,17 @@ impl Topic {
         let now = Instant::now();
         loop {
             if st.pending.is_empty() {
-                let Some(disk) = st.disk.as_mut().filter(|d| d.depth() > 0) else {
+                let Some(disk) = st.disk.as_mut().filter(|d| d.has_unread()) else {
                     return;
                 };
                 let mut read = Vec::with_capacity(RELEASE_BATCH);
                 self.settings
-                    .pop(disk, &self.name, RELEASE_BATCH, &mut read, None);
+                    .pop(disk, &self.name, RELEASE_BATCH, &mut read);
                 if read.is_empty() {
                     return;
                 }
-                st.pending.extend(read.into_iter().map(|record| {
-                    let (msg, due) = Msg::from_record(record);
+                st.pending.extend(read.into_iter().map(|(record, ticket)| {
+                    let (msg, due) = Msg::from_record(record, ticket);
                     Pending {
                         msg,
                         due: due_instant(due, now),
@@ -193,6 +199,9 @@ impl Topic {
                     st.pending.push_front(p);
                 }
                 return;
+            }
+            for mut p in batch {
+                self.settings.finish(&mut st.disk, &mut p.msg, true);
             }
         }
     }
@@ -325,40 +334,37 @@ impl Topic {
         }
     }
 
-    /// Clean shutdown: writes the topic's and its channels' memory to their disk queues.
+    /// Clean shutdown: writes the channels' and then the topic's memory to their disk queues.
+    /// Channels first, so that records the topic moved to them are on their disks before the
+    /// topic's disk forgets them.
     pub(crate) fn persist(&self) -> Result<(), StorageError> {
-        let channels: Vec<Arc<Channel>> = {
-            let mut st = self.lock();
-            let now = Instant::now();
-            let State { pending, disk, .. } = &mut *st;
-            if let Some(disk) = disk.as_mut() {
-                let records: Vec<DiskRecord> = pending
-                    .drain(..)
-                    .map(|p| p.msg.to_record(p.due.map_or(0, |d| due_unix_ms(d, now))))
-                    .collect();
-                if !records.is_empty() {
-                    self.settings.append(disk, &records)?;
-                }
-                disk.sync()?;
-            }
-            st.channels.values().cloned().collect()
+        let channels: Vec<Arc<Channel>> = self.lock().channels.values().cloned().collect();
+        channels.iter().try_for_each(|c| c.persist())?;
+        let mut st = self.lock();
+        let now = Instant::now();
+        let State { pending, disk, .. } = &mut *st;
+        let Some(disk) = disk.as_mut() else {
+            return Ok(());
         };
-        channels.iter().try_for_each(|c| c.persist())
+        let records: Vec<DiskRecord> = pending
+            .drain(..)
+            .map(|p| p.msg.to_record(p.due.map_or(0, |d| due_unix_ms(d, now))))
+            .collect();
+        if !records.is_empty() {
+            self.settings.append(disk, &records)?;
+        }
+        // What was just stored again, or is in the channels now, replaces what the disk held.
+        disk.finish_all();
+        disk.sync()
     }
 
-    /// Fsyncs the topic's and its channels' disk queues; false when any fsync failed.
+    /// Fsyncs the topic's and its channels' disk queues, without holding their locks while
+    /// the fsyncs run; false when any fsync failed.
     pub(crate) fn sync(&self, full: bool) -> bool {
-        let (mut ok, channels) = {
-            let mut st = self.lock();
-            let ok = match st.disk.as_mut() {
-                Some(disk) => self.settings.sync(disk, &self.name, full),
-                None => true,
-            };
-            (
-                ok,
-                st.channels.values().cloned().collect::<Vec<Arc<Channel>>>(),
-            )
-        };
+        let mut ok = self
+            .settings
+            .sync(&self.name, &self.state, |st| st.disk.as_mut(), full);
+        let channels: Vec<Arc<Channel>> = self.lock().channels.values().cloned().collect();
         for channel in channels {
             ok &= channel.sync(full);
         }
@@ -393,7 +399,7 @@ impl Topic {
         include_clients: bool,
         pub_topic: Option<&str>,
     ) -> TopicStats {
-        let (channels, memory, on_disk, paused) = {
+        let (channels, memory, on_disk, paused, damage) = {
             let st = self.lock();
             let channels: Vec<Arc<Channel>> = st
                 .channels
@@ -406,6 +412,7 @@ impl Topic {
                 st.pending.len() as i64,
                 st.on_disk() as i64,
                 st.paused,
+                st.disk.as_ref().map(DiskQueue::damage).unwrap_or_default(),
             )
         };
         let mut e2e = Histogram::default();
@@ -425,6 +432,8 @@ impl Topic {
             message_bytes: self.message_bytes.load(Relaxed),
             paused,
             e2e_processing_latency: E2eStats::new(&self.settings.e2e_quantiles, &e2e),
+            disk_damaged_records: damage.records,
+            disk_damaged_bytes: damage.bytes,
         }
     }
 }
@@ -450,11 +459,5 @@ fn deliver(
 }
 
 fn new_msg(ids: &mut IdGenerator, now_ns: i64, body: &Bytes) -> Msg {
-    Msg {
-        id: ids.next(now_ns),
-        timestamp: now_ns,
-        attempts: 0,
-        segment: NOT_HELD,
-        body: body.clone(),
-    }
+    Msg::new(ids.next(now_ns), now_ns, body.clone())
 }

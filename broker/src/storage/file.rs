@@ -52,10 +52,13 @@ pub(super) enum FileKind {
     Bad,
     Meta,
     MetaTemp,
+    /// One of the two progress journals.
+    Journal,
 }
 
 /// The queue's own file names: `<name>.diskqueue.<n, 6 digits or more>.dat` for segments,
-/// `<name>.diskqueue.meta` for the metadata.
+/// `<name>.diskqueue.meta` for the metadata, `<name>.diskqueue.journal.<0|1>` for the progress
+/// journals and `<segment>.<offset>.bad` for damaged bytes set aside.
 #[derive(Debug, Clone)]
 pub(super) struct Names {
     dir: PathBuf,
@@ -86,18 +89,16 @@ impl Names {
         self.dir.join(format!("{}meta.tmp", self.prefix))
     }
 
-    /// A free name to move the corrupt part of segment `n` to: `<segment>.bad`, or
-    /// `<segment>.<k>.bad` when an earlier one is still there.
-    pub(super) fn bad(&self, n: u64) -> PathBuf {
-        let segment = format!("{}{n:06}.dat", self.prefix);
-        let first = self.dir.join(format!("{segment}.bad"));
-        if !first.exists() {
-            return first;
-        }
-        (1u32..)
-            .map(|k| self.dir.join(format!("{segment}.{k}.bad")))
-            .find(|p| !p.exists())
-            .unwrap_or(first)
+    /// Where the damaged bytes found at `offset` of segment `n` are set aside.
+    pub(super) fn bad(&self, n: u64, offset: u64) -> PathBuf {
+        self.dir
+            .join(format!("{}{n:06}.dat.{offset}.bad", self.prefix))
+    }
+
+    /// The progress journal used by snapshots of this parity (see `journal`).
+    pub(super) fn journal(&self, parity: u64) -> PathBuf {
+        self.dir
+            .join(format!("{}journal.{}", self.prefix, parity % 2))
     }
 
     pub(super) fn classify(&self, file_name: &str) -> Option<FileKind> {
@@ -105,6 +106,7 @@ impl Names {
         match rest {
             "meta" => return Some(FileKind::Meta),
             "meta.tmp" => return Some(FileKind::MetaTemp),
+            "journal.0" | "journal.1" => return Some(FileKind::Journal),
             _ => {}
         }
         let digits_end = rest
@@ -159,11 +161,15 @@ impl QueueFile {
             .truncate(truncate)
             .open(&path);
         match opened {
-            Ok(file) => Ok(QueueFile {
-                file,
-                path,
-                faults: faults.clone(),
-            }),
+            Ok(file) => {
+                #[cfg(test)]
+                power::file_opened(&path, &file, truncate);
+                Ok(QueueFile {
+                    file,
+                    path,
+                    faults: faults.clone(),
+                })
+            }
             Err(source) => Err(StorageError::Open { path, source }),
         }
     }
@@ -215,7 +221,10 @@ impl QueueFile {
             .map_err(|source| StorageError::Sync {
                 path: self.path.clone(),
                 source,
-            })
+            })?;
+        #[cfg(test)]
+        power::file_synced(&self.path, &self.file);
+        Ok(())
     }
 
     pub(super) fn truncate(&self, len: u64) -> Result<(), StorageError> {
@@ -248,7 +257,10 @@ pub(super) fn sync_dir(dir: &Path, faults: &FaultSwitch) -> Result<(), StorageEr
         .map_err(|source| StorageError::Sync {
             path: dir.to_path_buf(),
             source,
-        })
+        })?;
+    #[cfg(test)]
+    power::dir_synced(dir);
+    Ok(())
 }
 
 /// Removes `path`; a file already gone is fine.
@@ -269,6 +281,128 @@ pub(super) fn rename(from: &Path, to: &Path) -> Result<(), StorageError> {
         to: to.to_path_buf(),
         source,
     })
+}
+
+/// A model of what a power loss keeps, for tests: per modelled directory, the file names as of
+/// its last directory fsync and each file's contents as of its last fsync. [`power::lose_power`]
+/// puts the directory back to that state, as a machine that lost power would find it.
+#[cfg(test)]
+pub(crate) mod power {
+    use std::collections::HashMap;
+    use std::ffi::OsString;
+    use std::fs::File;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct DirModel {
+        /// Names and the inode each pointed at, as of the last directory fsync.
+        names: HashMap<OsString, u64>,
+        /// Contents per inode as of its last fsync.
+        contents: HashMap<u64, Vec<u8>>,
+    }
+
+    static MODELS: Mutex<Option<HashMap<PathBuf, DirModel>>> = Mutex::new(None);
+
+    fn with_model<T>(dir: &Path, f: impl FnOnce(&mut DirModel) -> T) -> Option<T> {
+        let mut models = MODELS.lock().unwrap_or_else(|e| e.into_inner());
+        models.get_or_insert_with(HashMap::new).get_mut(dir).map(f)
+    }
+
+    /// Starts modelling `dir`: everything in it now counts as durable.
+    pub(crate) fn track(dir: &Path) {
+        let mut model = DirModel::default();
+        for entry in std::fs::read_dir(dir).expect("list the modelled directory") {
+            let entry = entry.expect("directory entry");
+            let meta = entry.metadata().expect("metadata");
+            model.names.insert(entry.file_name(), meta.ino());
+            let bytes = std::fs::read(entry.path()).expect("read a modelled file");
+            model.contents.insert(meta.ino(), bytes);
+        }
+        let mut models = MODELS.lock().unwrap_or_else(|e| e.into_inner());
+        models
+            .get_or_insert_with(HashMap::new)
+            .insert(dir.to_path_buf(), model);
+    }
+
+    pub(super) fn file_synced(path: &Path, file: &File) {
+        let Some(dir) = path.parent() else { return };
+        let Ok(meta) = file.metadata() else { return };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) if meta.ino() == std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0) => {
+                bytes
+            }
+            // Renamed or removed since it was opened: read through the handle instead.
+            _ => {
+                use std::os::unix::fs::FileExt;
+                let mut bytes = vec![0; meta.len() as usize];
+                let _ = file.read_exact_at(&mut bytes, 0);
+                bytes
+            }
+        };
+        with_model(dir, |m| m.contents.insert(meta.ino(), bytes));
+    }
+
+    pub(super) fn dir_synced(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let names: HashMap<OsString, u64> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| Some((e.file_name(), e.metadata().ok()?.ino())))
+            .collect();
+        with_model(dir, |m| {
+            // Inodes no longer named are free, and their numbers may be used again.
+            m.contents.retain(|ino, _| names.values().any(|n| n == ino));
+            m.names = names;
+        });
+    }
+
+    /// A file was opened for writing: a new or emptied file has no durable contents yet
+    /// (its inode number may have belonged to a file removed before).
+    pub(super) fn file_opened(path: &Path, file: &File, truncated: bool) {
+        let Some(dir) = path.parent() else { return };
+        let Ok(meta) = file.metadata() else { return };
+        if truncated || meta.len() == 0 {
+            with_model(dir, |m| m.contents.remove(&meta.ino()));
+        }
+    }
+
+    /// Puts `dir` back to what the model says survived a power loss, then keeps modelling it.
+    /// With `torn`, a file that grew since its last fsync keeps a random part of the growth
+    /// (`torn(len)` picks how many of `len` new bytes), as a disk that wrote some pages of it
+    /// would.
+    pub(crate) fn lose_power(dir: &Path, mut torn: impl FnMut(usize) -> usize) {
+        let model = {
+            let mut models = MODELS.lock().unwrap_or_else(|e| e.into_inner());
+            models
+                .get_or_insert_with(HashMap::new)
+                .remove(dir)
+                .expect("lose_power on a directory that is not modelled")
+        };
+        let mut current: HashMap<u64, Vec<u8>> = HashMap::new();
+        for entry in std::fs::read_dir(dir).expect("list") {
+            let entry = entry.expect("entry");
+            let ino = entry.metadata().expect("metadata").ino();
+            current.insert(ino, std::fs::read(entry.path()).expect("read"));
+            std::fs::remove_file(entry.path()).expect("remove");
+        }
+        let mut names: Vec<(&OsString, &u64)> = model.names.iter().collect();
+        names.sort();
+        for (name, ino) in names {
+            let mut bytes = model.contents.get(ino).cloned().unwrap_or_default();
+            if let Some(now) = current.get(ino)
+                && now.len() > bytes.len()
+                && now.starts_with(&bytes)
+            {
+                let extra = torn(now.len() - bytes.len());
+                bytes.extend_from_slice(&now[bytes.len()..bytes.len() + extra]);
+            }
+            std::fs::write(dir.join(name), bytes).expect("write the surviving file");
+        }
+        track(dir);
+    }
 }
 
 #[cfg(test)]
@@ -294,6 +428,15 @@ mod tests {
             names.classify("t:c.diskqueue.000007.dat.bad"),
             Some(FileKind::Bad)
         );
+        assert_eq!(
+            names.bad(7, 1234),
+            Path::new("/d/t:c.diskqueue.000007.dat.1234.bad").to_path_buf()
+        );
+        assert_eq!(
+            names.classify("t:c.diskqueue.journal.1"),
+            Some(FileKind::Journal)
+        );
+        assert_eq!(names.journal(3), names.journal(1));
         assert_eq!(
             names.classify("t:c.diskqueue.000007.dat.2.bad"),
             Some(FileKind::Bad)

@@ -1,171 +1,52 @@
-//! Opening a queue: finding where reading and writing stand from the metadata and the segments
-//! present, and repairing what a crash or a damaged disk left behind.
+//! Opening a queue: finding where reading and writing stand from the snapshot, its journal and
+//! the segments present, and repairing what a crash or a damaged disk left behind.
 //!
-//! - Metadata valid and consistent with the files: the synced state is trusted, and only what
-//!   lies after the synced write position is scanned. Whole batches found there are kept; a torn
-//!   or incomplete batch at the end of a segment is cut off.
-//! - Metadata missing, damaged, or pointing at files that are not there: every segment from the
-//!   read position (or the first segment present) is scanned and the depth counted. A bad
-//!   record in a segment other than the last moves the rest of that segment aside as `.bad`; the
-//!   last segment's bad tail is cut as torn.
+//! - Snapshot valid and consistent with the files: it is trusted up to its write position, and
+//!   only what lies after that is scanned. Whole batches found there are kept; a torn or
+//!   incomplete batch at the end of a segment is cut off. The journal that continues the
+//!   snapshot is replayed (up to its first damaged entry, and never past the data that
+//!   survived): records handed out since the snapshot and finished are skipped, those not
+//!   finished are handed out again.
+//! - Segments missing before the first one present were consumed (they are deleted only once
+//!   every record in them is finished): reading starts at the first one present.
+//! - Snapshot missing, damaged, or pointing at files that are not there: every segment from the
+//!   read position (or the first segment present) is scanned and the depth counted; everything
+//!   found is handed out. The last segment's torn tail is cut.
+//! - Damaged stretches are left where they are; readers step over them (see [`super::read`]).
 //! - Segments before the read position (consumed, but not yet deleted when the process died)
 //!   are removed, and so are left-over metadata temp files.
 
-use super::file::{FileKind, Names, QueueFile, remove_if_present, rename};
+use super::file::{FileKind, Names, QueueFile, remove_if_present};
+use super::journal;
 use super::meta::{Loaded, Meta};
-use super::record::{self, Corruption, Parsed, SEGMENT_HEADER, SEGMENT_HEADER_LEN};
-use super::{DiskQueueOptions, MetadataState, OpenReport, StorageError};
-use std::collections::BTreeSet;
-use std::path::PathBuf;
+use super::progress::Resume;
+use super::scan::{SegmentScan, records_between, scan_segment};
+use super::{DiskQueueOptions, MetadataState, OpenReport, Pos, StorageError};
+use std::collections::{BTreeSet, HashSet};
 
-/// Bytes read at a time when scanning a segment.
-const SCAN_CHUNK: usize = 1 << 20;
+/// Where a queue stands when it opens.
+#[derive(Debug, Default)]
+pub(super) struct OpenState {
+    pub(super) generation: u64,
+    pub(super) depth: u64,
+    pub(super) read: Pos,
+    pub(super) write: Pos,
+    pub(super) resume: Option<Resume>,
+}
 
 /// The state a queue opens with.
 pub(super) struct Recovered {
-    /// Read and write positions and depth.
-    pub(super) state: Meta,
+    pub(super) state: OpenState,
     pub(super) report: OpenReport,
-    /// Files changed by repairs, to fsync before the new metadata is written.
-    pub(super) repaired: Vec<QueueFile>,
-    /// Whether the metadata on disk already says `state`.
+    /// Segments written after the snapshot or changed by repairs, to fsync before the next
+    /// snapshot says where the data ends.
+    pub(super) unsynced: Vec<QueueFile>,
+    /// Whether the snapshot on disk already says everything (nothing to add, nothing to replay).
     pub(super) metadata_current: bool,
 }
 
-/// What scanning a segment found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct SegmentScan {
-    /// Bytes scanned up to: the file length, or the limit given.
-    pub(super) len: u64,
-    /// Valid records from the start offset, and the offset just past the last of them.
-    pub(super) records: u64,
-    pub(super) valid_end: u64,
-    /// The same, counting only up to the last record that closes a batch.
-    pub(super) commit_records: u64,
-    pub(super) commit_end: u64,
-    /// Why scanning stopped before `len`.
-    pub(super) problem: Option<Corruption>,
-}
-
-/// Scans the records of `file` from `start` (0: the segment header first) up to `limit`, or
-/// the end of the file, stopping at the first invalid one.
-pub(super) fn scan_segment(
-    file: &QueueFile,
-    start: u64,
-    limit: Option<u64>,
-    max_body: u64,
-    buf: &mut Vec<u8>,
-) -> Result<SegmentScan, StorageError> {
-    let mut len = match limit {
-        Some(limit) => limit,
-        None => file.len()?,
-    };
-    let mut scan = SegmentScan {
-        len,
-        records: 0,
-        valid_end: start,
-        commit_records: 0,
-        commit_end: start,
-        problem: None,
-    };
-    let mut pos = start;
-    if pos < SEGMENT_HEADER_LEN {
-        if len == 0 {
-            return Ok(scan);
-        }
-        let mut header = [0u8; SEGMENT_HEADER.len()];
-        let got = file.read_at(&mut header, 0)?;
-        if len < SEGMENT_HEADER_LEN || (got as u64) < SEGMENT_HEADER_LEN {
-            scan.problem = Some(Corruption::Truncated);
-            return Ok(scan);
-        }
-        if header != SEGMENT_HEADER {
-            scan.problem = Some(Corruption::SegmentHeader);
-            return Ok(scan);
-        }
-        pos = SEGMENT_HEADER_LEN;
-        scan.valid_end = pos;
-        scan.commit_end = pos;
-    }
-    // `buf` holds the file's bytes from `base`; `at` is `pos` within it.
-    buf.clear();
-    let mut base = pos;
-    loop {
-        let at = (pos - base) as usize;
-        match record::parse(&buf[at..], max_body) {
-            Parsed::Record { len: n, batch_end } => {
-                pos += n as u64;
-                scan.records += 1;
-                scan.valid_end = pos;
-                if batch_end {
-                    scan.commit_records = scan.records;
-                    scan.commit_end = pos;
-                }
-            }
-            Parsed::Corrupt(problem) => {
-                scan.problem = Some(problem);
-                return Ok(scan);
-            }
-            Parsed::Incomplete { needed } => {
-                let filled = base + buf.len() as u64;
-                if filled >= len {
-                    if pos < len {
-                        scan.problem = Some(Corruption::Truncated);
-                    }
-                    return Ok(scan);
-                }
-                buf.drain(..at);
-                base = pos;
-                let want = (len - filled).min(SCAN_CHUNK.max(needed) as u64) as usize;
-                let old = buf.len();
-                buf.resize(old + want, 0);
-                let got = file.read_at(&mut buf[old..], filled)?;
-                buf.truncate(old + got);
-                if got < want {
-                    // The file is shorter than the limit: scan what is there.
-                    len = filled + got as u64;
-                    scan.len = len;
-                }
-            }
-        }
-    }
-}
-
-/// Moves bytes `from..len` of segment `n` aside to a `.bad` file. Returns the `.bad` path and
-/// the segment file when it is kept (truncated to `from`), or `None` when nothing valid was in
-/// it and the whole file was renamed.
-pub(super) fn move_aside(
-    names: &Names,
-    n: u64,
-    from: u64,
-    options: &DiskQueueOptions,
-) -> Result<(PathBuf, Option<QueueFile>), StorageError> {
-    let path = names.segment(n);
-    let bad = names.bad(n);
-    if from <= SEGMENT_HEADER_LEN {
-        rename(&path, &bad)?;
-        return Ok((bad, None));
-    }
-    let segment = QueueFile::open_write(path, false, &options.faults)?;
-    let len = segment.len()?;
-    let out = QueueFile::open_write(bad.clone(), true, &options.faults)?;
-    let mut chunk = vec![0u8; SCAN_CHUNK.min((len - from) as usize)];
-    let mut offset = from;
-    while offset < len {
-        let got = segment.read_at(&mut chunk, offset)?;
-        if got == 0 {
-            break;
-        }
-        out.write_all_at(&chunk[..got], offset - from)?;
-        offset += got as u64;
-    }
-    out.sync()?;
-    segment.truncate(from)?;
-    Ok((bad, Some(segment)))
-}
-
-/// Reads the metadata and the directory, repairs what needs it and tells where the queue
-/// stands.
+/// Reads the snapshot, its journal and the directory, repairs what needs it and tells where the
+/// queue stands.
 pub(super) fn recover(
     names: &Names,
     options: &DiskQueueOptions,
@@ -198,7 +79,7 @@ pub(super) fn recover(
         names,
         options,
         report: OpenReport::default(),
-        repaired: Vec::new(),
+        unsynced: Vec::new(),
         buf: Vec::new(),
     };
     let loaded = match Meta::load(names)? {
@@ -216,37 +97,65 @@ pub(super) fn recover(
             None
         }
     };
-    if let Some(meta) = loaded {
-        run.report.metadata = MetadataState::Loaded;
-        let stale: Vec<u64> = segments.range(..meta.read_file).copied().collect();
-        for n in stale {
-            remove_if_present(&names.segment(n))?;
-            segments.remove(&n);
-            run.report.stale_segments_removed += 1;
+    let (state, metadata_current) = match loaded {
+        Some(mut meta) => {
+            run.report.metadata = MetadataState::Loaded;
+            let stale: Vec<u64> = segments.range(..meta.read.segment).copied().collect();
+            for n in stale {
+                remove_if_present(&names.segment(n))?;
+                segments.remove(&n);
+                run.report.stale_segments_removed += 1;
+            }
+            let adjusted = skip_missing_consumed(&mut meta, &segments);
+            if run.consistent(&meta, &segments)? {
+                let (state, current) = run.after_snapshot(meta, &segments)?;
+                (
+                    state,
+                    current && !adjusted && run.report.stale_segments_removed == 0,
+                )
+            } else {
+                run.report.metadata = MetadataState::Inconsistent;
+                (run.scan_all(Some(&meta), &segments)?, false)
+            }
         }
-    }
-    let state = match loaded {
-        Some(meta) if run.consistent(&meta, &segments)? => run.after_sync(meta, &segments)?,
-        Some(meta) => {
-            run.report.metadata = MetadataState::Inconsistent;
-            run.scan_all(Some(meta), &segments)?
-        }
-        None => run.scan_all(None, &segments)?,
+        None => (run.scan_all(None, &segments)?, false),
     };
     run.report.depth = state.depth;
     Ok(Recovered {
         state,
-        metadata_current: loaded == Some(state),
+        metadata_current,
         report: run.report,
-        repaired: run.repaired,
+        unsynced: run.unsynced,
     })
+}
+
+/// Segments before the first one present are gone because every record in them was
+/// finished: reading starts at the first one present. Returns whether it moved.
+fn skip_missing_consumed(meta: &mut Meta, segments: &BTreeSet<u64>) -> bool {
+    if segments.contains(&meta.read.segment) {
+        return false;
+    }
+    let Some(&first) = segments.range(meta.read.segment..).next() else {
+        return false;
+    };
+    if first > meta.write.segment {
+        return false;
+    }
+    let start = Pos {
+        segment: first,
+        offset: 0,
+    };
+    meta.read = start;
+    meta.popped = meta.popped.max(start);
+    meta.unfinished.retain(|p| *p >= start);
+    true
 }
 
 struct Recovery<'a> {
     names: &'a Names,
     options: &'a DiskQueueOptions,
     report: OpenReport,
-    repaired: Vec<QueueFile>,
+    unsynced: Vec<QueueFile>,
     buf: Vec<u8>,
 }
 
@@ -258,135 +167,224 @@ impl Recovery<'_> {
             .map_err(|source| StorageError::Read { path, source })
     }
 
-    /// Whether every segment the metadata refers to is there and long enough.
+    /// Whether every segment the snapshot refers to is there and long enough.
     fn consistent(&self, meta: &Meta, segments: &BTreeSet<u64>) -> Result<bool, StorageError> {
-        if meta.read_file > meta.write_file
-            || (meta.read_file == meta.write_file && meta.read_pos > meta.write_pos)
-            || meta.write_file - meta.read_file > segments.len() as u64
-        {
+        if meta.read > meta.write || meta.popped > meta.write {
             return Ok(false);
         }
-        for n in meta.read_file..=meta.write_file {
-            let lazily_created = n == meta.write_file && meta.write_pos == 0;
+        for n in meta.read.segment..=meta.write.segment {
+            let lazily_created = n == meta.write.segment && meta.write.offset == 0;
             if !segments.contains(&n) && !lazily_created {
                 return Ok(false);
             }
         }
-        if segments.contains(&meta.write_file) && self.file_len(meta.write_file)? < meta.write_pos {
-            return Ok(false);
-        }
-        if meta.read_file < meta.write_file && self.file_len(meta.read_file)? < meta.read_pos {
+        if segments.contains(&meta.write.segment)
+            && self.file_len(meta.write.segment)? < meta.write.offset
+        {
             return Ok(false);
         }
         Ok(true)
     }
 
-    fn scan(&mut self, n: u64, start: u64) -> Result<(QueueFile, SegmentScan), StorageError> {
+    fn scan(
+        &mut self,
+        n: u64,
+        start: u64,
+        visit: impl FnMut(u64),
+    ) -> Result<(QueueFile, SegmentScan), StorageError> {
         let file = QueueFile::open_write(self.names.segment(n), false, &self.options.faults)?;
-        let scan = scan_segment(&file, start, None, self.options.max_msg_size, &mut self.buf)?;
+        let scan = scan_segment(
+            &file,
+            start,
+            None,
+            self.options.max_msg_size,
+            &mut self.buf,
+            visit,
+        )?;
+        for damage in scan.damage.iter().filter(|d| d.to <= scan.commit_end) {
+            self.report.damaged_records += damage.records;
+            self.report.damaged_bytes += damage.to - damage.from;
+        }
         Ok((file, scan))
     }
 
     /// Cuts segment `n` back to its last whole batch.
-    fn cut_torn_tail(&mut self, file: QueueFile, scan: &SegmentScan) -> Result<(), StorageError> {
+    fn cut_torn_tail(&mut self, file: &QueueFile, scan: &SegmentScan) -> Result<(), StorageError> {
         if scan.commit_end >= scan.len {
             return Ok(());
         }
         let cut = scan.len - scan.commit_end;
+        let reason = scan
+            .damage
+            .iter()
+            .rfind(|d| d.to > scan.commit_end)
+            .map_or("incomplete batch".to_string(), |d| d.problem.to_string());
         tracing::warn!(
             path = %file.path().display(),
             offset = scan.commit_end,
             bytes = cut,
-            reason = %scan.problem.map_or("incomplete batch".to_string(), |p| p.to_string()),
+            %reason,
             "disk queue: cutting off a torn tail",
         );
         file.truncate(scan.commit_end)?;
         self.report.torn_segments += 1;
         self.report.torn_bytes_cut += cut;
-        self.repaired.push(file);
         Ok(())
     }
 
-    /// Trusts the metadata up to its synced write position and scans what follows.
-    fn after_sync(&mut self, meta: Meta, segments: &BTreeSet<u64>) -> Result<Meta, StorageError> {
-        let mut state = meta;
-        for &n in segments.range(meta.write_file..) {
-            let start = if n == meta.write_file {
-                meta.write_pos
+    /// Trusts the snapshot up to its write position, scans what follows and replays the
+    /// journal. Returns the state and whether the snapshot already says all of it.
+    fn after_snapshot(
+        &mut self,
+        meta: Meta,
+        segments: &BTreeSet<u64>,
+    ) -> Result<(OpenState, bool), StorageError> {
+        let mut depth = meta.depth;
+        let mut write = meta.write;
+        for &n in segments.range(meta.write.segment..) {
+            let start = if n == meta.write.segment {
+                meta.write.offset
             } else {
                 0
             };
-            let (file, scan) = self.scan(n, start)?;
-            self.cut_torn_tail(file, &scan)?;
-            state.depth += scan.commit_records;
+            let (file, scan) = self.scan(n, start, |_| {})?;
+            self.cut_torn_tail(&file, &scan)?;
+            depth += scan.commit_records;
             self.report.unsynced_records_kept += scan.commit_records;
-            state.write_file = n;
-            state.write_pos = scan.commit_end;
+            write = Pos {
+                segment: n,
+                offset: scan.commit_end,
+            };
+            if scan.commit_records > 0 || scan.len > scan.commit_end {
+                self.unsynced.push(file);
+            }
         }
-        Ok(state)
+
+        // What was handed out and finished since the snapshot. It says nothing of data past
+        // what survived (a machine crash can lose what was written and handed out since the
+        // last fsync; new records will be written there), so it stops at the end of the data.
+        let mut popped = meta.popped;
+        let mut finished = HashSet::new();
+        let entries = journal::replay(self.names, meta.generation)?;
+        let replayed = !entries.is_empty();
+        for entry in entries {
+            popped = popped.max(entry.popped);
+            finished.extend(entry.finished);
+        }
+        let popped = popped.min(write);
+        finished.retain(|p| *p < popped);
+        let mut again: BTreeSet<Pos> = meta
+            .unfinished
+            .iter()
+            .copied()
+            .filter(|p| *p < write && !finished.contains(p))
+            .collect();
+        let mut finished_count = meta
+            .unfinished
+            .iter()
+            .filter(|p| finished.contains(*p))
+            .count() as u64;
+        if popped > meta.popped {
+            let names = self.names;
+            let faults = &self.options.faults;
+            records_between(
+                |n| match QueueFile::open_read(names.segment(n), faults) {
+                    Ok(file) => Ok(Some(file)),
+                    Err(StorageError::Open { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                },
+                meta.popped,
+                popped,
+                self.options.max_msg_size,
+                &mut self.buf,
+                |pos| {
+                    if finished.contains(&pos) {
+                        finished_count += 1;
+                    } else {
+                        again.insert(pos);
+                    }
+                },
+            )?;
+        }
+        self.report.handed_out_again = again.len() as u64;
+        self.report.finished_skipped = finished_count;
+        // Records in read..popped not to hand out again were finished: the reader skips them.
+        let resume = (popped > meta.read).then_some(Resume {
+            until: popped,
+            again,
+        });
+        let state = OpenState {
+            generation: meta.generation,
+            depth: depth.saturating_sub(finished_count),
+            read: meta.read,
+            write,
+            resume,
+        };
+        let current = !replayed && write == meta.write;
+        Ok((state, current))
     }
 
-    /// Counts every record from the read position, or from the first segment present.
+    /// Counts every record from the read position, or from the first segment present; all of
+    /// them are handed out.
     fn scan_all(
         &mut self,
-        hint: Option<Meta>,
+        hint: Option<&Meta>,
         segments: &BTreeSet<u64>,
-    ) -> Result<Meta, StorageError> {
-        let from = hint.map_or(0, |m| m.read_file);
+    ) -> Result<OpenState, StorageError> {
+        let from = hint.map_or(0, |m| m.read.segment);
         let present: Vec<u64> = segments.range(from..).copied().collect();
+        let generation = hint.map_or(0, |m| m.generation);
         let Some(&first) = present.first() else {
-            let n = hint.map_or(0, |m| m.write_file);
-            return Ok(Meta {
+            let n = hint.map_or(0, |m| m.write.segment);
+            let start = Pos {
+                segment: n,
+                offset: 0,
+            };
+            return Ok(OpenState {
+                generation,
                 depth: 0,
-                read_file: n,
-                read_pos: 0,
-                write_file: n,
-                write_pos: 0,
+                read: start,
+                write: start,
+                resume: None,
             });
         };
-        let last = segments.last().copied().unwrap_or(first);
-        let mut read_pos = 0;
-        if let Some(meta) = hint.filter(|m| m.read_file == first)
-            && meta.read_pos <= self.file_len(first)?
-        {
-            read_pos = meta.read_pos;
-        }
-        let mut state = Meta {
-            depth: 0,
-            read_file: first,
-            read_pos,
-            write_file: last,
-            write_pos: 0,
+        let last = present.last().copied().unwrap_or(first);
+        let mut read = Pos {
+            segment: first,
+            offset: 0,
         };
-        for (i, &n) in present.iter().enumerate() {
-            let start = if n == first { read_pos } else { 0 };
-            let (file, scan) = self.scan(n, start)?;
-            if n == last {
-                self.cut_torn_tail(file, &scan)?;
-                state.depth += scan.commit_records;
-                state.write_pos = scan.commit_end;
-                continue;
-            }
-            if let Some(problem) = scan.problem {
-                drop(file);
-                let (bad, kept) = move_aside(self.names, n, scan.valid_end, self.options)?;
-                tracing::error!(
-                    segment = %self.names.segment(n).display(),
-                    offset = scan.valid_end,
-                    moved_to = %bad.display(),
-                    %problem,
-                    "disk queue: corrupt segment; moved the rest of it aside",
-                );
-                self.report.corrupt_segments += 1;
-                if kept.is_none() && n == state.read_file {
-                    // Renamed whole: reading starts with the next segment.
-                    state.read_file = present.get(i + 1).copied().unwrap_or(last);
-                    state.read_pos = 0;
-                }
-                self.repaired.extend(kept);
-            }
-            state.depth += scan.records;
+        if let Some(meta) = hint.filter(|m| m.read.segment == first)
+            && meta.read.offset <= self.file_len(first)?
+        {
+            read.offset = meta.read.offset;
         }
-        Ok(state)
+        let mut depth = 0;
+        let mut write = read;
+        for &n in &present {
+            let start = if n == first { read.offset } else { 0 };
+            let (file, scan) = self.scan(n, start, |_| {})?;
+            if n == last {
+                self.cut_torn_tail(&file, &scan)?;
+                depth += scan.commit_records;
+                write = Pos {
+                    segment: n,
+                    offset: scan.commit_end,
+                };
+            } else {
+                depth += scan.records;
+            }
+            self.unsynced.push(file);
+        }
+        Ok(OpenState {
+            generation,
+            depth,
+            read,
+            write,
+            resume: None,
+        })
     }
 }

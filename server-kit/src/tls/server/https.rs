@@ -4,6 +4,7 @@
 //! A handshake waits on the client, so doing it inside `Listener::accept` would let one slow or
 //! silent client stop every other one; here each handshake is its own task with a deadline.
 
+use crate::listen::AcceptFailures;
 use rustls::ServerConfig;
 use std::io;
 use std::net::SocketAddr;
@@ -79,6 +80,7 @@ type Ready = mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>;
 
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, ready: Ready) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let mut failures = AcceptFailures::new("HTTPS");
     loop {
         let permit = tokio::select! {
             _ = ready.closed() => return,
@@ -93,6 +95,7 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, ready: Ready)
         };
         match accepted {
             Ok((tcp, peer)) => {
+                failures.accepted();
                 let acceptor = acceptor.clone();
                 let ready = ready.clone();
                 tokio::spawn(async move {
@@ -104,12 +107,7 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, ready: Ready)
                     }
                 });
             }
-            Err(e) if is_connection_error(&e) => {}
-            Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %e, "HTTPS accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) => failures.failed(&e).await,
         }
     }
 }
@@ -136,14 +134,4 @@ async fn handshake(
             None
         }
     }
-}
-
-/// Errors about one connection that went away before it was accepted, not about the socket.
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
 }
