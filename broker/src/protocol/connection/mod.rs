@@ -8,7 +8,7 @@
 //! [`auth`], [`publish`] and [`consume`]; the TLS and compression upgrades, and reading
 //! through them, are in [`upgrade`].
 //!
-//! The connection is generic over the socket's halves, so its unit tests ([`tests`]) drive it
+//! The connection is generic over the socket's halves, so its unit tests (`tests.rs`) drive it
 //! over `tokio::io::duplex`. The reader runs here; what the client is sent goes through its
 //! [`Outbox`](super::outbox::Outbox), and a [`writer`](super::writer) task keeps the timers.
 //! Consecutive FINs in one read are applied together under a single channel lock.
