@@ -2,9 +2,9 @@
 # Runs every knsq test on a fresh machine: installs what the tests need (Debian's prometheus
 # package; a Python virtualenv with pynsq and nsqjs from npm, via test-compat.sh; etcd, Go and
 # a kube-apiserver built once and cached outside the clone, via test-operator.sh), checks
-# formatting and lints, runs the Rust suite, then the real client libraries against the real
-# binaries. Every suite runs even when an earlier one fails; the exit status says whether all
-# passed.
+# formatting, lints and module layering (no cycles), runs the Rust suite, then the real client
+# libraries against the real binaries. Every suite runs even when an earlier one fails; the
+# exit status says whether all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec </dev/null
@@ -14,9 +14,10 @@ step() { printf '\n== %s\n' "$*"; }
 step "install: prometheus and promtool"
 bash scripts/install-prometheus.sh
 
-step "format and lints"
+step "format, lints and module layering"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+python3 scripts/module-graph.py
 
 step "build the binaries the tests run"
 cargo build --workspace --bins --locked

@@ -1,23 +1,38 @@
-//! The broker's shared state: its topics, its clients, and what every server reads.
+//! The broker's shared state: its topics, and what every server reads.
 //!
 //! Creating, deleting and pausing topics and channels goes through here, so the metadata file
-//! is rewritten after every such change.
+//! is rewritten after every such change, and the [`Cluster`] around the broker hears of it.
 
-use crate::auth::AuthServers;
 use crate::config::{NSQ_COMPAT_VERSION, Options};
-use crate::lookup::{Lookup, Registrations};
-use crate::metrics::ServerMetrics;
 use crate::persist::{Metadata, PersistError};
-use crate::protocol::Client;
-use crate::queue::{Channel, PublishError, QueueSettings, SubscribeError, Topic};
+use crate::queue::{Channel, PublishError, QueueSettings, SubscribeError, Subscriber, Topic};
 use crate::stats::{ClientStats, MemoryStats, NodeStats};
 use crate::storage::StorageError;
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+/// What the broker tells, and asks of, the brokers around it: the lookupd registrations
+/// implement it, so this core knows nothing of lookupds.
+pub(crate) trait Cluster: Send + Sync + fmt::Debug {
+    /// A topic, or one of its channels, was created or deleted. Never blocks.
+    fn topic_changed(&self, topic: &str);
+
+    /// Whether the cluster can be asked for topics' channels now (one atomic load).
+    fn knows_channels(&self) -> bool;
+
+    /// The non-ephemeral channels other brokers have for `topic`, as far as the cluster
+    /// knows within its time limit.
+    fn topic_channels<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Vec<String>> + Send + 'a>>;
+}
 
 #[derive(Debug)]
 pub(crate) struct Broker {
@@ -26,33 +41,20 @@ pub(crate) struct Broker {
     pub(crate) start_time: i64,
     pub(crate) tcp_address: SocketAddr,
     pub(crate) http_address: SocketAddr,
-    pub(crate) metrics: ServerMetrics,
-    /// Registrations with the lookupds; told of every topic and channel change.
-    pub(crate) lookup: Lookup,
-    /// The auth servers when `--auth-http-address` turns authorization on.
-    pub(crate) auth: Option<AuthServers>,
-    /// TLS for clients when `--tls-cert` and `--tls-key` are given.
-    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// Told of every topic and channel change (the lookupd registrations).
+    cluster: Arc<dyn Cluster>,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
-    clients: Mutex<HashMap<u64, Arc<Client>>>,
-    next_client_id: AtomicU64,
     /// Serializes rewrites of the metadata file.
     metadata: Mutex<()>,
 }
 
 impl Broker {
-    // Each argument is a separately built part of the broker; bundling them would only
-    // move the list elsewhere.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         options: Options,
-        auth: Option<AuthServers>,
-        tls: Option<Arc<rustls::ServerConfig>>,
         settings: QueueSettings,
         tcp_address: SocketAddr,
         http_address: SocketAddr,
-        metrics: ServerMetrics,
-        lookup: Lookup,
+        cluster: Arc<dyn Cluster>,
     ) -> Broker {
         Broker {
             settings: Arc::new(settings),
@@ -62,15 +64,48 @@ impl Broker {
                 .map_or(0, |d| d.as_secs() as i64),
             tcp_address,
             http_address,
-            metrics,
-            lookup,
-            auth,
-            tls,
+            cluster,
             topics: RwLock::new(BTreeMap::new()),
-            clients: Mutex::new(HashMap::new()),
-            next_client_id: AtomicU64::new(1),
             metadata: Mutex::new(()),
         }
+    }
+
+    /// A broker on `options.data_path` with no lookupds, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(options: Options) -> Broker {
+        /// The cluster of a broker on its own.
+        #[derive(Debug)]
+        struct Alone;
+
+        impl Cluster for Alone {
+            fn topic_changed(&self, _: &str) {}
+
+            fn knows_channels(&self) -> bool {
+                false
+            }
+
+            fn topic_channels<'a>(
+                &'a self,
+                _: &'a str,
+            ) -> Pin<Box<dyn Future<Output = Vec<String>> + Send + 'a>> {
+                Box::pin(std::future::ready(Vec::new()))
+            }
+        }
+
+        let counter = |name: &str| {
+            prometheus::IntCounter::new(name, "test").unwrap_or_else(|e| panic!("{e}"))
+        };
+        let healthy =
+            prometheus::IntGauge::new("healthy", "test").unwrap_or_else(|e| panic!("{e}"));
+        let health = crate::health::Health::new(healthy, counter("write_errors"));
+        let damage = crate::queue::DamageCounters {
+            records: counter("damaged_records"),
+            bytes: counter("damaged_bytes"),
+        };
+        let disk = crate::storage::DiskQueueOptions::default();
+        let settings = QueueSettings::new(&options, disk, health, damage);
+        let address = SocketAddr::from(([127, 0, 0, 1], 0));
+        Broker::new(options, settings, address, address, Arc::new(Alone))
     }
 
     /// Recreates the topics and channels of the metadata file, with their paused flags and
@@ -129,7 +164,7 @@ impl Broker {
         topics.insert(name.to_string(), topic.clone());
         drop(topics);
         tracing::info!(topic = %name, "new topic");
-        self.lookup.changed(name);
+        self.cluster.topic_changed(name);
         Ok(topic)
     }
 
@@ -143,7 +178,7 @@ impl Broker {
         if !self.needs_prepare(name) {
             return;
         }
-        let channels = self.lookup.topic_channels(name).await;
+        let channels = self.cluster.topic_channels(name).await;
         if channels.is_empty() || self.existing_topic(name).is_some() {
             return;
         }
@@ -158,11 +193,11 @@ impl Broker {
 
     /// Whether creating `name` should wait for [`Broker::prepare_topic`] first.
     pub(crate) fn needs_prepare(&self, name: &str) -> bool {
-        self.lookup.any_registered() && self.existing_topic(name).is_none()
+        self.cluster.knows_channels() && self.existing_topic(name).is_none()
     }
 
     /// Every topic with its channels, as registered with lookupds.
-    pub(crate) fn registrations(&self) -> Registrations {
+    pub(crate) fn registrations(&self) -> BTreeMap<String, BTreeSet<String>> {
         self.topics()
             .iter()
             .map(|t| (t.name.clone(), t.channel_names()))
@@ -205,18 +240,18 @@ impl Broker {
         Ok(t)
     }
 
-    /// Subscribes a client, creating the topic and channel as needed.
+    /// Subscribes a consumer, creating the topic and channel as needed.
     pub(crate) fn subscribe(
         &self,
         topic: &str,
         channel: &str,
-        client: &Arc<Client>,
+        subscriber: &Subscriber,
     ) -> Result<(Arc<Topic>, Arc<Channel>), SubscribeError> {
         let t = self.topic(topic)?;
-        let (c, created) = t.subscribe(channel, client)?;
+        let (c, created) = t.subscribe(channel, subscriber)?;
         if created {
             self.save_metadata();
-            self.lookup.changed(topic);
+            self.cluster.topic_changed(topic);
         }
         Ok((t, c))
     }
@@ -230,7 +265,7 @@ impl Broker {
         let created = topic.channel(channel)?;
         if created.as_ref().is_some_and(|(_, new)| *new) {
             self.save_metadata();
-            self.lookup.changed(&topic.name);
+            self.cluster.topic_changed(&topic.name);
         }
         Ok(created.map(|(c, _)| c))
     }
@@ -246,7 +281,7 @@ impl Broker {
         topic.delete();
         tracing::info!(topic = %name, "deleted topic");
         self.save_metadata();
-        self.lookup.changed(name);
+        self.cluster.topic_changed(name);
         true
     }
 
@@ -256,7 +291,7 @@ impl Broker {
         if deleted {
             self.delete_topic_if_unused_ephemeral(topic);
             self.save_metadata();
-            self.lookup.changed(&topic.name);
+            self.cluster.topic_changed(&topic.name);
         }
         deleted
     }
@@ -279,7 +314,7 @@ impl Broker {
     pub(crate) fn consumer_left(&self, topic: &Arc<Topic>, channel: &str) {
         topic.delete_channel_if_unused(channel);
         self.delete_topic_if_unused_ephemeral(topic);
-        self.lookup.changed(&topic.name);
+        self.cluster.topic_changed(&topic.name);
     }
 
     /// Deletes an ephemeral topic that has lost its last channel (if it is still registered:
@@ -349,50 +384,15 @@ impl Broker {
         self.settings.commits.wait(ticket).await
     }
 
-    pub(crate) fn next_client_id(&self) -> u64 {
-        self.next_client_id.fetch_add(1, Relaxed)
-    }
-
-    pub(crate) fn add_client(&self, client: Arc<Client>) {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.insert(client.id, client);
-    }
-
-    pub(crate) fn remove_client(&self, id: u64) {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.remove(&id);
-    }
-
-    /// Closes every client connection (shutdown).
-    pub(crate) fn close_clients(&self) {
-        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        for client in clients.values() {
-            client.close();
-        }
-    }
-
-    /// TCP clients that have published; `None` when there are none, as nsqd's nil list.
-    fn producers(&self, topic: Option<&str>) -> Option<Vec<ClientStats>> {
-        let clients: Vec<Arc<Client>> = {
-            let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-            clients.values().cloned().collect()
-        };
-        let mut producers: Vec<ClientStats> = clients
-            .iter()
-            .filter(|c| c.has_published())
-            .map(|c| c.stats(topic))
-            .collect();
-        producers.sort_by(|a, b| a.remote_address.cmp(&b.remote_address));
-        (!producers.is_empty()).then_some(producers)
-    }
-
-    /// `/stats`: filtered like nsqd's (an unknown topic gives `null` topics).
+    /// `/stats`: filtered like nsqd's (an unknown topic gives `null` topics). `producers`
+    /// lists the clients that published (to `topic`, when given).
     pub(crate) fn stats(
         &self,
         topic: Option<&str>,
         channel: Option<&str>,
         include_clients: bool,
         include_mem: bool,
+        producers: impl FnOnce(Option<&str>) -> Option<Vec<ClientStats>>,
     ) -> NodeStats {
         let topics = match topic {
             None => Some(self.topics()),
@@ -413,7 +413,7 @@ impl Broker {
             memory: include_mem.then(MemoryStats::current),
             // nsqd returns before listing producers when the topic filter matches nothing.
             producers: (include_clients && found)
-                .then(|| self.producers(topic))
+                .then(|| producers(topic))
                 .flatten(),
         }
     }

@@ -10,10 +10,7 @@
 //! [`Server`] wraps both for tests and embedding.
 
 pub mod config;
-pub mod pem;
-pub mod signals;
 
-mod accept;
 mod auth;
 mod broker;
 mod health;
@@ -26,16 +23,12 @@ mod queue;
 mod stats;
 mod storage;
 mod tcp;
-mod tls;
 
-pub use config::Options;
-pub use http::LogLevelSetter;
-/// nsqd's HTTP API conventions, shared with knsq-lookupd: the `{"message": …}` error, V1
-/// responses with `X-NSQ-Content-Type`, and Go's strict query parsing.
-pub use http::{
-    ApiError, NSQ_CONTENT_TYPE, NSQ_V1, Params, json_response, metrics_response, text_response,
-};
+pub use config::{Config, Options};
+pub use server_kit::process::LogLevelSetter;
 
+use server_kit::listen::{BindError, bind, local_address, raise_fd_limit, reserved_fds};
+use server_kit::tls::server::{HttpsListener, https_config};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
@@ -47,13 +40,8 @@ use tokio_util::task::TaskTracker;
 pub enum BrokerError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("cannot listen on --{flag} {address}: {source}")]
-    Bind {
-        flag: &'static str,
-        address: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("cannot use --data-path {path}: {source}")]
     DataPath {
         path: String,
@@ -68,21 +56,6 @@ pub enum BrokerError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// An error and its chain of sources, `: `-separated, each said once (hyper's and tonic's own
-/// texts hide the cause, such as a refused connection).
-pub(crate) fn with_sources(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let said = e.to_string();
-        if !text.contains(&said) {
-            text = format!("{text}: {said}");
-        }
-        source = e.source();
-    }
-    text
-}
-
 /// The broker's listening sockets, bound before it runs (port 0 picks a free port).
 #[derive(Debug)]
 pub struct Listeners {
@@ -93,19 +66,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(options: &Options) -> Result<Listeners, BrokerError> {
-        let bind = |flag: &'static str, address: &str| {
-            let address = address.to_string();
-            async move {
-                accept::bind(&address)
-                    .await
-                    .map_err(|source| BrokerError::Bind {
-                        flag,
-                        address,
-                        source,
-                    })
-            }
-        };
+    pub async fn bind(options: &Options) -> Result<Listeners, BindError> {
         let tcp = bind("tcp-address", &options.tcp_address).await?;
         let http = bind("http-address", &options.http_address).await?;
         let https = if options.tls.serves_https() {
@@ -116,54 +77,59 @@ impl Listeners {
         Ok(Listeners { tcp, http, https })
     }
 
-    pub fn tcp_address(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
+    pub fn tcp_address(&self) -> Result<SocketAddr, BindError> {
+        local_address(&self.tcp, "tcp-address")
     }
 
-    pub fn http_address(&self) -> std::io::Result<SocketAddr> {
-        self.http.local_addr()
+    pub fn http_address(&self) -> Result<SocketAddr, BindError> {
+        local_address(&self.http, "http-address")
     }
 
     /// The HTTPS address, when TLS is on and `--https-address` is not empty.
-    pub fn https_address(&self) -> std::io::Result<Option<SocketAddr>> {
-        self.https.as_ref().map(TcpListener::local_addr).transpose()
+    pub fn https_address(&self) -> Result<Option<SocketAddr>, BindError> {
+        let https = self.https.as_ref();
+        https.map(|l| local_address(l, "https-address")).transpose()
     }
 }
 
 /// Runs the broker until `shutdown` is cancelled, then closes every connection and waits
 /// for them, at most `--shutdown-timeout`.
 pub async fn run(
-    options: Options,
+    config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
     set_log_level: Option<LogLevelSetter>,
 ) -> Result<(), BrokerError> {
-    options.validate()?;
+    let Config {
+        options,
+        client_tls,
+        lookupd_tls,
+        auth,
+    } = config;
     let data_error = |source| BrokerError::DataPath {
         path: options.data_path.display().to_string(),
         source,
     };
     std::fs::create_dir_all(&options.data_path).map_err(data_error)?;
     let _lock = persist::DataDirLock::acquire(&options.data_path)?;
-    let local = |l: &TcpListener, flag| {
-        l.local_addr().map_err(|source| BrokerError::Bind {
-            flag,
-            address: String::new(),
-            source,
-        })
-    };
-    let tcp_address = local(&listeners.tcp, "tcp-address")?;
-    let http_address = local(&listeners.http, "http-address")?;
+    let tcp_address = listeners.tcp_address()?;
+    let http_address = listeners.http_address()?;
     // A listener bound for HTTPS is served only when the options still say so.
     let https_listener = listeners.https.filter(|_| options.tls.serves_https());
     let https_address = match &https_listener {
-        Some(l) => Some(local(l, "https-address")?),
+        Some(l) => Some(local_address(l, "https-address")?),
         None => None,
     };
 
-    let fd_limit = accept::raise_fd_limit();
+    let fd_limit = raise_fd_limit();
     let http_limits = http_limits(&options, fd_limit);
-    tracing::debug!(?fd_limit, ?http_limits, "file descriptors and HTTP limits");
+    let tcp_limit = tcp_connections(&options, fd_limit);
+    tracing::debug!(
+        ?fd_limit,
+        ?http_limits,
+        tcp_limit,
+        "file descriptors and connection limits"
+    );
     let (metrics, server_metrics) = metrics::Metrics::new()?;
     metrics.register_data_path(options.data_path.clone())?;
     let health = health::Health::new(
@@ -181,28 +147,24 @@ pub async fn run(
     // Lookupd registrations (issue 4): started once the topics are restored.
     let lookup_metrics = lookup::LookupMetrics::new()?;
     metrics.register(lookup_metrics.collectors())?;
-    let lookup = lookup::Lookup::new(
+    let lookup = Arc::new(lookup::Lookup::new(
         options.lookupd_grpc_addresses.clone(),
+        lookupd_tls,
         options.lookupd_heartbeat_interval,
         lookup_metrics,
         shutdown.clone(),
-    );
-    let auth = auth::AuthServers::from_options(&options)?;
-    let client_tls = tls::server_config(&options.tls)?;
+    ));
     let state = Arc::new(broker::Broker::new(
         options,
-        auth,
-        client_tls,
         settings,
         tcp_address,
         http_address,
-        server_metrics,
-        lookup,
+        lookup.clone(),
     ));
     metrics.register_queues(Arc::downgrade(&state))?;
     state.restore()?;
     state.save_metadata();
-    state.lookup.start(&state);
+    lookup.start(&state);
     let syncer = tokio::spawn(sync_disks(state.clone(), shutdown.clone()));
     tracing::info!(
         node_id = state.options.node_id,
@@ -215,15 +177,28 @@ pub async fn run(
         tracing::info!("HTTPS: listening on {address}");
     }
 
+    let clients = Arc::new(protocol::Clients::default());
+    let protocol = Arc::new(protocol::Shared {
+        broker: state.clone(),
+        clients: clients.clone(),
+        auth: auth.as_ref().map(auth::AuthServers::new),
+        tls_required: client_tls.is_some()
+            && state.options.tls.required() != config::TlsRequired::No,
+        tls: client_tls.clone(),
+        metrics: server_metrics.connections.clone(),
+    });
     let connections = TaskTracker::new();
     let tcp = tokio::spawn(tcp::serve(
         listeners.tcp,
-        state.clone(),
+        protocol,
+        tcp_limit,
         shutdown.clone(),
         connections.clone(),
     ));
     let app = http::AppState {
         broker: state.clone(),
+        clients: clients.clone(),
+        lookup: lookup.clone(),
         metrics: Arc::new(metrics),
         log_level: Arc::new(Mutex::new(state.options.log_level.clone())),
         set_log_level,
@@ -231,9 +206,9 @@ pub async fn run(
     // HTTPS serves the API with the TCP clients' TLS config, so the same client
     // certificates are asked for; it needs listeners bound with TLS on. Without an HTTPS
     // listener, `--tls-required=true` answers plain HTTP with `https_port: 0`.
-    let https = match (https_listener, https_address, &state.tls) {
+    let https = match (https_listener, https_address, &client_tls) {
         (Some(listener), Some(address), Some(tls)) => {
-            let listener = http::TlsListener::new(listener, address, http::https_config(tls));
+            let listener = HttpsListener::new(listener, address, https_config(tls));
             Some(tokio::spawn(http::serve_https(
                 listener,
                 app.clone(),
@@ -260,7 +235,7 @@ pub async fn run(
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing listeners and client connections");
-    state.close_clients();
+    clients.close_all();
     connections.close();
     let grace = state.options.shutdown_timeout;
     let drained = tokio::time::timeout(grace, async {
@@ -280,7 +255,7 @@ pub async fn run(
     }
     let _ = syncer.await;
     // The registration streams end, so lookupds drop this broker at once.
-    state.lookup.stopped(grace).await;
+    lookup.stopped(grace).await;
     // Messages in memory, in flight and deferred go to disk; nothing acknowledged is lost.
     let persisting = state.clone();
     tokio::task::spawn_blocking(move || persisting.persist()).await?;
@@ -292,13 +267,23 @@ pub async fn run(
 /// and HTTPS get a quarter of what is left after the broker's own reserve.
 fn http_limits(o: &Options, fd_limit: Option<u64>) -> http::HttpLimits {
     let by_fds = fd_limit.map_or(u64::MAX, |limit| {
-        (limit.saturating_sub(accept::reserved_fds(limit)) / 4).max(1)
+        (limit.saturating_sub(reserved_fds(limit)) / 4).max(1)
     });
     http::HttpLimits {
         header_timeout: o.http_header_timeout,
         max_header_bytes: usize::try_from(o.http_max_header_bytes).unwrap_or(usize::MAX),
         max_connections: usize::try_from(o.http_max_connections.min(by_fds)).unwrap_or(usize::MAX),
     }
+}
+
+/// The most NSQ TCP connections at once: `--max-connections`, capped by the file descriptor
+/// limit (half of what is left after the broker's own reserve; HTTP and HTTPS get a quarter
+/// each), so clients past it are told why instead of the accept failing.
+fn tcp_connections(o: &Options, fd_limit: Option<u64>) -> usize {
+    let by_fds = fd_limit.map_or(u64::MAX, |limit| {
+        (limit.saturating_sub(reserved_fds(limit)) / 2).max(1)
+    });
+    usize::try_from(by_fds).map_or(o.max_connections, |by_fds| by_fds.min(o.max_connections))
 }
 
 /// Fsyncs changed disk queues every `--sync-timeout`, sooner when one has done `--sync-every`
@@ -340,24 +325,13 @@ pub struct Server {
 impl Server {
     /// Binds the configured addresses and starts serving.
     pub async fn start(options: Options) -> Result<Server, BrokerError> {
-        options.validate()?;
+        let config = options.validate()?;
         let listeners = Listeners::bind(&options).await?;
-        let bind_error = |flag| {
-            move |source| BrokerError::Bind {
-                flag,
-                address: String::new(),
-                source,
-            }
-        };
-        let tcp_address = listeners.tcp_address().map_err(bind_error("tcp-address"))?;
-        let http_address = listeners
-            .http_address()
-            .map_err(bind_error("http-address"))?;
-        let https_address = listeners
-            .https_address()
-            .map_err(bind_error("https-address"))?;
+        let tcp_address = listeners.tcp_address()?;
+        let http_address = listeners.http_address()?;
+        let https_address = listeners.https_address()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(options, listeners, shutdown.clone(), None));
+        let task = tokio::spawn(run(config, listeners, shutdown.clone(), None));
         Ok(Server {
             tcp_address,
             http_address,

@@ -5,6 +5,7 @@
 //! Prometheus conventions (`nsq_topic_messages_total`, …).
 
 use crate::broker::Broker;
+use crate::protocol::ConnectionMetrics;
 use crate::stats::E2eStats;
 use prometheus::core::{Collector, Desc, MetricVec, MetricVecBuilder};
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
@@ -25,37 +26,31 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// Counters the servers update as connections come and go.
+/// What the servers and queues update as they go.
 #[derive(Debug, Clone)]
 pub(crate) struct ServerMetrics {
-    connections: IntGauge,
-    connections_total: IntCounter,
+    pub(crate) connections: ConnectionMetrics,
     /// 1 while disk writes succeed, 0 after one failed (nsqd's health).
     pub(crate) healthy: IntGauge,
     pub(crate) disk_write_errors: IntCounter,
     pub(crate) damage: crate::queue::DamageCounters,
 }
 
-impl ServerMetrics {
-    pub(crate) fn connection_opened(&self) {
-        self.connections.inc();
-        self.connections_total.inc();
-    }
-
-    pub(crate) fn connection_closed(&self) {
-        self.connections.dec();
-    }
-}
-
 impl Metrics {
     pub(crate) fn new() -> Result<(Metrics, ServerMetrics), prometheus::Error> {
         let registry = Registry::new();
         let server = ServerMetrics {
-            connections: IntGauge::new("knsq_tcp_connections", "Open NSQ TCP connections")?,
-            connections_total: IntCounter::new(
-                "knsq_tcp_connections_total",
-                "NSQ TCP connections accepted",
-            )?,
+            connections: ConnectionMetrics {
+                open: IntGauge::new("knsq_tcp_connections", "Open NSQ TCP connections")?,
+                accepted: IntCounter::new(
+                    "knsq_tcp_connections_total",
+                    "NSQ TCP connections accepted",
+                )?,
+                refused: IntCounter::new(
+                    "knsq_tcp_connections_refused_total",
+                    "NSQ TCP connections refused past --max-connections",
+                )?,
+            },
             healthy: IntGauge::new(
                 "knsq_healthy",
                 "1 while disk writes succeed; 0 after a write failed, until one succeeds",
@@ -75,8 +70,9 @@ impl Metrics {
                 )?,
             },
         };
-        registry.register(Box::new(server.connections.clone()))?;
-        registry.register(Box::new(server.connections_total.clone()))?;
+        registry.register(Box::new(server.connections.open.clone()))?;
+        registry.register(Box::new(server.connections.accepted.clone()))?;
+        registry.register(Box::new(server.connections.refused.clone()))?;
         registry.register(Box::new(server.healthy.clone()))?;
         registry.register(Box::new(server.disk_write_errors.clone()))?;
         registry.register(Box::new(server.damage.records.clone()))?;

@@ -1,6 +1,5 @@
 //! `/stats` shapes, field for field as nsqd 1.3 serializes them.
 
-use crate::queue::e2e::Histogram;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -116,31 +115,6 @@ pub(crate) struct Percentile {
     pub(crate) quantile: f64,
     /// Nanoseconds.
     pub(crate) value: u64,
-}
-
-impl E2eStats {
-    pub(crate) fn new(quantiles: &[f64], samples: &Histogram) -> E2eStats {
-        if quantiles.is_empty() {
-            return E2eStats {
-                count: 0,
-                percentiles: None,
-                sum_seconds: 0.0,
-            };
-        }
-        E2eStats {
-            count: samples.count(),
-            sum_seconds: samples.sum_seconds(),
-            percentiles: Some(
-                quantiles
-                    .iter()
-                    .map(|&q| Percentile {
-                        quantile: q,
-                        value: samples.quantile(q),
-                    })
-                    .collect(),
-            ),
-        }
-    }
 }
 
 /// nsqd reports Go runtime memory figures; knsq reports the process's own under the same

@@ -2,13 +2,35 @@
 //! `KNSQ_LOOKUPD_<FLAG>` environment variable, parsed with Go's flag syntax as well as GNU's.
 
 use crate::registry::Lifetimes;
-pub use broker::config::ConfigError;
-use broker::config::{
+use clap::Parser;
+pub use server_kit::flags::ConfigError;
+use server_kit::flags::{
     default_hostname, parse_go_bool, parse_go_command_line, parse_go_duration, parse_log_level,
 };
-use clap::Parser;
+use server_kit::process::ServerOptions;
+use server_kit::tls::{self, cert_and_key};
 use std::path::PathBuf;
 use std::time::Duration;
+use tonic::transport::ServerTlsConfig;
+
+/// The options, checked, with the TLS files they name read: what [`crate::run`] takes, so
+/// nothing is checked or read twice.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub options: Options,
+    /// TLS on the gRPC listener (`--grpc-tls-*`).
+    pub(crate) grpc_tls: Option<ServerTlsConfig>,
+}
+
+impl ServerOptions for Config {
+    fn log_level(&self) -> &str {
+        &self.options.log_level
+    }
+
+    fn verbose(&self) -> bool {
+        self.options.verbose
+    }
+}
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -90,8 +112,9 @@ impl Options {
         parse_go_command_line(args)
     }
 
-    /// Checks what a flag's type cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks what a flag's type cannot and reads the files the flags name: every check of
+    /// the options is here, and happens once.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
         if self.inactive_producer_timeout < Duration::from_millis(1) {
             return Err(ConfigError {
                 flag: "inactive-producer-timeout",
@@ -104,8 +127,38 @@ impl Options {
                 reason: "must not be empty".into(),
             });
         }
-        crate::grpc::check_tls_options(self)?;
-        Ok(())
+        Ok(Config {
+            options: self.clone(),
+            grpc_tls: self.grpc_tls()?,
+        })
+    }
+
+    /// TLS on the gRPC listener; `None` when the flags leave it off. The files are read and
+    /// checked here: tonic would accept an empty certificate file or a key of another
+    /// certificate and only fail each handshake later.
+    fn grpc_tls(&self) -> Result<Option<ServerTlsConfig>, ConfigError> {
+        let files = cert_and_key(
+            "grpc-tls-cert",
+            self.grpc_tls_cert.as_deref(),
+            "grpc-tls-key",
+            self.grpc_tls_key.as_deref(),
+        )?;
+        let Some((cert, key)) = files else {
+            if self.grpc_tls_client_ca_file.is_some() {
+                return Err(ConfigError {
+                    flag: "grpc-tls-client-ca-file",
+                    reason: "needs --grpc-tls-cert and --grpc-tls-key (TLS on the gRPC listener)"
+                        .into(),
+                });
+            }
+            return Ok(None);
+        };
+        let identity = tls::identity("grpc-tls-cert", cert, "grpc-tls-key", key)?;
+        let client_ca = match &self.grpc_tls_client_ca_file {
+            Some(ca) => Some(tls::root_store("grpc-tls-client-ca-file", ca)?),
+            None => None,
+        };
+        Ok(Some(tls::server::grpc_config(identity, client_ca)))
     }
 
     pub fn lifetimes(&self) -> Lifetimes {
@@ -190,5 +243,44 @@ mod tests {
             "invalid value for --inactive-producer-timeout: must be at least 1ms"
         );
         assert!(parse(&["--data-path=/x"]).is_err(), "not a lookupd flag");
+    }
+
+    fn error(args: &[&str]) -> String {
+        Options::from_args(std::iter::once("knsq-lookupd").chain(args.iter().copied()))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn tls_is_off_by_default() {
+        let o = Options::from_args(["knsq-lookupd"]).unwrap();
+        assert!(o.grpc_tls().unwrap().is_none());
+    }
+
+    // Files with content are checked in tests/tests/lookupd_tls.rs, which has a test CA.
+    #[test]
+    fn incomplete_or_unreadable_tls_flags_name_their_flag() {
+        assert_eq!(
+            error(&["--grpc-tls-cert=c.pem"]),
+            "invalid value for --grpc-tls-key: is needed with --grpc-tls-cert"
+        );
+        assert_eq!(
+            error(&["-grpc-tls-key=k.pem"]),
+            "invalid value for --grpc-tls-cert: is needed with --grpc-tls-key"
+        );
+        assert!(
+            error(&["--grpc-tls-client-ca-file=ca.pem"])
+                .starts_with("invalid value for --grpc-tls-client-ca-file: needs --grpc-tls-cert")
+        );
+        let e = error(&[
+            "--grpc-tls-cert=/no/such/cert.pem",
+            "--grpc-tls-key=/no/such/key.pem",
+        ]);
+        assert!(
+            e.starts_with("invalid value for --grpc-tls-cert: cannot read /no/such/cert.pem"),
+            "{e}"
+        );
     }
 }

@@ -16,9 +16,10 @@ mod grpc;
 mod http;
 mod metrics;
 
-pub use config::Options;
+pub use config::{Config, Options};
 
 use directory::{Directory, LookupdInfo};
+use server_kit::listen::{BindError, bind, local_address};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -26,19 +27,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The nsqlookupd release whose HTTP API knsq-lookupd matches; `/info` reports it.
-pub const NSQ_COMPAT_VERSION: &str = broker::config::NSQ_COMPAT_VERSION;
+pub use server_kit::NSQ_COMPAT_VERSION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LookupdError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("cannot listen on --{flag} {address}: {source}")]
-    Bind {
-        flag: &'static str,
-        address: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("gRPC server: {0}")]
@@ -55,50 +51,30 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(options: &Options) -> Result<Listeners, LookupdError> {
-        let bind = |flag: &'static str, address: &str| {
-            let address = address.to_string();
-            async move {
-                TcpListener::bind(&address)
-                    .await
-                    .map_err(|source| LookupdError::Bind {
-                        flag,
-                        address,
-                        source,
-                    })
-            }
-        };
+    pub async fn bind(options: &Options) -> Result<Listeners, BindError> {
         Ok(Listeners {
             grpc: bind("grpc-address", &options.grpc_address).await?,
             http: bind("http-address", &options.http_address).await?,
         })
     }
 
-    pub fn grpc_address(&self) -> Result<SocketAddr, LookupdError> {
+    pub fn grpc_address(&self) -> Result<SocketAddr, BindError> {
         local_address(&self.grpc, "grpc-address")
     }
 
-    pub fn http_address(&self) -> Result<SocketAddr, LookupdError> {
+    pub fn http_address(&self) -> Result<SocketAddr, BindError> {
         local_address(&self.http, "http-address")
     }
-}
-
-fn local_address(listener: &TcpListener, flag: &'static str) -> Result<SocketAddr, LookupdError> {
-    listener.local_addr().map_err(|source| LookupdError::Bind {
-        flag,
-        address: String::new(),
-        source,
-    })
 }
 
 /// Runs the lookupd until `shutdown` is cancelled, then ends every registration stream and
 /// waits for both servers, at most `--shutdown-timeout`.
 pub async fn run(
-    options: Options,
+    config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), LookupdError> {
-    options.validate()?;
+    let options = &config.options;
     let grpc_address = listeners.grpc_address()?;
     let http_address = listeners.http_address()?;
     let directory = Arc::new(Directory::new(
@@ -106,7 +82,7 @@ pub async fn run(
         metrics::Metrics::new()?,
         LookupdInfo {
             broadcast_address: options.broadcast_address.clone(),
-            hostname: broker::config::default_hostname(),
+            hostname: server_kit::flags::default_hostname(),
             grpc_port: grpc_address.port(),
             http_port: http_address.port(),
         },
@@ -116,7 +92,7 @@ pub async fn run(
         broadcast_address = %options.broadcast_address,
         "knsq-lookupd starting"
     );
-    let grpc_server = grpc::server(&options)?;
+    let grpc_server = grpc::server(&config)?;
     tracing::info!("GRPC: listening on {grpc_address}");
     tracing::info!("HTTP: listening on {http_address}");
 
@@ -165,12 +141,12 @@ pub struct Server {
 impl Server {
     /// Binds the configured addresses and starts serving.
     pub async fn start(options: Options) -> Result<Server, LookupdError> {
-        options.validate()?;
+        let config = options.validate()?;
         let listeners = Listeners::bind(&options).await?;
         let grpc_address = listeners.grpc_address()?;
         let http_address = listeners.http_address()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(options, listeners, shutdown.clone()));
+        let task = tokio::spawn(run(config, listeners, shutdown.clone()));
         Ok(Server {
             grpc_address,
             http_address,

@@ -5,21 +5,20 @@
 //! connection checks SUB, PUB, MPUB and DPUB against that answer and asks again once the TTL
 //! is over. Requests are bounded by `--http-client-connect-timeout` and
 //! `--http-client-request-timeout`, so an unreachable auth server fails a client quickly.
-//! `https://` servers are reached over TLS ([`connector`]).
+//! `https://` servers are reached over TLS ([`server_kit::tls::client`]).
 
 mod authorizations;
-mod connector;
 
 pub(crate) use authorizations::{AuthState, Permission};
 
-use crate::config::{ConfigError, Options};
+use crate::config::{AuthSettings, RequestMethod};
 use bytes::Bytes;
-use connector::AuthConnector;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use server_kit::tls::client::HttpsConnector;
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -34,7 +33,7 @@ const MAX_RESPONSE: usize = 1024 * 1024;
 pub(crate) enum AuthError {
     #[error("cannot build the request: {0}")]
     Request(#[source] hyper::http::Error),
-    #[error("request failed: {}", crate::with_sources(.0))]
+    #[error("request failed: {}", server_kit::with_sources(.0))]
     Http(#[source] hyper_util::client::legacy::Error),
     #[error("cannot read the response: {0}")]
     Body(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -74,15 +73,6 @@ impl fmt::Display for Failures<'_> {
     }
 }
 
-/// How the auth servers are asked (`--auth-http-request-method`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RequestMethod {
-    /// The fields in the query string.
-    Get,
-    /// The fields as an `application/x-www-form-urlencoded` body.
-    Post,
-}
-
 /// What the auth server is told about a client.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Query<'a> {
@@ -98,22 +88,19 @@ pub(crate) struct AuthServers {
     endpoints: Vec<Uri>,
     method: RequestMethod,
     request_timeout: Duration,
-    client: Client<AuthConnector, Full<Bytes>>,
+    client: Client<HttpsConnector, Full<Bytes>>,
 }
 
 impl AuthServers {
-    /// The auth servers `--auth-http-address` names; `None` when auth is off.
-    pub(crate) fn from_options(o: &Options) -> Result<Option<AuthServers>, ConfigError> {
-        let Some(s) = settings(o)? else {
-            return Ok(None);
-        };
-        let connector = AuthConnector::new(o.http_client_connect_timeout, s.tls);
-        Ok(Some(AuthServers {
-            endpoints: s.endpoints,
-            method: s.method,
-            request_timeout: o.http_client_request_timeout,
+    /// The client for the auth servers of checked options.
+    pub(crate) fn new(settings: &AuthSettings) -> AuthServers {
+        let connector = HttpsConnector::new(settings.connect_timeout, settings.tls.clone());
+        AuthServers {
+            endpoints: settings.endpoints.clone(),
+            method: settings.method,
+            request_timeout: settings.request_timeout,
             client: Client::builder(TokioExecutor::new()).build(connector),
-        }))
+        }
     }
 
     /// Asks the servers in turn, starting at a random one, until one gives a valid answer.
@@ -176,79 +163,6 @@ impl AuthServers {
     }
 }
 
-/// Checks the auth flags without building a client.
-pub(crate) fn check_options(o: &Options) -> Result<(), ConfigError> {
-    settings(o).map(|_| ())
-}
-
-/// What the auth flags give.
-struct Settings {
-    endpoints: Vec<Uri>,
-    method: RequestMethod,
-    /// Only when some endpoint is `https://`, so plain servers need no certificates.
-    tls: Option<tokio_rustls::TlsConnector>,
-}
-
-/// The auth settings; `None` when no auth server is configured.
-fn settings(o: &Options) -> Result<Option<Settings>, ConfigError> {
-    if o.auth_http_addresses.is_empty() {
-        return Ok(None);
-    }
-    let endpoints = o
-        .auth_http_addresses
-        .iter()
-        .map(|a| {
-            endpoint(a).map_err(|reason| ConfigError {
-                flag: "auth-http-address",
-                reason,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let method = match o.auth_http_request_method.as_str() {
-        "get" => RequestMethod::Get,
-        "post" => RequestMethod::Post,
-        other => {
-            return Err(ConfigError {
-                flag: "auth-http-request-method",
-                reason: format!("{other:?} is not get or post"),
-            });
-        }
-    };
-    let tls = if endpoints.iter().any(|e| e.scheme_str() == Some("https")) {
-        Some(connector::tls_connector(o)?)
-    } else {
-        None
-    };
-    Ok(Some(Settings {
-        endpoints,
-        method,
-        tls,
-    }))
-}
-
-/// An `--auth-http-address` as a URL: `host:port` means `http://host:port/auth`; an
-/// `http://` or `https://` URL is used as given.
-fn endpoint(address: &str) -> Result<Uri, String> {
-    let address = address.trim();
-    if address.is_empty() {
-        return Err("an empty address".into());
-    }
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}/auth")
-    };
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("{address:?} is not a host:port or URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(uri),
-        _ => Err(format!(
-            "{address:?} is not a host:port or http:// or https:// URL"
-        )),
-    }
-}
-
 /// The request fields in Go's `url.Values.Encode` form: sorted by name, query-escaped.
 fn form_fields(q: &Query<'_>) -> String {
     let mut out = String::new();
@@ -286,32 +200,15 @@ fn query_escape(value: &[u8], out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ConfigError, Options};
 
-    #[test]
-    fn endpoints_are_host_port_or_urls() {
-        assert_eq!(
-            endpoint("127.0.0.1:4181").unwrap().to_string(),
-            "http://127.0.0.1:4181/auth"
-        );
-        assert_eq!(
-            endpoint("auth.example:80").unwrap().to_string(),
-            "http://auth.example:80/auth"
-        );
-        assert_eq!(
-            endpoint("http://auth.example:8080/v1/check?realm=x")
-                .unwrap()
-                .to_string(),
-            "http://auth.example:8080/v1/check?realm=x"
-        );
-        assert_eq!(
-            endpoint("https://auth.example:8443/auth")
-                .unwrap()
-                .to_string(),
-            "https://auth.example:8443/auth"
-        );
-        assert!(endpoint("").is_err());
-        assert!(endpoint("ftp://auth.example/x").is_err());
-        assert!(endpoint("not a host").is_err());
+    /// The auth servers of `o`, through the flags' checks as the broker starts them.
+    fn from_options(o: &Options) -> Result<Option<AuthServers>, ConfigError> {
+        Ok(o.validate()?.auth.as_ref().map(AuthServers::new))
+    }
+
+    fn check_options(o: &Options) -> Result<(), ConfigError> {
+        from_options(o).map(drop)
     }
 
     #[test]
@@ -341,16 +238,16 @@ mod tests {
     #[test]
     fn options_choose_the_method_and_endpoints() {
         let mut o = Options::for_tests(".");
-        assert!(AuthServers::from_options(&o).unwrap().is_none());
+        assert!(from_options(&o).unwrap().is_none());
         o.auth_http_addresses = vec!["127.0.0.1:1".into(), "http://h:2/a".into()];
-        let servers = AuthServers::from_options(&o).unwrap().unwrap();
+        let servers = from_options(&o).unwrap().unwrap();
         assert_eq!(servers.method, RequestMethod::Get);
         assert_eq!(servers.endpoints.len(), 2);
         o.auth_http_request_method = "post".into();
-        let servers = AuthServers::from_options(&o).unwrap().unwrap();
+        let servers = from_options(&o).unwrap().unwrap();
         assert_eq!(servers.method, RequestMethod::Post);
         o.auth_http_request_method = "put".into();
-        let err = AuthServers::from_options(&o).unwrap_err();
+        let err = from_options(&o).unwrap_err();
         assert_eq!(err.flag, "auth-http-request-method");
     }
 
@@ -364,12 +261,13 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let config = rustls::ServerConfig::builder_with_provider(crate::pem::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], key)
-            .unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(server_kit::tls::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.der().clone()], key)
+                .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -414,7 +312,7 @@ mod tests {
     async fn untrusted_certificates_fail_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let o = https_options(dir.path(), unhelpful_server(true).await);
-        let servers = AuthServers::from_options(&o).unwrap().unwrap();
+        let servers = from_options(&o).unwrap().unwrap();
         let err = servers.query(query()).await.unwrap_err().to_string();
         assert!(err.contains("TLS handshake failed"), "{err}");
         assert!(err.contains("invalid peer certificate"), "{err}");
@@ -426,7 +324,7 @@ mod tests {
         let mut o = https_options(dir.path(), unhelpful_server(false).await);
         o.http_client_connect_timeout = Duration::from_millis(200);
         o.http_client_request_timeout = Duration::from_secs(10);
-        let servers = AuthServers::from_options(&o).unwrap().unwrap();
+        let servers = from_options(&o).unwrap().unwrap();
         let started = Instant::now();
         let err = servers.query(query()).await.unwrap_err().to_string();
         assert!(err.contains("--http-client-connect-timeout"), "{err}");
@@ -441,16 +339,16 @@ mod tests {
         o.tls.tls_root_ca_file = Some(ca_file.clone());
         // Plain servers do not read it.
         o.auth_http_addresses = vec!["127.0.0.1:1".into()];
-        AuthServers::from_options(&o).unwrap().unwrap();
+        from_options(&o).unwrap().unwrap();
         o.auth_http_addresses = vec!["127.0.0.1:1".into(), "https://h/auth".into()];
-        let err = AuthServers::from_options(&o).unwrap_err();
+        let err = from_options(&o).unwrap_err();
         assert_eq!(err.flag, "tls-root-ca-file");
         assert!(check_options(&o).is_err());
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         std::fs::write(&ca_file, params.self_signed(&key).unwrap().pem()).unwrap();
-        let servers = AuthServers::from_options(&o).unwrap().unwrap();
+        let servers = from_options(&o).unwrap().unwrap();
         assert_eq!(servers.endpoints[1].scheme_str(), Some("https"));
         check_options(&o).unwrap();
     }

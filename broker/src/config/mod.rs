@@ -1,27 +1,48 @@
 //! The broker's options: nsqd's flag names and defaults, each also settable from a
 //! `KNSQ_<FLAG>` environment variable, parsed with Go's flag syntax as well as GNU's.
 
-mod duration;
-mod go_flags;
+mod auth;
+mod lookupd;
 mod tls;
 
-pub use duration::{format_go_duration, parse_go_duration};
-pub use go_flags::{normalize_go_flags, parse_go_command_line};
+pub(crate) use auth::{AuthSettings, RequestMethod};
+pub(crate) use lookupd::TLS_FLAG as LOOKUPD_TLS_FLAG;
+pub use server_kit::NSQ_COMPAT_VERSION;
+pub use server_kit::flags::ConfigError;
 pub use tls::{ClientAuthPolicy, TlsMinVersion, TlsOptions, TlsRequired};
 
 use clap::Parser;
+use server_kit::flags::{
+    default_hostname, format_go_duration, parse_go_bool, parse_go_command_line, parse_go_duration,
+    parse_log_level,
+};
+use server_kit::process::ServerOptions;
+use server_kit::tls::client::GrpcClientTls;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// The NSQ release whose behaviour knsq matches; reported where clients read nsqd's version.
-pub const NSQ_COMPAT_VERSION: &str = "1.3.0";
+/// The options, checked, with the files they name read and what they configure built: what
+/// [`crate::run`] takes, so nothing is checked or read twice.
+#[derive(Debug)]
+pub struct Config {
+    pub options: Options,
+    /// TLS for clients (`--tls-cert`, `--tls-key`, `--tls-client-auth-policy`).
+    pub(crate) client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS to lookupds (`--lookupd-tls*`).
+    pub(crate) lookupd_tls: Option<GrpcClientTls>,
+    /// The auth servers (`--auth-http-address`), when authorization is on.
+    pub(crate) auth: Option<AuthSettings>,
+}
 
-/// An option value that makes no sense, named by its flag.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid value for --{flag}: {reason}")]
-pub struct ConfigError {
-    pub flag: &'static str,
-    pub reason: String,
+impl ServerOptions for Config {
+    fn log_level(&self) -> &str {
+        &self.options.log_level
+    }
+
+    fn verbose(&self) -> bool {
+        self.options.verbose
+    }
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -173,6 +194,11 @@ pub struct Options {
     #[arg(long, env = "KNSQ_MAX_CHANNEL_CONSUMERS", default_value_t = 0)]
     pub max_channel_consumers: u64,
 
+    /// knsq only: most NSQ TCP connections open at once; a client past it is told
+    /// E_INVALID and closed
+    #[arg(long, env = "KNSQ_MAX_CONNECTIONS", default_value_t = 65536)]
+    pub max_connections: usize,
+
     /// Size at which a disk queue starts a new segment file, in bytes
     #[arg(long, env = "KNSQ_MAX_BYTES_PER_FILE", default_value_t = 104857600)]
     pub max_bytes_per_file: u64,
@@ -253,8 +279,9 @@ impl Options {
         quantiles
     }
 
-    /// Checks what a flag's type cannot: ranges and relations between flags.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks what a flag's type cannot (ranges and relations between flags) and reads the
+    /// files the flags name: every check of the options is here, and happens once.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
         let fail = |flag, reason: String| Err(ConfigError { flag, reason });
         if self.node_id >= 1024 {
             return fail("node-id", format!("{} is not in [0,1024)", self.node_id));
@@ -279,6 +306,9 @@ impl Options {
         }
         if self.max_bytes_per_file < 1024 {
             return fail("max-bytes-per-file", "must be at least 1024".into());
+        }
+        if self.max_connections == 0 {
+            return fail("max-connections", "must be at least 1".into());
         }
         if self.max_rdy_count == 0 {
             return fail("max-rdy-count", "must be at least 1".into());
@@ -333,9 +363,9 @@ impl Options {
                 format!("{empty:?} is not an address"),
             );
         }
-        crate::lookup::check_tls_options(self)?;
-        self.tls.validate()?;
-        crate::auth::check_options(self)?;
+        let lookupd_tls = lookupd::client_tls(self)?;
+        let client_tls = self.tls.validate()?;
+        let auth = auth::settings(self)?;
         if self.http_client_connect_timeout.is_zero() {
             return fail(
                 "http-client-connect-timeout",
@@ -354,7 +384,12 @@ impl Options {
                 "must be at least 1s".into(),
             );
         }
-        Ok(())
+        Ok(Config {
+            options: self.clone(),
+            client_tls,
+            lookupd_tls,
+            auth,
+        })
     }
 
     /// The decoder limits these options set.
@@ -451,36 +486,6 @@ fn parse_auth_method(text: &str) -> Result<String, String> {
         "get" | "post" => Ok(text.to_string()),
         _ => Err(format!("{text:?} is not get or post")),
     }
-}
-
-/// nsqd's `--log-level` values, lower-cased.
-pub fn parse_log_level(text: &str) -> Result<String, String> {
-    let level = text.to_ascii_lowercase();
-    match level.as_str() {
-        "debug" | "info" | "warn" | "error" | "fatal" => Ok(level),
-        _ => Err(format!(
-            "{text:?} is not one of debug, info, warn, error, fatal"
-        )),
-    }
-}
-
-/// Go's `strconv.ParseBool`.
-pub fn parse_go_bool(text: &str) -> Result<bool, String> {
-    match text {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
-        _ => Err(format!("{text:?} is not a boolean")),
-    }
-}
-
-/// The host name, as nsqd uses it for `--broadcast-address` and `hostname` fields.
-pub fn default_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A stable node id from the host name (FNV-1a), as nsqd derives one from it; deployments

@@ -1,8 +1,14 @@
-//! nsqd's flags for TLS and compressed client connections.
+//! nsqd's flags for TLS and compressed client connections, and the TLS server config they
+//! give (built by [`server_kit::tls::server`]).
 
-use super::{ConfigError, parse_go_bool};
+use super::ConfigError;
 use clap::Args;
+use rustls::ServerConfig;
+use server_kit::flags::parse_go_bool;
+use server_kit::tls::server::{ClientCerts, ServerTlsError};
+use server_kit::tls::{self, cert_and_key};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Where TLS is required of clients (`--tls-required`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +145,9 @@ impl TlsOptions {
         }
     }
 
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the flags and reads their files: the server config for TCP (and HTTPS) clients,
+    /// `None` without `--tls-cert`.
+    pub(super) fn validate(&self) -> Result<Option<Arc<ServerConfig>>, ConfigError> {
         let fail = |flag, reason: &str| {
             Err(ConfigError {
                 flag,
@@ -149,7 +157,7 @@ impl TlsOptions {
         if !(1..=9).contains(&self.max_deflate_level) {
             return fail("max-deflate-level", "must be in [1,9]");
         }
-        crate::pem::cert_and_key(
+        cert_and_key(
             "tls-cert",
             self.tls_cert.as_deref(),
             "tls-key",
@@ -166,9 +174,8 @@ impl TlsOptions {
                 "cannot require TLS client connections without --tls-cert and --tls-key",
             );
         }
-        // The files are read and checked here too, so a bad one fails at start.
-        crate::tls::server_config(self)?;
-        Ok(())
+        // The files are read and checked here, so a bad one fails at start.
+        server_config(self)
     }
 
     /// nsqd's config value for `name`, if it is one of these options.
@@ -199,6 +206,49 @@ impl TlsOptions {
             _ => return None,
         })
     }
+}
+
+/// The server config for TCP (and HTTPS) clients, or `None` without `--tls-cert`.
+fn server_config(o: &TlsOptions) -> Result<Option<Arc<ServerConfig>>, ConfigError> {
+    let (Some(cert_path), Some(key_path)) = (&o.tls_cert, &o.tls_key) else {
+        return Ok(None);
+    };
+    let identity = tls::identity("tls-cert", cert_path, "tls-key", key_path)?;
+    // Without a CA file nsqd verifies client certificates against the system's CAs.
+    let (client_certs, roots_flag, roots_source) = match o.tls_client_auth_policy {
+        None => (ClientCerts::Optional, "", String::new()),
+        Some(ClientAuthPolicy::Require) => (ClientCerts::Any, "", String::new()),
+        Some(ClientAuthPolicy::RequireVerify) => match &o.tls_root_ca_file {
+            Some(path) => (
+                ClientCerts::Verified(tls::root_store("tls-root-ca-file", path)?.store),
+                "tls-root-ca-file",
+                path.display().to_string(),
+            ),
+            None => (
+                ClientCerts::Verified(tls::system_roots(
+                    "tls-client-auth-policy",
+                    "require-verify needs --tls-root-ca-file or the system's CA certificates",
+                )?),
+                "tls-client-auth-policy",
+                "the system's CA certificates".to_string(),
+            ),
+        },
+    };
+    let config = tls::server::config(identity, o.tls_min_version.rustls(), client_certs);
+    config.map(Some).map_err(|e| match e {
+        ServerTlsError::Versions(e) => ConfigError {
+            flag: "tls-min-version",
+            reason: e.to_string(),
+        },
+        ServerTlsError::ClientVerifier(e) => ConfigError {
+            flag: roots_flag,
+            reason: format!("{roots_source}: {e}"),
+        },
+        ServerTlsError::Identity(e) => ConfigError {
+            flag: "tls-key",
+            reason: format!("{}: {e}", key_path.display()),
+        },
+    })
 }
 
 fn parse_tls_required(text: &str) -> Result<TlsRequired, String> {
@@ -256,7 +306,7 @@ mod tests {
     #[test]
     fn go_syntax_and_values() {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = crate::pem::self_signed(dir.path(), "a");
+        let (cert, key) = server_kit::tls::self_signed(dir.path(), "a");
         let cert = format!("-tls-cert={}", cert.display());
         let key = key.display().to_string();
         let o = parse(&[
@@ -332,5 +382,64 @@ mod tests {
         .unwrap();
         assert_eq!(o.tls.required(), super::TlsRequired::Yes);
         assert_eq!(o.config_value("tls_required"), Some(serde_json::json!(2)));
+    }
+
+    fn tls_options(args: &[String]) -> super::TlsOptions {
+        let args = std::iter::once("knsq-broker".to_string()).chain(args.iter().cloned());
+        Options::from_args(args).unwrap().tls
+    }
+
+    #[test]
+    fn the_files_of_the_tls_flags_are_read_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = server_kit::tls::self_signed(dir.path(), "a");
+        let (_, other_key) = server_kit::tls::self_signed(dir.path(), "b");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not PEM").unwrap();
+        let [cert, key, other_key, garbage] =
+            [cert, key, other_key, garbage].map(|p| p.display().to_string());
+        let error = |args: &[String]| super::server_config(&tls_options(args)).unwrap_err();
+
+        assert!(super::server_config(&tls_options(&[])).unwrap().is_none());
+        let files = [format!("--tls-cert={cert}"), format!("--tls-key={key}")];
+        assert!(
+            super::server_config(&tls_options(&files))
+                .unwrap()
+                .is_some()
+        );
+        let verify = "--tls-client-auth-policy=require-verify".to_string();
+        let with_ca = |ca: &str| {
+            [
+                &files[..],
+                &[verify.clone(), format!("--tls-root-ca-file={ca}")],
+            ]
+            .concat()
+        };
+        assert!(
+            super::server_config(&tls_options(&with_ca(&cert)))
+                .unwrap()
+                .is_some()
+        );
+
+        let e = error(&[format!("--tls-cert={garbage}"), files[1].clone()]);
+        assert_eq!(e.flag, "tls-cert");
+        let e = error(&[files[0].clone(), format!("--tls-key={other_key}")]);
+        assert_eq!(e.flag, "tls-key");
+        assert!(e.reason.contains("does not fit the certificate"), "{e}");
+        let e = error(&with_ca(&garbage));
+        assert_eq!(e.flag, "tls-root-ca-file");
+        assert!(e.reason.starts_with("no PEM certificate in"), "{e}");
+
+        // Without a CA file, client certificates are verified against the system's CAs, as
+        // nsqd's; a system without usable ones is refused (pem's tests cover that wording).
+        let system = [&files[..], std::slice::from_ref(&verify)].concat();
+        match server_kit::tls::system_roots("f", "x") {
+            Ok(_) => assert!(
+                super::server_config(&tls_options(&system))
+                    .unwrap()
+                    .is_some()
+            ),
+            Err(_) => assert_eq!(error(&system).flag, "tls-client-auth-policy"),
+        }
     }
 }

@@ -1,13 +1,13 @@
 //! `/topic/*` and `/channel/*`: create, delete, empty, pause, unpause.
 
 use super::AppState;
-use super::error::{ApiError, text_response};
-use super::params::Params;
 use crate::queue::{Channel, Topic};
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use proto::wire::names::is_valid_topic_name;
+use server_kit::http::Params;
+use server_kit::http::{ApiError, text_response};
 use std::sync::Arc;
 
 type Reply = Result<Response, ApiError>;

@@ -5,36 +5,34 @@
 //! carries `X-NSQ-Content-Type: nsq; version=1.0`.
 
 mod admin;
-mod error;
 mod node;
-mod params;
 mod publish;
 mod server;
 mod stats_text;
-mod tls_listener;
 
-pub use error::{
-    ApiError, NSQ_CONTENT_TYPE, NSQ_V1, json_response, metrics_response, text_response,
-};
-pub use params::Params;
 pub(crate) use server::HttpLimits;
-pub(crate) use tls_listener::{TlsListener, https_config};
 
 use crate::broker::Broker;
+use crate::lookup::Lookup;
 use crate::metrics::Metrics;
+use crate::protocol::Clients;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use server_kit::http::{ApiError, json_response};
+use server_kit::process::LogLevelSetter;
+use server_kit::tls::server::HttpsListener;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Changes the process's log level at runtime (`PUT /config/log_level`).
-pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) broker: Arc<Broker>,
+    /// The TCP clients, for `/stats`.
+    pub(crate) clients: Arc<Clients>,
+    /// The lookupd registrations, whose addresses `/config` shows and changes.
+    pub(crate) lookup: Arc<Lookup>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) log_level: Arc<Mutex<String>>,
     pub(crate) set_log_level: Option<LogLevelSetter>,
@@ -105,7 +103,7 @@ pub(crate) async fn serve(
 
 /// Serves the API over HTTPS until `shutdown`.
 pub(crate) async fn serve_https(
-    listener: TlsListener,
+    listener: HttpsListener,
     state: AppState,
     limits: HttpLimits,
     shutdown: CancellationToken,
@@ -118,6 +116,7 @@ mod tests {
     use super::*;
     use axum::body::{Body, to_bytes};
     use axum::http::Request;
+    use server_kit::http::{NSQ_CONTENT_TYPE, NSQ_V1};
     use tower::ServiceExt;
 
     #[tokio::test]

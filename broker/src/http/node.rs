@@ -1,8 +1,6 @@
 //! `/ping`, `/info`, `/stats`, `/config/:opt` and `/metrics`.
 
 use super::AppState;
-use super::error::{ApiError, json_response, metrics_response, text_response};
-use super::params::Params;
 use super::stats_text::render_stats;
 use crate::config::NSQ_COMPAT_VERSION;
 use axum::body::{Body, to_bytes};
@@ -10,6 +8,8 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use server_kit::http::Params;
+use server_kit::http::{ApiError, json_response, metrics_response, text_response};
 
 /// `OK`, or 500 `NOK - <reason>` while disk writes fail, as nsqd.
 pub(super) async fn ping(State(s): State<AppState>) -> Response {
@@ -87,6 +87,7 @@ pub(super) async fn stats(
         nonempty("channel"),
         bool_param(&params, "include_clients", true),
         bool_param(&params, "include_mem", true),
+        |topic| s.clients.producers(topic),
     );
     if params.get("format") == Some("json") {
         return Ok(to_json(&stats));
@@ -112,7 +113,7 @@ fn config_value(s: &AppState, opt: &str) -> Result<Response, ApiError> {
     }
     if opt == "nsqlookupd_tcp_addresses" {
         // Changeable at runtime: the lookupd registrations hold the current list.
-        return Ok(to_json(&s.broker.lookup.addresses()));
+        return Ok(to_json(&s.lookup.addresses()));
     }
     s.broker
         .options
@@ -150,7 +151,7 @@ pub(super) async fn put_config(
             // A JSON array of strings, as nsqd decodes into its option; `null` empties it.
             let addresses: Option<Vec<String>> = serde_json::from_slice(&body)
                 .map_err(|_| ApiError::bad_request("INVALID_VALUE"))?;
-            s.broker.lookup.set_addresses(addresses.unwrap_or_default());
+            s.lookup.set_addresses(addresses.unwrap_or_default());
         }
         _ => return Err(ApiError::bad_request("INVALID_OPTION")),
     }

@@ -1,14 +1,14 @@
 //! `/pub` and `/mpub`.
 
 use super::AppState;
-use super::error::{ApiError, text_response};
-use super::params::Params;
 use crate::queue::PublishError;
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use proto::wire::names::is_valid_topic_name;
+use server_kit::http::Params;
+use server_kit::http::{ApiError, text_response};
 use std::time::Duration;
 
 const MSG_TOO_BIG: ApiError = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "MSG_TOO_BIG");

@@ -5,12 +5,12 @@
 //! descriptors nor keep `/ping` from being answered.
 
 use super::Router;
-use crate::accept::AcceptFailures;
 use axum::body::Body;
 use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use server_kit::listen::AcceptFailures;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! `/stats` as text, laid out like nsqd's `printStats` for people and `watch`.
 
-use crate::config::format_go_duration;
 use crate::stats::{ClientStats, E2eStats, NodeStats};
+use server_kit::flags::format_go_duration;
 use std::fmt::Write;
 use std::time::Duration;
 

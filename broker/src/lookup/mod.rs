@@ -19,21 +19,18 @@
 //! all), and the broker creates the non-ephemeral ones with the topic.
 //!
 //! With `--lookupd-tls` (or any `--lookupd-tls-*` file) every connection is gRPC over TLS
-//! ([`tls`]), mutual when the broker has a client certificate.
+//! ([`server_kit::tls::client`]), mutual when the broker has a client certificate.
 
 mod backoff;
 mod peer;
 mod sync;
-mod tls;
 
-pub(crate) use sync::Registrations;
-pub(crate) use tls::check_options as check_tls_options;
-
-use crate::broker::Broker;
+use crate::broker::{Broker, Cluster};
 use prometheus::core::Collector;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use proto::cluster::v1::TopicChannelsRequest;
 use proto::cluster::v1::registry_client::RegistryClient;
+use server_kit::tls::client::GrpcClientTls;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -58,7 +55,7 @@ pub(crate) struct Lookup {
     state: Mutex<State>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// `--lookupd-grpc-address`, as given or as last set by `PUT /config/nsqlookupd_tcp_addresses`.
     addresses: Vec<String>,
@@ -66,7 +63,7 @@ struct State {
     peers: BTreeMap<String, Peer>,
     /// Set by [`Lookup::start`]; tasks started later (runtime changes) need it.
     broker: Option<Weak<Broker>>,
-    /// Read by [`Lookup::start`] from the `--lookupd-tls*` files.
+    /// TLS from the `--lookupd-tls*` files, read when the flags were checked.
     tls: peer::Transport,
 }
 
@@ -118,6 +115,7 @@ impl Lookup {
     /// `shutdown` is cancelled.
     pub(crate) fn new(
         addresses: Vec<String>,
+        tls: Option<GrpcClientTls>,
         heartbeat: Duration,
         metrics: LookupMetrics,
         shutdown: CancellationToken,
@@ -130,7 +128,12 @@ impl Lookup {
             registered: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State {
                 addresses,
-                ..State::default()
+                broker: None,
+                peers: BTreeMap::new(),
+                tls: match tls {
+                    None => peer::Transport::Plain,
+                    Some(tls) => peer::Transport::Tls(Arc::new(tls)),
+                },
             }),
         }
     }
@@ -143,16 +146,6 @@ impl Lookup {
     pub(crate) fn start(&self, broker: &Arc<Broker>) {
         let mut state = self.lock();
         state.broker = Some(Arc::downgrade(broker));
-        state.tls = match tls::ClientTls::from_options(&broker.options) {
-            Ok(None) => peer::Transport::Plain,
-            Ok(Some(tls)) => peer::Transport::Tls(Arc::new(tls)),
-            // The flags' validation read the files already, so one changed since. Never fall
-            // back to plain text: every attempt fails with this reason instead.
-            Err(e) => {
-                tracing::error!(error = %e, "cannot set up TLS for lookupds");
-                peer::Transport::Broken(e.to_string().into())
-            }
-        };
         let addresses = state.addresses.clone();
         self.sync_peers(&mut state, &addresses);
     }
@@ -278,6 +271,23 @@ impl Lookup {
         {
             tracing::warn!("lookupd registrations did not end in time");
         }
+    }
+}
+
+impl Cluster for Lookup {
+    fn topic_changed(&self, topic: &str) {
+        self.changed(topic);
+    }
+
+    fn knows_channels(&self) -> bool {
+        self.any_registered()
+    }
+
+    fn topic_channels<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<String>> + Send + 'a>> {
+        Box::pin(Lookup::topic_channels(self, topic))
     }
 }
 

@@ -2,12 +2,13 @@
 
 use super::backoff::Backoff;
 use super::sync::{self, Registrations};
-use super::tls::{ClientTls, endpoint_uri};
 use super::{Link, LookupMetrics};
 use crate::broker::Broker;
-use crate::with_sources;
+use crate::config::LOOKUPD_TLS_FLAG;
 use proto::cluster::v1::registry_client::RegistryClient;
 use proto::cluster::v1::{BrokerMessage, Heartbeat, Identify, LookupdMessage, lookupd_message};
+use server_kit::tls::client::{GrpcClientTls, grpc_endpoint_uri};
+use server_kit::with_sources;
 use std::error::Error;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,21 +33,16 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTBOUND: usize = 64;
 
 /// How a broker talks to its lookupds.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(super) enum Transport {
-    #[default]
     Plain,
-    Tls(Arc<ClientTls>),
-    /// TLS is configured but its files could not be read: why.
-    Broken(Arc<str>),
+    Tls(Arc<GrpcClientTls>),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SessionError {
     #[error("bad lookupd address: {0}")]
     Address(String),
-    #[error("TLS for lookupds is not usable: {0}")]
-    Tls(Arc<str>),
     // tonic's transport errors say only "transport error" themselves; the reason, such as
     // a TLS handshake failure, is in their sources.
     #[error("cannot connect: {}", with_sources(.0))]
@@ -93,7 +89,7 @@ fn describe_status(status: &Status) -> String {
 /// refuses a broker's client certificate (or its lack of one) closes the connection right
 /// after the handshake (TLS 1.3 checks it last), so the first call fails with a closed
 /// connection instead of the lookupd's alert.
-fn explain(error: SessionError, tls: Option<&Arc<ClientTls>>) -> SessionError {
+fn explain(error: SessionError, tls: Option<&Arc<GrpcClientTls>>) -> SessionError {
     let transport = match &error {
         SessionError::Connect(e) => with_sources(e),
         SessionError::Status(status) => status.source().map(with_sources).unwrap_or_default(),
@@ -196,9 +192,9 @@ impl PeerTask {
             broadcast_address: o.broadcast_address.clone(),
             tcp_port: port(o.broadcast_tcp_port, b.tcp_address.port()),
             http_port: port(o.broadcast_http_port, b.http_address.port()),
-            version: crate::config::NSQ_COMPAT_VERSION.to_string(),
+            version: server_kit::NSQ_COMPAT_VERSION.to_string(),
             node_id: u32::from(o.node_id),
-            hostname: crate::config::default_hostname(),
+            hostname: server_kit::flags::default_hostname(),
             topology_zone: String::new(),
             topology_region: String::new(),
         }
@@ -211,10 +207,10 @@ impl PeerTask {
         let tls = match &self.tls {
             Transport::Plain => None,
             Transport::Tls(tls) => Some(tls),
-            Transport::Broken(why) => return Err(SessionError::Tls(why.clone())),
         };
         // Runtime address changes are not validated as flags are: a mismatch shows here.
-        let uri = endpoint_uri(&link.address, tls.is_some()).map_err(SessionError::Address)?;
+        let uri = grpc_endpoint_uri(&link.address, tls.is_some(), LOOKUPD_TLS_FLAG)
+            .map_err(SessionError::Address)?;
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| SessionError::Address(with_sources(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)

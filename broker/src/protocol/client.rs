@@ -1,20 +1,17 @@
-//! What the rest of the broker sees of a TCP client: its identity, counters and outbox.
+//! What the rest of the broker sees of a TCP client: its identity, counters and outbox. The
+//! queues see it only as a [`Consumer`].
 
-use super::outbox::Outbox;
+use super::outbox::{Outbox, Socket};
+use crate::queue::{Consumer, ConsumerCounters};
 use crate::stats::{ClientStats, PubCount};
-use crate::tls::TlsSummary;
+use bytes::BytesMut;
+use server_kit::tls::server::TlsSummary;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
 use std::time::Duration;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-/// Client states as nsqd numbers them in `/stats`.
-pub(crate) const STATE_INIT: i32 = 0;
-pub(crate) const STATE_SUBSCRIBED: i32 = 3;
-pub(crate) const STATE_CLOSING: i32 = 4;
 
 /// Settings a client negotiates with IDENTIFY.
 #[derive(Debug, Clone)]
@@ -49,15 +46,6 @@ pub(crate) struct TransportSummary {
     pub(crate) deflate: bool,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) ready_count: AtomicU64,
-    pub(crate) in_flight_count: AtomicU64,
-    pub(crate) message_count: AtomicU64,
-    pub(crate) finish_count: AtomicU64,
-    pub(crate) requeue_count: AtomicU64,
-}
-
 #[derive(Debug)]
 pub(crate) struct Client {
     pub(crate) id: u64,
@@ -68,8 +56,9 @@ pub(crate) struct Client {
     pub(crate) closed: CancellationToken,
     /// IDENTIFY changed how the writer should buffer and beat.
     pub(crate) settings_changed: Notify,
-    pub(crate) counters: Counters,
-    pub(crate) state: AtomicI32,
+    counters: ConsumerCounters,
+    /// nsqd's number for the connection's state, for `/stats`.
+    state: AtomicI32,
     identity: Mutex<Identity>,
     auth: Mutex<AuthSummary>,
     transport: Mutex<TransportSummary>,
@@ -82,7 +71,7 @@ impl Client {
         id: u64,
         remote_address: SocketAddr,
         identity: Identity,
-        socket: OwnedWriteHalf,
+        socket: Socket,
         closed: CancellationToken,
     ) -> Client {
         Client {
@@ -94,8 +83,8 @@ impl Client {
             outbox: Outbox::new(socket, identity.output_buffer_size, closed.clone()),
             settings_changed: Notify::new(),
             closed,
-            counters: Counters::default(),
-            state: AtomicI32::new(STATE_INIT),
+            counters: ConsumerCounters::default(),
+            state: AtomicI32::new(0),
             identity: Mutex::new(identity),
             auth: Mutex::new(AuthSummary::default()),
             transport: Mutex::new(TransportSummary::default()),
@@ -129,8 +118,8 @@ impl Client {
         *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = transport;
     }
 
-    pub(crate) fn state(&self) -> i32 {
-        self.state.load(Relaxed)
+    pub(crate) fn set_state(&self, number: i32) {
+        self.state.store(number, Relaxed);
     }
 
     pub(crate) fn close(&self) {
@@ -177,7 +166,7 @@ impl Client {
             hostname: id.hostname,
             version: "V2",
             remote_address: self.remote_address.to_string(),
-            state: self.state(),
+            state: self.state.load(Relaxed),
             ready_count: c.ready_count.load(Relaxed),
             in_flight_count: c.in_flight_count.load(Relaxed),
             message_count: c.message_count.load(Relaxed),
@@ -201,5 +190,27 @@ impl Client {
             // Go reports true for every TLS session (the field is deprecated there).
             tls_negotiated_protocol_is_mutual: is_tls,
         }
+    }
+}
+
+impl Consumer for Client {
+    fn push_messages(&self, flush: bool, write: &mut dyn FnMut(&mut BytesMut)) {
+        self.outbox.push_messages(flush, write);
+    }
+
+    fn flush_messages(&self) {
+        self.outbox.flush_messages();
+    }
+
+    fn close(&self) {
+        Client::close(self);
+    }
+
+    fn counters(&self) -> &ConsumerCounters {
+        &self.counters
+    }
+
+    fn stats(&self, pub_topic: Option<&str>) -> ClientStats {
+        Client::stats(self, pub_topic)
     }
 }

@@ -5,6 +5,8 @@
 //! writes it to the socket right there with a non-blocking write. So a PUB's `OK` leaves
 //! without waking any other task. Only when the socket is full does the connection's writer
 //! task take over, waiting for it to drain; it also runs the heartbeat and flush timers.
+//! The socket is any `AsyncWrite` (a TCP write half, or a duplex stream in tests): a
+//! non-blocking write is one poll of it, whose waker tells the writer task it may go on.
 //! Every write happens under the lock from the front of the buffer, so frames keep their
 //! order whoever writes them. After a TLS or compression upgrade the frames pass through the
 //! connection's [`Layers`] on their way, still under the lock. Deflating a batch of messages
@@ -12,22 +14,28 @@
 //! connection's writer task instead of doing it while they hold their own lock.
 
 use super::transport::Layers;
-use crate::tls::TlsSummary;
 use bytes::{Buf, BytesMut};
 use proto::wire::compression::Compressor;
 use proto::wire::frame::write_response;
 use rustls::ServerConnection;
-use std::io::ErrorKind;
-use std::net::Shutdown;
-use std::sync::{Mutex, MutexGuard};
-use tokio::net::tcp::OwnedWriteHalf;
+use server_kit::tls::server::TlsSummary;
+use std::io::{self, ErrorKind};
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+use tokio::io::AsyncWrite;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// The socket frames go to.
+pub(crate) type Socket = Box<dyn AsyncWrite + Send + Unpin>;
 
 #[derive(Debug)]
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    socket: OwnedWriteHalf,
+    /// Given to the socket's polls: the socket wakes it when it can take bytes it refused.
+    waker: Waker,
+    writable: Arc<Writable>,
     stalled: Notify,
     /// Wakes the writer task to run its flush timer: messages wait in the buffer.
     buffered: Notify,
@@ -36,8 +44,8 @@ pub(crate) struct Outbox {
     closed: CancellationToken,
 }
 
-#[derive(Debug)]
 struct State {
+    socket: Socket,
     buf: BytesMut,
     /// Bytes buffered before a write is due (the client's output_buffer_size).
     buffer_size: usize,
@@ -55,14 +63,52 @@ struct State {
     upgrading: bool,
 }
 
+// By hand: the socket has no `Debug`.
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("buffered", &self.buf.len())
+            .field("stalled", &self.stalled)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Wakes the writer task waiting for a full socket to drain.
+#[derive(Debug, Default)]
+struct Writable(Notify);
+
+impl Wake for Writable {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// Writes what the socket takes now, without waiting: `WouldBlock` when it is full, and then
+/// the socket wakes `waker` once it can take more.
+fn try_write(socket: &mut Socket, waker: &Waker, bytes: &[u8]) -> io::Result<usize> {
+    let mut cx = Context::from_waker(waker);
+    // Outside the calling task's cooperative budget: a write the socket can take must not be
+    // refused for fairness, or frames would wait for the writer task.
+    let write = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+        Pin::new(&mut *socket).poll_write(cx, bytes)
+    }));
+    match pin!(write).poll(&mut cx) {
+        Poll::Ready(Ok(0)) => Err(ErrorKind::WriteZero.into()),
+        Poll::Ready(result) => result,
+        Poll::Pending => Err(ErrorKind::WouldBlock.into()),
+    }
+}
+
 impl Outbox {
-    pub(crate) fn new(
-        socket: OwnedWriteHalf,
-        buffer_size: usize,
-        closed: CancellationToken,
-    ) -> Self {
+    pub(crate) fn new(socket: Socket, buffer_size: usize, closed: CancellationToken) -> Self {
+        let writable = Arc::new(Writable::default());
         Outbox {
             state: Mutex::new(State {
+                socket,
                 buf: BytesMut::new(),
                 buffer_size,
                 stalled: false,
@@ -71,7 +117,8 @@ impl Outbox {
                 hand_off: false,
                 upgrading: false,
             }),
-            socket,
+            waker: Waker::from(writable.clone()),
+            writable,
             stalled: Notify::new(),
             buffered: Notify::new(),
             handed_off: Notify::new(),
@@ -178,14 +225,18 @@ impl Outbox {
         self.stalled.notified().await;
     }
 
-    /// Resolves when the socket may take more bytes.
-    pub(crate) async fn writable(&self) -> std::io::Result<()> {
-        self.socket.writable().await
+    /// Resolves when a socket that was full may take more bytes.
+    pub(crate) async fn writable(&self) {
+        self.writable.0.notified().await;
     }
 
     /// Ends the stream cleanly: the peer reads an orderly end of stream.
     pub(crate) fn shutdown(&self) {
-        let _ = socket2::SockRef::from(self.socket.as_ref()).shutdown(Shutdown::Write);
+        let mut st = self.lock();
+        let mut cx = Context::from_waker(&self.waker);
+        // A TCP socket shuts down at once; a stream that would wait is dropped with the
+        // connection instead.
+        let _ = Pin::new(&mut st.socket).poll_shutdown(&mut cx);
     }
 
     /// The layers to install a new one into. Frames already queued leave as the layers in
@@ -282,13 +333,18 @@ impl Outbox {
     /// Writes the bytes ready for the socket: the buffer itself on a plain connection, the
     /// encoded bytes on an upgraded one.
     fn write(&self, st: &mut State) {
-        let State { buf, layers, .. } = st;
+        let State {
+            socket,
+            buf,
+            layers,
+            ..
+        } = st;
         let out = match layers {
             None => buf,
             Some(layers) => &mut layers.wire,
         };
         while !out.is_empty() {
-            match self.socket.try_write(out) {
+            match try_write(socket, &self.waker, out) {
                 Ok(n) => out.advance(n),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if !st.stalled {
@@ -298,10 +354,11 @@ impl Outbox {
                     return;
                 }
                 Err(e) => {
+                    // Nothing will drain the socket: the writer task must not wait for it.
                     tracing::debug!(error = %e, "write to client failed; closing");
                     out.clear();
                     self.closed.cancel();
-                    return;
+                    break;
                 }
             }
         }

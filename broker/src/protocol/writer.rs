@@ -56,15 +56,18 @@ async fn drain(client: &Client, limit: Option<Duration>) -> bool {
     while out.is_stalled() {
         let writable = async {
             match limit {
-                Some(limit) => timeout(limit, out.writable()).await.ok(),
-                None => Some(out.writable().await),
+                Some(limit) => timeout(limit, out.writable()).await.is_ok(),
+                None => {
+                    out.writable().await;
+                    true
+                }
             }
         };
         let drained = tokio::select! {
             _ = client.closed.cancelled() => return true,
             drained = writable => drained,
         };
-        if !matches!(drained, Some(Ok(()))) {
+        if !drained {
             return false;
         }
         out.flush();
@@ -92,7 +95,7 @@ pub(super) async fn run(client: Arc<Client>) {
             _ = out.waiting(), if !waiting => {}
             _ = out.stall() => {
                 if !drain(&client, timers.write_timeout).await {
-                    tracing::info!(client = client.id, "client stopped reading; closing");
+                    tracing::info!("client stopped reading; closing");
                     client.close();
                 }
             }
@@ -100,7 +103,8 @@ pub(super) async fn run(client: Arc<Client>) {
     }
     let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
         out.close();
-        while out.is_stalled() && out.writable().await.is_ok() {
+        while out.is_stalled() {
+            out.writable().await;
             out.flush();
         }
     })

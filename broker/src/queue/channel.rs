@@ -6,12 +6,12 @@
 //! time and is woken only when an earlier one appears. Messages beyond the memory queue wait in
 //! the channel's disk queue and are read back as consumers have room for them.
 
+use super::consumer::{Consumer as ConsumerHandle, Subscriber};
 use super::deferred::Deferred;
 use super::e2e::{Histogram, LatencyWindow};
 use super::in_flight::{InFlight, InFlightError};
 use super::message::Msg;
 use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
-use crate::protocol::Client;
 use crate::stats::{ChannelStats, E2eStats};
 use crate::storage::{DiskQueue, DiskRecord, StorageError, Ticket};
 use proto::wire::MessageId;
@@ -76,7 +76,8 @@ struct State {
 
 #[derive(Debug)]
 struct Consumer {
-    client: Arc<Client>,
+    id: u64,
+    client: Arc<dyn ConsumerHandle>,
     rdy: u64,
     in_flight: u64,
     closing: bool,
@@ -103,7 +104,7 @@ impl Consumer {
     }
 
     fn publish_counts(&self) {
-        let c = &self.client.counters;
+        let c = self.client.counters();
         c.ready_count.store(self.rdy, Relaxed);
         c.in_flight_count.store(self.in_flight, Relaxed);
     }
@@ -317,7 +318,7 @@ impl Channel {
     }
 
     /// Adds a consumer with RDY 0.
-    pub(crate) fn subscribe(&self, client: &Arc<Client>) -> Result<(), SubscribeError> {
+    pub(crate) fn subscribe(&self, subscriber: &Subscriber) -> Result<(), SubscribeError> {
         let mut st = self.lock();
         if st.deleted {
             return Err(SubscribeError::Exiting);
@@ -330,15 +331,15 @@ impl Channel {
                 limit,
             });
         }
-        let identity = client.identity();
         st.consumers.push(Consumer {
-            client: client.clone(),
+            id: subscriber.id,
+            client: subscriber.consumer.clone(),
             rdy: 0,
             in_flight: 0,
             closing: false,
-            msg_timeout: identity.msg_timeout,
-            sample_rate: u64::from(identity.sample_rate),
-            rng: client.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            msg_timeout: subscriber.msg_timeout,
+            sample_rate: u64::from(subscriber.sample_rate),
+            rng: subscriber.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
         });
         Ok(())
     }
@@ -347,7 +348,7 @@ impl Channel {
     /// Returns how many consumers are left.
     pub(crate) fn unsubscribe(&self, client_id: u64) -> usize {
         let mut st = self.lock();
-        st.consumers.retain(|c| c.client.id != client_id);
+        st.consumers.retain(|c| c.id != client_id);
         st.consumers.len()
     }
 
@@ -362,7 +363,7 @@ impl Channel {
             c.publish_counts();
             // nsqd flushes a client's buffered messages as soon as it can take no more.
             if c.free() == 0 {
-                c.client.outbox.flush_messages();
+                c.client.flush_messages();
             }
         }
         self.dispatch(&mut st, Instant::now());
@@ -375,7 +376,7 @@ impl Channel {
             c.closing = true;
             c.rdy = 0;
             c.publish_counts();
-            c.client.outbox.flush_messages();
+            c.client.flush_messages();
         }
     }
 
@@ -408,7 +409,7 @@ impl Channel {
             if let Some(c) = st.consumer_mut(client_id) {
                 c.in_flight = c.in_flight.saturating_sub(done);
                 c.publish_counts();
-                c.client.counters.finish_count.fetch_add(done, Relaxed);
+                c.client.counters().finish_count.fetch_add(done, Relaxed);
             }
             self.dispatch(&mut st, now);
         }
@@ -427,7 +428,7 @@ impl Channel {
         if let Some(c) = st.consumer_mut(client_id) {
             c.in_flight = c.in_flight.saturating_sub(1);
             c.publish_counts();
-            c.client.counters.requeue_count.fetch_add(1, Relaxed);
+            c.client.counters().requeue_count.fetch_add(1, Relaxed);
         }
         let now = Instant::now();
         self.put_back(&mut st, entry.msg, delay, now);
@@ -458,7 +459,7 @@ impl Channel {
         if paused {
             // Paused consumers are not ready: what they have buffered goes out now.
             for c in &st.consumers {
-                c.client.outbox.flush_messages();
+                c.client.flush_messages();
             }
         } else {
             self.dispatch(&mut st, Instant::now());
@@ -619,8 +620,8 @@ impl Channel {
             // nsqd flushes as soon as a client can take no more.
             let flush = take >= c.free();
             let mut sampled_out: Vec<Msg> = Vec::new();
-            let sent = client.outbox.push_messages(flush, |buf| {
-                let mut sent = 0;
+            let mut sent = 0;
+            client.push_messages(flush, &mut |buf| {
                 for mut msg in queue.drain(..take as usize) {
                     if c.sample_rate > 0 && c.next_percent() > c.sample_rate {
                         // nsqd drops what a client samples out.
@@ -629,13 +630,12 @@ impl Channel {
                     }
                     msg.attempts = msg.attempts.saturating_add(1);
                     write_message(buf, msg.timestamp, msg.attempts, &msg.id, &msg.body);
-                    in_flight.insert(msg, client.id, c.msg_timeout, now);
+                    in_flight.insert(msg, c.id, c.msg_timeout, now);
                     sent += 1;
                 }
-                sent
             });
             c.in_flight += sent;
-            client.counters.message_count.fetch_add(sent, Relaxed);
+            client.counters().message_count.fetch_add(sent, Relaxed);
             c.publish_counts();
             for mut msg in sampled_out {
                 self.settings.finish(&mut st.disk, &mut msg, false);
@@ -657,7 +657,7 @@ impl Channel {
 
 impl State {
     fn consumer_mut(&mut self, client_id: u64) -> Option<&mut Consumer> {
-        self.consumers.iter_mut().find(|c| c.client.id == client_id)
+        self.consumers.iter_mut().find(|c| c.id == client_id)
     }
 
     fn next_deadline(&self) -> Option<Instant> {

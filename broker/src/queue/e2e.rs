@@ -5,6 +5,7 @@
 //! log-linear histogram (32 steps per power of two, about 3 % relative error): recording is
 //! O(1) with no allocation, and sub-windows of channels merge exactly into a topic's.
 
+use crate::stats::{E2eStats, Percentile};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -133,6 +134,32 @@ impl LatencyWindow {
         }
         self.current = Histogram::default();
         self.rotated_at = now;
+    }
+}
+
+impl E2eStats {
+    /// The `/stats` shape of `samples` for the configured quantiles (none: tracking is off).
+    pub(crate) fn new(quantiles: &[f64], samples: &Histogram) -> E2eStats {
+        if quantiles.is_empty() {
+            return E2eStats {
+                count: 0,
+                percentiles: None,
+                sum_seconds: 0.0,
+            };
+        }
+        E2eStats {
+            count: samples.count(),
+            sum_seconds: samples.sum_seconds(),
+            percentiles: Some(
+                quantiles
+                    .iter()
+                    .map(|&q| Percentile {
+                        quantile: q,
+                        value: samples.quantile(q),
+                    })
+                    .collect(),
+            ),
+        }
     }
 }
 

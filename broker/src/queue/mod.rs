@@ -6,9 +6,11 @@
 //! up to `--mem-queue-size` messages in memory and the rest in its disk queue; whenever the
 //! disk queue holds anything, new messages go behind it, so a queue stays first in, first out.
 //! Ephemeral topics and channels have no disk queue and drop what does not fit, as in nsqd.
+//! Consumers are known only through the [`Consumer`] handle defined here.
 
 mod channel;
 mod commits;
+mod consumer;
 mod deferred;
 pub(crate) mod e2e;
 mod guid;
@@ -20,6 +22,7 @@ use message::Msg;
 
 pub(crate) use channel::{Channel, SubscribeError};
 pub(crate) use commits::Commits;
+pub(crate) use consumer::{Consumer, ConsumerCounters, Subscriber};
 pub(crate) use topic::{PublishError, Topic};
 
 use crate::health::Health;

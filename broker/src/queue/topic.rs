@@ -6,12 +6,12 @@
 //! released, as in nsqd.
 
 use super::channel::{Channel, SubscribeError};
+use super::consumer::Subscriber;
 use super::e2e::Histogram;
 use super::guid::IdGenerator;
 use super::message::Msg;
 use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::persist::{ChannelMeta, TopicMeta};
-use crate::protocol::Client;
 use crate::stats::{E2eStats, TopicStats};
 use crate::storage::{DiskQueue, DiskRecord, StorageError};
 use bytes::Bytes;
@@ -232,19 +232,19 @@ impl Topic {
         Ok((channel, true))
     }
 
-    /// Subscribes `client` to the channel `name`, creating it if needed; says whether it was
-    /// created.
+    /// Subscribes a consumer to the channel `name`, creating it if needed; says whether it
+    /// was created.
     pub(crate) fn subscribe(
         &self,
         name: &str,
-        client: &Arc<Client>,
+        subscriber: &Subscriber,
     ) -> Result<(Arc<Channel>, bool), SubscribeError> {
         let mut st = self.lock();
         if st.deleted {
             return Err(SubscribeError::Exiting);
         }
         let (channel, created) = self.channel_locked(&mut st, name)?;
-        channel.subscribe(client)?;
+        channel.subscribe(subscriber)?;
         Ok((channel, created))
     }
 

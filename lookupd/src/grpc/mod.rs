@@ -1,8 +1,7 @@
 //! The `knsq.cluster.v1.Registry` gRPC service on `--grpc-address`: brokers register over
 //! one stream each, and ask which channels a topic has. Over TLS when `--grpc-tls-cert` is
-//! given ([`tls`]).
+//! given.
 
-mod tls;
 mod validate;
 
 use crate::directory::Directory;
@@ -40,18 +39,13 @@ pub(crate) struct RegistryService {
     shutdown: CancellationToken,
 }
 
-/// Checks the `--grpc-tls-*` flags and reads their files.
-pub(crate) fn check_tls_options(o: &crate::Options) -> Result<(), crate::config::ConfigError> {
-    tls::server_config(o).map(|_| ())
-}
-
 /// The gRPC server as the options configure it: plain, TLS or mutual TLS. Built before the
 /// lookupd says it listens, so a TLS setup that fails ends the start.
-pub(crate) fn server(o: &crate::Options) -> Result<Server, crate::LookupdError> {
+pub(crate) fn server(config: &crate::Config) -> Result<Server, crate::LookupdError> {
     let server = Server::builder();
-    match tls::server_config(o)? {
+    match config.grpc_tls.clone() {
         Some(tls) => {
-            let mutual = if o.grpc_tls_client_ca_file.is_some() {
+            let mutual = if config.options.grpc_tls_client_ca_file.is_some() {
                 "required"
             } else {
                 "not asked for"

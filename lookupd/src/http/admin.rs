@@ -5,8 +5,8 @@ use super::read::topic_param;
 use crate::directory::Directory;
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
-use broker::{ApiError, Params, text_response};
 use proto::wire::names::is_valid_topic_name;
+use server_kit::http::{ApiError, Params, text_response};
 use std::sync::Arc;
 use std::time::SystemTime;
 

@@ -2,7 +2,7 @@
 //!
 //! Routes, parameters, JSON shapes, status codes and error texts follow nsqlookupd 1.3; every
 //! V1 response carries `X-NSQ-Content-Type: nsq; version=1.0`, without which go-nsq would not
-//! read the body. The response helpers and the error type are the broker's (nsqd and
+//! read the body. The response helpers and the error type are server-kit's (nsqd and
 //! nsqlookupd share these conventions).
 
 mod admin;
@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use broker::ApiError;
+use server_kit::http::ApiError;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;

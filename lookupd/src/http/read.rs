@@ -6,9 +6,9 @@ use crate::registry::PeerInfo;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use broker::{ApiError, Params, json_response, metrics_response};
 use serde::Serialize;
 use serde_json::{Value, json};
+use server_kit::http::{ApiError, Params, json_response, metrics_response};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 

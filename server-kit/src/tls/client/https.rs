@@ -1,11 +1,7 @@
-//! How the auth-server client connects: plain TCP for `http://` servers, TCP then a TLS
-//! handshake for `https://` ones. The TLS client trusts `--tls-root-ca-file` when given and
-//! the system's CA certificates otherwise, as nsqd's does, and speaks from
-//! `--tls-min-version` up. `--http-client-connect-timeout` covers the TCP connect and the
-//! handshake together.
+//! How an HTTP client (the broker's, for auth servers) connects: plain TCP for `http://`
+//! servers, TCP then a TLS handshake for `https://` ones. The connect timeout
+//! (`--http-client-connect-timeout`) covers the TCP connect and the handshake together.
 
-use crate::config::{ConfigError, Options};
-use crate::pem;
 use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -39,43 +35,44 @@ enum ConnectError {
     NoTls,
 }
 
-/// hyper-util's connector for the auth servers' client.
+/// hyper-util's connector for an HTTP client that may speak to `https://` servers.
 #[derive(Clone)]
-pub(super) struct AuthConnector {
+pub struct HttpsConnector {
     http: HttpConnector,
     /// `None` when every auth server is `http://`: no certificates are loaded then.
     tls: Option<TlsConnector>,
     connect_timeout: Duration,
 }
 
-impl AuthConnector {
-    pub(super) fn new(connect_timeout: Duration, tls: Option<TlsConnector>) -> AuthConnector {
+impl HttpsConnector {
+    /// `tls`: the client config for `https://` servers; `None` when every server is plain.
+    pub fn new(connect_timeout: Duration, tls: Option<Arc<ClientConfig>>) -> HttpsConnector {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         // Lets `https://` URIs through; the scheme then decides whether a handshake follows.
         http.enforce_http(false);
-        AuthConnector {
+        HttpsConnector {
             http,
-            tls,
+            tls: tls.map(TlsConnector::from),
             connect_timeout,
         }
     }
 }
 
-impl std::fmt::Debug for AuthConnector {
+impl std::fmt::Debug for HttpsConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthConnector")
+        f.debug_struct("HttpsConnector")
             .field("tls", &self.tls.is_some())
             .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
 }
 
-impl tower_service::Service<Uri> for AuthConnector {
-    type Response = AuthStream;
+impl tower_service::Service<Uri> for HttpsConnector {
+    type Response = HttpsStream;
     type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<AuthStream, Self::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpsStream, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.http.poll_ready(cx).map_err(Into::into)
@@ -89,7 +86,7 @@ impl tower_service::Service<Uri> for AuthConnector {
         Box::pin(async move {
             let tcp = tcp.await.map_err(|e| ConnectError::Tcp(e.into()))?;
             if uri.scheme_str() != Some("https") {
-                return Ok(AuthStream::Plain(tcp));
+                return Ok(HttpsStream::Plain(tcp));
             }
             let tls = tls.ok_or(ConnectError::NoTls)?;
             let name = server_name(&uri)?;
@@ -99,7 +96,7 @@ impl tower_service::Service<Uri> for AuthConnector {
                 .await
                 .map_err(|_| ConnectError::HandshakeTimeout(limit))?
                 .map_err(ConnectError::Handshake)?;
-            Ok(AuthStream::Tls(Box::new(TokioIo::new(stream))))
+            Ok(HttpsStream::Tls(Box::new(TokioIo::new(stream))))
         })
     }
 }
@@ -112,64 +109,64 @@ fn server_name(uri: &Uri) -> Result<ServerName<'static>, ConnectError> {
     ServerName::try_from(host.to_string()).map_err(|_| ConnectError::ServerName(host.into()))
 }
 
-/// A connection to an auth server.
-pub(super) enum AuthStream {
+/// A connection to an HTTP server.
+pub enum HttpsStream {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
 }
 
-impl Connection for AuthStream {
+impl Connection for HttpsStream {
     fn connected(&self) -> Connected {
         match self {
-            AuthStream::Plain(s) => s.connected(),
-            AuthStream::Tls(s) => s.inner().get_ref().0.connected(),
+            HttpsStream::Plain(s) => s.connected(),
+            HttpsStream::Tls(s) => s.inner().get_ref().0.connected(),
         }
     }
 }
 
-impl Read for AuthStream {
+impl Read for HttpsStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            AuthStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            AuthStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            HttpsStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            HttpsStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
 
-impl Write for AuthStream {
+impl Write for HttpsStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            AuthStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            AuthStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            HttpsStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            HttpsStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            AuthStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            AuthStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            HttpsStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            HttpsStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            AuthStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            AuthStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            HttpsStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            HttpsStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            AuthStream::Plain(s) => s.is_write_vectored(),
-            AuthStream::Tls(s) => s.is_write_vectored(),
+            HttpsStream::Plain(s) => s.is_write_vectored(),
+            HttpsStream::Tls(s) => s.is_write_vectored(),
         }
     }
 
@@ -179,30 +176,10 @@ impl Write for AuthStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            AuthStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            AuthStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            HttpsStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            HttpsStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
-}
-
-/// The TLS client for `https://` auth servers.
-pub(super) fn tls_connector(o: &Options) -> Result<TlsConnector, ConfigError> {
-    let roots = match &o.tls.tls_root_ca_file {
-        Some(path) => pem::root_store("tls-root-ca-file", path)?.store,
-        None => pem::system_roots(
-            "auth-http-address",
-            "https:// auth servers need --tls-root-ca-file or the system's CA certificates",
-        )?,
-    };
-    let config = ClientConfig::builder_with_provider(pem::crypto_provider())
-        .with_protocol_versions(o.tls.tls_min_version.rustls())
-        .map_err(|e| ConfigError {
-            flag: "tls-min-version",
-            reason: e.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! auth servers, lookupd's gRPC both ways) reads them here, so a bad file fails at start
 //! with the same words and the name of its flag.
 
-use crate::config::ConfigError;
+use crate::flags::ConfigError;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
@@ -39,7 +39,7 @@ pub struct Roots {
 }
 
 /// The crypto provider of every rustls config in knsq (ring).
-pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
+pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -172,8 +172,8 @@ fn certificates(
 }
 
 /// A self-signed certificate for `localhost` and its key, written to `dir` (for tests).
-#[cfg(test)]
-pub(crate) fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+#[cfg(any(test, feature = "testing"))]
+pub fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     use rcgen::{CertificateParams, KeyPair};
     let key = KeyPair::generate().unwrap();
     let cert = CertificateParams::new(vec!["localhost".to_string()])

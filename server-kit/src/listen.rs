@@ -1,9 +1,12 @@
-//! Accepting sockets when the process runs out of file descriptors (or another accept error
-//! repeats): back off instead of spinning, and log once per interval rather than per failure.
-//! And the descriptor budget: the soft `RLIMIT_NOFILE` raised to the hard one at start (as Go
-//! does for nsqd), with a share kept back from client connections for the broker's own files.
+//! Binding a server's listeners before it runs, so port 0 works and the real address can be
+//! read back, with errors naming the flag of the address; and accepting on them when the
+//! process runs out of file descriptors (or another accept error repeats): back off instead
+//! of spinning, and log once per interval rather than per failure. And the descriptor
+//! budget: the soft `RLIMIT_NOFILE` raised to the hard one at start (as Go does for nsqd),
+//! with a share kept back from client connections for the server's own files.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::Instant;
@@ -14,10 +17,37 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// At most one log line per this long about failing accepts.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on --{flag} {address}: {source}")]
+pub struct BindError {
+    pub flag: &'static str,
+    pub address: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `address`, the value of `--<flag>`.
+pub async fn bind(flag: &'static str, address: &str) -> Result<TcpListener, BindError> {
+    bind_reusing(address).await.map_err(|source| BindError {
+        flag,
+        address: address.to_string(),
+        source,
+    })
+}
+
+/// The address a listener bound for `--<flag>` listens on.
+pub fn local_address(listener: &TcpListener, flag: &'static str) -> Result<SocketAddr, BindError> {
+    listener.local_addr().map_err(|source| BindError {
+        flag,
+        address: String::new(),
+        source,
+    })
+}
+
 /// Binds a listener on `address` (`host:port`) with address reuse, so that a restarted broker
 /// gets its ports back at once, and the system's largest accept backlog (as Go does), so that
 /// a burst of connections is queued rather than refused while the accept loop catches up.
-pub(crate) async fn bind(address: &str) -> io::Result<TcpListener> {
+async fn bind_reusing(address: &str) -> io::Result<TcpListener> {
     let backlog = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -44,7 +74,7 @@ pub(crate) async fn bind(address: &str) -> io::Result<TcpListener> {
 }
 
 /// Errors about one connection that went away before it was accepted, not about the socket.
-pub(crate) fn is_connection_error(e: &io::Error) -> bool {
+pub fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionRefused
@@ -55,7 +85,7 @@ pub(crate) fn is_connection_error(e: &io::Error) -> bool {
 
 /// What an accept loop remembers of its failures.
 #[derive(Debug)]
-pub(crate) struct AcceptFailures {
+pub struct AcceptFailures {
     /// Which listener, for the log.
     listener: &'static str,
     backoff: Duration,
@@ -65,7 +95,7 @@ pub(crate) struct AcceptFailures {
 }
 
 impl AcceptFailures {
-    pub(crate) fn new(listener: &'static str) -> AcceptFailures {
+    pub fn new(listener: &'static str) -> AcceptFailures {
         AcceptFailures {
             listener,
             backoff: FIRST_BACKOFF,
@@ -75,7 +105,7 @@ impl AcceptFailures {
     }
 
     /// An accept succeeded: the next failure starts over with a short pause.
-    pub(crate) fn accepted(&mut self) {
+    pub fn accepted(&mut self) {
         if self.backoff != FIRST_BACKOFF {
             self.backoff = FIRST_BACKOFF;
             if self.unlogged > 0 {
@@ -91,7 +121,7 @@ impl AcceptFailures {
 
     /// An accept failed: logs (at most once per interval, with how many failed since) and
     /// waits a little longer each time. Connection errors of a single client are ignored.
-    pub(crate) async fn failed(&mut self, error: &io::Error) {
+    pub async fn failed(&mut self, error: &io::Error) {
         if is_connection_error(error) {
             return;
         }
@@ -118,7 +148,7 @@ impl AcceptFailures {
 
 /// How many file descriptors the process may use, after raising the soft limit to the hard
 /// one; `None` where the limit cannot be read.
-pub(crate) fn raise_fd_limit() -> Option<u64> {
+pub fn raise_fd_limit() -> Option<u64> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     if let (Some(current), max) = (limit.current, limit.maximum)
@@ -137,7 +167,7 @@ pub(crate) fn raise_fd_limit() -> Option<u64> {
 
 /// File descriptors kept back from client connections, for segment files, journals,
 /// metadata and outgoing connections: an eighth of the limit, at least 64.
-pub(crate) fn reserved_fds(limit: u64) -> u64 {
+pub fn reserved_fds(limit: u64) -> u64 {
     (limit / 8).max(64)
 }
 

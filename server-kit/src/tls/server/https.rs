@@ -4,7 +4,7 @@
 //! A handshake waits on the client, so doing it inside `Listener::accept` would let one slow or
 //! silent client stop every other one; here each handshake is its own task with a deadline.
 
-use crate::accept::AcceptFailures;
+use crate::listen::AcceptFailures;
 use rustls::ServerConfig;
 use std::io;
 use std::net::SocketAddr;
@@ -29,7 +29,7 @@ const MAX_HANDSHAKES: usize = 1024;
 const READY_CAPACITY: usize = 64;
 
 /// The client TLS config with ALPN set for HTTP/1.1, the only HTTP version we serve.
-pub(crate) fn https_config(client_tls: &ServerConfig) -> Arc<ServerConfig> {
+pub fn https_config(client_tls: &ServerConfig) -> Arc<ServerConfig> {
     let mut config = client_tls.clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
@@ -40,25 +40,25 @@ pub(crate) fn https_config(client_tls: &ServerConfig) -> Arc<ServerConfig> {
 /// Dropping it (axum does once shutdown begins) stops the accept loop, closes the socket and
 /// ends the handshakes still in progress.
 #[derive(Debug)]
-pub(crate) struct TlsListener {
+pub struct HttpsListener {
     local: SocketAddr,
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
 }
 
-impl TlsListener {
+impl HttpsListener {
     /// Starts accepting on an already-bound listener whose address is `local`.
-    pub(crate) fn new(
+    pub fn new(
         listener: TcpListener,
         local: SocketAddr,
         config: Arc<ServerConfig>,
-    ) -> TlsListener {
+    ) -> HttpsListener {
         let (tx, ready) = mpsc::channel(READY_CAPACITY);
         tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), tx));
-        TlsListener { local, ready }
+        HttpsListener { local, ready }
     }
 }
 
-impl axum::serve::Listener for TlsListener {
+impl axum::serve::Listener for HttpsListener {
     type Io = TlsStream<TcpStream>;
     type Addr = SocketAddr;
 

@@ -1,74 +1,96 @@
-//! TLS for client connections: the rustls server config built from nsqd's flags, and what a
-//! finished handshake tells `/stats` and the auth server.
+//! TLS where knsq is the server: the rustls config for NSQ TCP and HTTPS clients, with
+//! nsqd's client certificate policies; the gRPC listener's config; and what a finished
+//! handshake tells `/stats` and the auth server; and the HTTPS listener ([`https`]).
 
-use crate::config::{ClientAuthPolicy, ConfigError, TlsOptions};
-use crate::pem;
+mod https;
+
+use super::{Identity, crypto_provider};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ServerConnection, WebPkiClientVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
-use std::path::Path;
+use rustls::server::{ServerConnection, VerifierBuilderError, WebPkiClientVerifier};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+    SupportedProtocolVersion,
+};
 use std::sync::Arc;
 
-/// The server config for TCP (and HTTPS) clients, or `None` without `--tls-cert`.
-pub(crate) fn server_config(o: &TlsOptions) -> Result<Option<Arc<ServerConfig>>, ConfigError> {
-    let (Some(cert_path), Some(key_path)) = (&o.tls_cert, &o.tls_key) else {
-        return Ok(None);
-    };
-    let identity = pem::identity("tls-cert", cert_path, "tls-key", key_path)?;
-    let provider = pem::crypto_provider();
+pub use https::{HttpsListener, https_config};
+
+/// The client certificates a server asks for.
+#[derive(Debug)]
+pub enum ClientCerts {
+    /// None.
+    Optional,
+    /// Any certificate, not verified, as Go's `RequireAnyClientCert` (nsqd's `require`).
+    Any,
+    /// One signed by these authorities (nsqd's `require-verify`).
+    Verified(RootCertStore),
+}
+
+/// Why a server config could not be built from files that were read fine.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    #[error("{0}")]
+    Versions(#[source] rustls::Error),
+    #[error("{0}")]
+    ClientVerifier(#[source] VerifierBuilderError),
+    #[error("{0}")]
+    Identity(#[source] rustls::Error),
+}
+
+/// The rustls config for a TLS server: `identity` shown to clients, TLS `versions` offered,
+/// `client_certs` asked of them.
+pub fn config(
+    identity: Identity,
+    versions: &[&'static SupportedProtocolVersion],
+    client_certs: ClientCerts,
+) -> Result<Arc<ServerConfig>, ServerTlsError> {
+    let provider = crypto_provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(o.tls_min_version.rustls())
-        .map_err(|e| ConfigError {
-            flag: "tls-min-version",
-            reason: e.to_string(),
-        })?;
-    let builder = match o.tls_client_auth_policy {
-        None => builder.with_no_client_auth(),
-        Some(ClientAuthPolicy::Require) => {
-            builder.with_client_cert_verifier(Arc::new(AnyClientCert {
-                algorithms: provider.signature_verification_algorithms,
-            }))
-        }
-        Some(ClientAuthPolicy::RequireVerify) => {
-            // Without a CA file nsqd verifies client certificates against the system's CAs.
-            let (roots, flag, source) = match &o.tls_root_ca_file {
-                Some(path) => (
-                    pem::root_store("tls-root-ca-file", path)?.store,
-                    "tls-root-ca-file",
-                    path.display().to_string(),
-                ),
-                None => (
-                    pem::system_roots(
-                        "tls-client-auth-policy",
-                        "require-verify needs --tls-root-ca-file or the system's CA certificates",
-                    )?,
-                    "tls-client-auth-policy",
-                    "the system's CA certificates".to_string(),
-                ),
-            };
+        .with_protocol_versions(versions)
+        .map_err(ServerTlsError::Versions)?;
+    let builder = match client_certs {
+        ClientCerts::Optional => builder.with_no_client_auth(),
+        ClientCerts::Any => builder.with_client_cert_verifier(Arc::new(AnyClientCert {
+            algorithms: provider.signature_verification_algorithms,
+        })),
+        ClientCerts::Verified(roots) => {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| ConfigError {
-                    flag,
-                    reason: format!("{source}: {e}"),
-                })?;
+                .map_err(ServerTlsError::ClientVerifier)?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let config = builder
         .with_single_cert(identity.certs, identity.key)
-        .map_err(|e| config_error("tls-key", key_path, e))?;
-    Ok(Some(Arc::new(config)))
+        .map_err(ServerTlsError::Identity)?;
+    Ok(Arc::new(config))
 }
 
-fn config_error(flag: &'static str, path: &Path, e: impl std::fmt::Display) -> ConfigError {
-    ConfigError {
-        flag,
-        reason: format!("{}: {e}", path.display()),
+/// A connection that has not finished its gRPC handshake by then is closed, so a client that
+/// stalls in the handshake holds nothing for long.
+#[cfg(feature = "grpc-server")]
+const GRPC_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The config of a gRPC (tonic) listener showing `identity`; with `client_ca`, clients must
+/// show a certificate those authorities signed (mutual TLS).
+#[cfg(feature = "grpc-server")]
+pub fn grpc_config(
+    identity: Identity,
+    client_ca: Option<super::Roots>,
+) -> tonic::transport::ServerTlsConfig {
+    use tonic::transport::{Certificate, Identity as PemIdentity, ServerTlsConfig};
+    let mut config = ServerTlsConfig::new()
+        .identity(PemIdentity::from_pem(identity.cert_pem, identity.key_pem))
+        .timeout(GRPC_HANDSHAKE_TIMEOUT);
+    if let Some(ca) = client_ca {
+        // Required, not optional: a client without a certificate signed by the CA fails the
+        // handshake.
+        config = config.client_ca_root(Certificate::from_pem(ca.pem));
     }
+    config
 }
 
 /// `--tls-client-auth-policy=require`: a client must show a certificate (and prove it holds
@@ -117,18 +139,18 @@ impl ClientCertVerifier for AnyClientCert {
 
 /// A client's TLS session as `/stats` reports it (nsqd's names) and the auth server is told.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct TlsSummary {
+pub struct TlsSummary {
     /// nsqd's name: `TLS1.2`, `TLS1.3`.
-    pub(crate) version: &'static str,
+    pub version: &'static str,
     /// Go's name, e.g. `TLS_AES_128_GCM_SHA256`.
-    pub(crate) cipher_suite: String,
-    pub(crate) negotiated_protocol: String,
+    pub cipher_suite: String,
+    pub negotiated_protocol: String,
     /// The subject common name of the client's certificate, if it sent one.
-    pub(crate) common_name: String,
+    pub common_name: String,
 }
 
 impl TlsSummary {
-    pub(crate) fn of(conn: &ServerConnection) -> TlsSummary {
+    pub fn of(conn: &ServerConnection) -> TlsSummary {
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLS1.2",
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLS1.3",
@@ -167,7 +189,7 @@ impl TlsSummary {
 /// The subject common name of a DER certificate: Certificate → tbsCertificate → the subject
 /// (after an optional version, the serial, the signature algorithm, the issuer, the validity)
 /// → the last attribute with OID 2.5.4.3, as Go's `Subject.CommonName`.
-pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+pub fn common_name(der: &[u8]) -> Option<String> {
     const SEQUENCE: u8 = 0x30;
     const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
     let (tag, certificate, _) = read_tlv(der)?;
@@ -247,57 +269,6 @@ mod tests {
         }
         let key = KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
-    }
-
-    fn tls_options(args: &[String]) -> TlsOptions {
-        let args = std::iter::once("knsq-broker".to_string()).chain(args.iter().cloned());
-        crate::Options::from_args(args).unwrap().tls
-    }
-
-    #[test]
-    fn the_files_of_the_tls_flags_are_read_and_checked_at_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = crate::pem::self_signed(dir.path(), "a");
-        let (_, other_key) = crate::pem::self_signed(dir.path(), "b");
-        let garbage = dir.path().join("garbage.pem");
-        std::fs::write(&garbage, "not PEM").unwrap();
-        let [cert, key, other_key, garbage] =
-            [cert, key, other_key, garbage].map(|p| p.display().to_string());
-        let error = |args: &[String]| server_config(&tls_options(args)).unwrap_err();
-
-        assert!(server_config(&tls_options(&[])).unwrap().is_none());
-        let files = [format!("--tls-cert={cert}"), format!("--tls-key={key}")];
-        assert!(server_config(&tls_options(&files)).unwrap().is_some());
-        let verify = "--tls-client-auth-policy=require-verify".to_string();
-        let with_ca = |ca: &str| {
-            [
-                &files[..],
-                &[verify.clone(), format!("--tls-root-ca-file={ca}")],
-            ]
-            .concat()
-        };
-        assert!(
-            server_config(&tls_options(&with_ca(&cert)))
-                .unwrap()
-                .is_some()
-        );
-
-        let e = error(&[format!("--tls-cert={garbage}"), files[1].clone()]);
-        assert_eq!(e.flag, "tls-cert");
-        let e = error(&[files[0].clone(), format!("--tls-key={other_key}")]);
-        assert_eq!(e.flag, "tls-key");
-        assert!(e.reason.contains("does not fit the certificate"), "{e}");
-        let e = error(&with_ca(&garbage));
-        assert_eq!(e.flag, "tls-root-ca-file");
-        assert!(e.reason.starts_with("no PEM certificate in"), "{e}");
-
-        // Without a CA file, client certificates are verified against the system's CAs, as
-        // nsqd's; a system without usable ones is refused (pem's tests cover that wording).
-        let system = [&files[..], std::slice::from_ref(&verify)].concat();
-        match crate::pem::system_roots("f", "x") {
-            Ok(_) => assert!(server_config(&tls_options(&system)).unwrap().is_some()),
-            Err(_) => assert_eq!(error(&system).flag, "tls-client-auth-policy"),
-        }
     }
 
     #[test]
