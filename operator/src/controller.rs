@@ -25,11 +25,12 @@ use crate::children::{
     AdminChildren, CHECKSUM_ANNOTATION, Children, Component, DATA_VOLUME, DefaultImages, MANAGER,
     selector_labels,
 };
+use crate::crd::Violation;
 use crate::crd::{NSQCluster, StorageStatus};
 use crate::metrics::Metrics;
 use crate::quantity;
 use crate::status::{self, Observed, Outcome};
-use crate::validation::{self, AppliedStorage, Violation};
+use crate::validation::{self, AppliedStorage};
 
 /// How often a healthy cluster is looked at again even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(300);

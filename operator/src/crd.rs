@@ -3,6 +3,7 @@
 //! generated from these types (`knsq-operator crd`).
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use k8s_openapi::api::core::v1::{
     Affinity, Container, EnvVar, LocalObjectReference, PodSecurityContext, ResourceRequirements,
@@ -861,4 +862,21 @@ fn default_max_unavailable() -> i32 {
 }
 fn default_scrape_interval() -> String {
     "30s".to_owned()
+}
+
+/// Annotation on the broker StatefulSet recording the claim size last applied: volumes only
+/// grow, and the StatefulSet's own claim template cannot change to say so.
+pub const STORAGE_SIZE_ANNOTATION: &str = "knsq.io/storage-size";
+
+/// A field of the spec and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
 }

@@ -5,31 +5,13 @@
 //! the operator's own names reserve, and what needs the objects already applied (storage).
 
 use std::collections::BTreeSet;
-use std::fmt;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::ResourceExt;
 
 use crate::children::{CLUSTER_TLS_VOLUME, Component, DATA_VOLUME, TLS_VOLUME, reserved_env};
-use crate::crd::{NSQCluster, TlsRequired, messages};
+use crate::crd::{NSQCluster, STORAGE_SIZE_ANNOTATION, TlsRequired, Violation, messages};
 use crate::quantity::{bytes, requested_storage};
-
-/// Annotation on the broker StatefulSet recording the claim size last applied: volumes only
-/// grow, and the StatefulSet's own claim template cannot change to say so.
-pub const STORAGE_SIZE_ANNOTATION: &str = "knsq.io/storage-size";
-
-/// A field of the spec and what is wrong with it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Violation {
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for Violation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
 
 fn violation(field: impl Into<String>, message: impl Into<String>) -> Violation {
     Violation {

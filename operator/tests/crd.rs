@@ -8,8 +8,9 @@ use std::collections::BTreeSet;
 
 use kube::core::cel::Validator;
 use operator::children::{Children, DefaultImages};
+use operator::crd::Violation;
 use operator::crd::{NSQCluster, NSQClusterSpec, crd_yaml, definition, messages};
-use operator::validation::{self, Violation};
+use operator::validation;
 use serde_json::{Value, json};
 
 fn repo_root() -> PathBuf {

@@ -14,7 +14,7 @@ use super::{
     ADMIN_HTTP, Component, LOOKUPD_HTTP, child_meta, client_service, labels, selector_labels,
 };
 use crate::crd::NSQCluster;
-use crate::validation::Violation;
+use crate::crd::Violation;
 
 /// NSQ's release that knsq matches, as published by the NSQ project.
 pub const ADMIN_IMAGE: &str = "nsqio/nsq:v1.3.0";

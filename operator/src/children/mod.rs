@@ -19,8 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde_json::Value;
 
+use crate::crd::Violation;
 use crate::crd::{NSQCluster, PodSettings};
-use crate::validation::Violation;
 
 pub use admin::{ADMIN_IMAGE, AdminChildren, admin_children};
 pub use config::{config_checksum, config_map};

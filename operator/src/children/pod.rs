@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Map, Value};
 
 use super::{CHECKSUM_ANNOTATION, Component, PortSpec, labels, selector_labels};
+use crate::crd::Violation;
 use crate::crd::{NSQCluster, PodSettings};
-use crate::validation::Violation;
 
 /// The unprivileged user the images run as.
 const RUN_AS: i64 = 65532;

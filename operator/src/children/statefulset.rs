@@ -15,7 +15,7 @@ use super::pod::{ProbeTarget, Workload, field_env, non_empty, pod_template};
 use super::{BROKER_HTTP, BROKER_HTTPS, BROKER_TCP, Component, LOOKUPD_GRPC, LOOKUPD_HTTP};
 use super::{child_meta, config_checksum, labels, namespace, selector_labels};
 use crate::crd::{ClientAuthPolicy, NSQCluster};
-use crate::validation::{STORAGE_SIZE_ANNOTATION, Violation};
+use crate::crd::{STORAGE_SIZE_ANNOTATION, Violation};
 
 /// Where a broker keeps its queues.
 const DATA_PATH: &str = "/data";
