@@ -139,7 +139,8 @@ pub async fn run(
     let disk = storage::DiskQueueOptions {
         max_bytes_per_file: options.max_bytes_per_file,
         sync_every: options.sync_every,
-        max_msg_size: options.max_msg_size,
+        // A dead letter's body carries its origin too.
+        max_msg_size: options.max_msg_size + queue::ENVELOPE_MAX,
         faults: storage::FaultSwitch::default(),
         passes: Arc::default(),
     };
@@ -162,6 +163,7 @@ pub async fn run(
         lookup.clone(),
     ));
     metrics.register_queues(Arc::downgrade(&state))?;
+    state.connect_dead_letters();
     state.restore()?;
     state.save_metadata();
     lookup.start(&state);

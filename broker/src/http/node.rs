@@ -37,7 +37,7 @@ struct Info<'a> {
     topology_region: &'static str,
 }
 
-fn to_json(value: &impl Serialize) -> Response {
+pub(super) fn to_json(value: &impl Serialize) -> Response {
     match serde_json::to_string(value) {
         Ok(body) => json_response(StatusCode::OK, body),
         Err(_) => {
