@@ -55,6 +55,10 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                 s.max_deflate_level
                     .map(|v| setting("max-deflate-level", "BROKER_MAX_DEFLATE_LEVEL", v)),
             );
+            settings.extend(
+                s.max_attempts
+                    .map(|v| setting("max-attempts", "BROKER_MAX_ATTEMPTS", v)),
+            );
             if !s.e2e_processing_latency_percentiles.is_empty() {
                 let quantiles: Vec<String> = s
                     .e2e_processing_latency_percentiles
@@ -167,6 +171,10 @@ mod tests {
         assert_eq!(cm.metadata.name.as_deref(), Some("events-config"));
         let data = cm.data.expect("data");
         assert_eq!(data.len(), 10);
+        assert!(
+            !data.contains_key("BROKER_MAX_ATTEMPTS"),
+            "no limit unless set"
+        );
         assert_eq!(data["BROKER_MEM_QUEUE_SIZE"], "10000");
         assert_eq!(data["BROKER_MSG_TIMEOUT"], "60s");
         assert_eq!(data["BROKER_MAX_MSG_SIZE"], "1048576");
@@ -206,6 +214,7 @@ mod tests {
     fn optional_settings_and_tls_only_when_set() {
         let mut spec = NSQClusterSpec::default();
         spec.broker.settings.deflate = Some(false);
+        spec.broker.settings.max_attempts = Some(5);
         spec.broker.tls = Some(BrokerTlsSpec {
             secret_name: "events-tls".to_owned(),
             required: Some(TlsRequired::TcpHttps),
@@ -216,8 +225,9 @@ mod tests {
             secret_name: "events-mtls".to_owned(),
         });
         let data = config_map(&cluster(spec)).data.expect("data");
-        assert_eq!(data.len(), 14);
+        assert_eq!(data.len(), 15);
         assert_eq!(data["BROKER_DEFLATE"], "false");
+        assert_eq!(data["BROKER_MAX_ATTEMPTS"], "5");
         assert!(!data.contains_key("BROKER_SNAPPY"));
         assert_eq!(data["BROKER_TLS_REQUIRED"], "tcp-https");
         assert_eq!(data["BROKER_TLS_CLIENT_AUTH_POLICY"], "require-verify");
