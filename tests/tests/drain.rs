@@ -663,3 +663,22 @@ async fn a_handoff_goes_over_mutual_tls_to_listed_peers() -> Result<()> {
     b.signal("TERM")?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_topic_is_handed_off_after_the_drain_timeout() -> Result<()> {
+    let lookupd = LookupdProcess::start(&[])?;
+    let mut a = broker(&lookupd, &["--drain-timeout=1s"])?;
+    let b = broker(&lookupd, &[])?;
+    registered(&lookupd, 2).await?;
+    post_ok(a.http_address, "/topic/create?topic=t").await?;
+    post_ok(a.http_address, "/channel/create?topic=t&channel=c").await?;
+    post_ok(a.http_address, "/topic/pause?topic=t").await?;
+    let bodies: Vec<Vec<u8>> = (0..30).map(|i| numbered("paused", i)).collect();
+    publish(a.tcp_address, "t", &bodies).await?;
+    post_ok(a.http_address, "/drain").await?;
+    ensure!(a.wait_exit(Duration::from_secs(20))?.success());
+    // The peer's topic got them, for its channels.
+    let got = consume(b.tcp_address, "t", "c", Duration::from_secs(1)).await?;
+    ensure!(got.len() == 30, "{} of 30", got.len());
+    Ok(())
+}
