@@ -457,6 +457,27 @@ impl BrokerProcess {
         Ok(process)
     }
 
+    /// Stops this broker (if it still runs) and starts it again on the same data directory and
+    /// ports, with `extra` flags.
+    pub fn restart(mut self, extra: &[&str]) -> Result<BrokerProcess> {
+        let (tcp, http) = (self.tcp_address, self.http_address);
+        let data = self.data.take();
+        drop(self);
+        let dir = data
+            .as_ref()
+            .map(|d| d.path().display().to_string())
+            .unwrap_or_default();
+        let mut args = vec![
+            format!("--tcp-address={tcp}"),
+            format!("--http-address={http}"),
+            format!("--data-path={dir}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut broker = BrokerProcess::spawn(&args)?;
+        broker.data = data;
+        Ok(broker)
+    }
+
     /// Starts the binary with exactly these arguments and waits for its listening lines.
     pub fn spawn(args: &[String]) -> Result<BrokerProcess> {
         let mut process = ChildProcess::spawn("knsq-broker", args, &[])?;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
-use tests::{BrokerProcess, HttpResponse, NsqConn, TestBroker, http_request};
+use tests::{BrokerProcess, HttpResponse, NsqConn, TestBroker, http_post_ok, http_request};
 use tokio::time::Instant;
 
 async fn call(http: SocketAddr, method: &str, path: &str) -> Result<HttpResponse> {
@@ -26,17 +26,6 @@ async fn json(http: SocketAddr, method: &str, path: &str) -> Result<Value> {
         resp.text()
     );
     resp.json()
-}
-
-async fn post_ok(http: SocketAddr, path: &str) -> Result<()> {
-    let resp = call(http, "POST", path).await?;
-    ensure!(
-        resp.status == 200,
-        "POST {path}: {} {}",
-        resp.status,
-        resp.text()
-    );
-    Ok(())
 }
 
 /// An nsqd-style error: the status and `{"message":"TEXT"}`.
@@ -58,12 +47,9 @@ async fn expect_error(
 }
 
 async fn create_channel(http: SocketAddr, topic: &str, channel: &str) -> Result<()> {
-    post_ok(http, &format!("/topic/create?topic={topic}")).await?;
-    post_ok(
-        http,
-        &format!("/channel/create?topic={topic}&channel={channel}"),
-    )
-    .await
+    http_post_ok(http, &format!("/topic/create?topic={topic}"), b"").await?;
+    let channel = format!("/channel/create?topic={topic}&channel={channel}");
+    http_post_ok(http, &channel, b"").await
 }
 
 async fn publish(http: SocketAddr, topic: &str, bodies: &[String]) -> Result<()> {
@@ -669,7 +655,7 @@ async fn redrive_into_a_channel_that_is_gone_moves_nothing() -> Result<()> {
         s["depth"] == 3
     })
     .await?;
-    post_ok(http, "/channel/delete?topic=t&channel=gone").await?;
+    http_post_ok(http, "/channel/delete?topic=t&channel=gone", b"").await?;
     expect_error(
         http,
         "POST",
@@ -763,27 +749,6 @@ async fn a_shared_dead_letter_topic_keeps_both_copies_of_one_message_apart() -> 
     b.stop().await
 }
 
-/// Restarts a real broker on its data directory and ports.
-fn restart(old: BrokerProcess, extra: &[&str]) -> Result<BrokerProcess> {
-    let (tcp, http) = (old.tcp_address, old.http_address);
-    let mut old = old;
-    let data = old.data.take();
-    drop(old);
-    let dir = data
-        .as_ref()
-        .map(|d| d.path().display().to_string())
-        .unwrap_or_default();
-    let mut args = vec![
-        format!("--tcp-address={tcp}"),
-        format!("--http-address={http}"),
-        format!("--data-path={dir}"),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut broker = BrokerProcess::spawn(&args)?;
-    broker.data = data;
-    Ok(broker)
-}
-
 #[tokio::test]
 async fn a_restart_keeps_limits_counts_and_dead_letters() -> Result<()> {
     let mut b = BrokerProcess::start(&["--max-attempts=4"])?;
@@ -812,7 +777,7 @@ async fn a_restart_keeps_limits_counts_and_dead_letters() -> Result<()> {
     b.signal("TERM")?;
     ensure!(b.wait_exit(Duration::from_secs(10))?.success());
 
-    let b = restart(b, &["--max-attempts=4"])?;
+    let b = b.restart(&["--max-attempts=4"])?;
     let own = json(http, "GET", "/channel/config?topic=t&channel=own").await?;
     ensure!(
         own["max_attempts"] == 1
@@ -838,7 +803,7 @@ async fn a_restart_keeps_limits_counts_and_dead_letters() -> Result<()> {
     let mut b = b;
     b.signal("TERM")?;
     ensure!(b.wait_exit(Duration::from_secs(10))?.success());
-    let b = restart(b, &[])?;
+    let b = b.restart(&[])?;
     let other = json(http, "GET", "/channel/config?topic=t&channel=default").await?;
     ensure!(other["max_attempts"] == 0, "{other}");
     ensure!(json(http, "GET", "/channel/config?topic=t&channel=own").await?["max_attempts"] == 1);
@@ -872,7 +837,7 @@ async fn sigkill_while_dead_lettering_under_sync_publish_loses_nothing() -> Resu
         b.signal("KILL")?;
         b.wait_exit(Duration::from_secs(10))?;
         reqs.abort();
-        b = restart(b, &flags).with_context(|| format!("restart after crash {round}"))?;
+        b = b.restart(&flags).with_context(|| format!("restart after crash {round}"))?;
         let left = channel_stats(http, "t", "c").await?;
         println!(
             "crash {round} at {kill_after_ms} ms: {} of {} still in the channel",
@@ -911,6 +876,66 @@ async fn sigkill_while_dead_lettering_under_sync_publish_loses_nothing() -> Resu
         sent.len(),
         dead.len(),
         dead.len() - seen.len()
+    );
+    Ok(())
+}
+
+/// A draining broker hands its dead letters off with their origin: on the peer they are still
+/// dead letters, delivered without their envelope, and can be redriven there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_handed_off_by_a_drain_keep_their_origin() -> Result<()> {
+    let lookupd = tests::lookupd::LookupdProcess::start(&[])?;
+    let registered = format!("--lookupd-grpc-address={}", lookupd.grpc_address);
+    let mut a = BrokerProcess::start(&[&registered, "--max-attempts=1"])?;
+    let b = BrokerProcess::start(&[&registered])?;
+    create_channel(a.http_address, "t", "c").await?;
+    let sent = bodies("handed", 4);
+    publish(a.http_address, "t", &sent).await?;
+    let mut c = consumer(a.tcp_address, "t", "c", 10).await?;
+    ensure!(
+        req_everything(&mut c, Duration::from_millis(300))
+            .await?
+            .len()
+            == 4
+    );
+    drop(c);
+    ensure!(topic_stats(a.http_address, "t.c.dlq").await?["depth"] == 4);
+    // The peer must be known to the lookupd before the drain looks for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes = json(lookupd.http_address, "GET", "/nodes").await?;
+        if nodes["producers"].as_array().map_or(0, Vec::len) >= 2 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "brokers not registered: {nodes}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    json(a.http_address, "POST", "/drain").await?;
+    ensure!(a.wait_exit(Duration::from_secs(20))?.success());
+
+    let peeked = peek(b.http_address, "t.c.dlq", None, 10).await?;
+    ensure!(peeked.len() == 4, "{peeked:?}");
+    for m in &peeked {
+        let origin = &m["dead_letter"];
+        ensure!(
+            origin["topic"] == "t" && origin["channel"] == "c" && origin["attempts"] == 1,
+            "{m}"
+        );
+    }
+    create_channel(b.http_address, "t", "c").await?;
+    create_channel(b.http_address, "t.c.dlq", "replay").await?;
+    let moved = json(
+        b.http_address,
+        "POST",
+        "/channel/redrive?topic=t.c.dlq&channel=replay",
+    )
+    .await?;
+    ensure!(moved["moved"] == 4, "{moved}");
+    let mut fixed = consumer(b.tcp_address, "t", "c", 10).await?;
+    let back = take(&mut fixed, 4).await?;
+    ensure!(
+        back.iter().map(body_text).collect::<Vec<_>>() == sent,
+        "bodies without envelope"
     );
     Ok(())
 }

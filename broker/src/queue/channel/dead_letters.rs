@@ -75,6 +75,11 @@ impl DeadState {
         self.retry_at.filter(|_| !self.dying.is_empty())
     }
 
+    /// Messages on their way out.
+    pub(super) fn len(&self) -> usize {
+        self.dying.len() + self.leaving.len()
+    }
+
     /// Forgets the messages on their way out (the channel is emptied or deleted).
     pub(super) fn clear(&mut self) {
         self.dying.clear();
