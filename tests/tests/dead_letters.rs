@@ -837,7 +837,9 @@ async fn sigkill_while_dead_lettering_under_sync_publish_loses_nothing() -> Resu
         b.signal("KILL")?;
         b.wait_exit(Duration::from_secs(10))?;
         reqs.abort();
-        b = b.restart(&flags).with_context(|| format!("restart after crash {round}"))?;
+        b = b
+            .restart(&flags)
+            .with_context(|| format!("restart after crash {round}"))?;
         let left = channel_stats(http, "t", "c").await?;
         println!(
             "crash {round} at {kill_after_ms} ms: {} of {} still in the channel",
