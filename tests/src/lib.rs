@@ -459,8 +459,19 @@ impl BrokerProcess {
 
     /// Stops this broker (if it still runs) and starts it again on the same data directory and
     /// ports, with `extra` flags.
-    pub fn restart(mut self, extra: &[&str]) -> Result<BrokerProcess> {
-        let (tcp, http) = (self.tcp_address, self.http_address);
+    pub fn restart(self, extra: &[&str]) -> Result<BrokerProcess> {
+        let ports = [self.tcp_address.to_string(), self.http_address.to_string()];
+        self.respawn(&ports, extra)
+    }
+
+    /// Like [`BrokerProcess::restart`], on new ports (for when the old ones may still be taken
+    /// by a process the test left running).
+    pub fn restart_on_new_ports(self, extra: &[&str]) -> Result<BrokerProcess> {
+        let ports = ["127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()];
+        self.respawn(&ports, extra)
+    }
+
+    fn respawn(mut self, [tcp, http]: &[String; 2], extra: &[&str]) -> Result<BrokerProcess> {
         let data = self.data.take();
         drop(self);
         let dir = data
@@ -470,6 +481,7 @@ impl BrokerProcess {
         let mut args = vec![
             format!("--tcp-address={tcp}"),
             format!("--http-address={http}"),
+            "--broadcast-address=127.0.0.1".to_string(),
             format!("--data-path={dir}"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));

@@ -25,24 +25,10 @@ fn broker(lookupd: &LookupdProcess, extra: &[&str]) -> Result<BrokerProcess> {
 
 /// The same broker again on its data directory (new ports).
 fn restart(old: BrokerProcess, lookupd: &LookupdProcess, extra: &[&str]) -> Result<BrokerProcess> {
-    let mut old = old;
-    let data = old.data.take();
-    drop(old);
-    let dir = data
-        .as_ref()
-        .map(|d| d.path().display().to_string())
-        .unwrap_or_default();
-    let mut args = vec![
-        "--tcp-address=127.0.0.1:0".to_string(),
-        "--http-address=127.0.0.1:0".to_string(),
-        "--broadcast-address=127.0.0.1".to_string(),
-        format!("--data-path={dir}"),
-        format!("--lookupd-grpc-address={}", lookupd.grpc_address),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut broker = BrokerProcess::spawn(&args)?;
-    broker.data = data;
-    Ok(broker)
+    let lookupd_flag = format!("--lookupd-grpc-address={}", lookupd.grpc_address);
+    let mut flags = vec![lookupd_flag.as_str()];
+    flags.extend_from_slice(extra);
+    old.restart_on_new_ports(&flags)
 }
 
 async fn http(

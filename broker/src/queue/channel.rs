@@ -612,9 +612,7 @@ impl Channel {
     /// A peer stored these: they are done with here.
     pub(crate) fn handed_off(&self, handed: Vec<Handed>) {
         let mut st = self.lock();
-        for mut h in handed {
-            self.settings.finish(&mut st.disk, &mut h.msg, false);
-        }
+        self.settings.finish_handed(&mut st.disk, handed);
     }
 
     /// The handoff failed: the messages go back, in front of the queue (or deferred again).

@@ -227,6 +227,13 @@ impl QueueSettings {
         self.note_ops(disk);
     }
 
+    /// A peer stored these (it acknowledges only what it keeps): they are done with here.
+    fn finish_handed(&self, disk: &mut Option<DiskQueue>, handed: Vec<Handed>) {
+        for mut h in handed {
+            self.finish(disk, &mut h.msg, false);
+        }
+    }
+
     /// Fsyncs the disk queue that `disk` finds behind `lock` without holding the lock while
     /// the fsyncs run; false when they failed. A full sync (or one `--sync-every` asks for)
     /// also writes a snapshot and deletes consumed segments; otherwise only what was written

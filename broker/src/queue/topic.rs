@@ -324,9 +324,7 @@ impl Topic {
     /// A peer stored these: they are done with here.
     pub(crate) fn handed_off(&self, handed: Vec<Handed>) {
         let mut st = self.lock();
-        for mut h in handed {
-            self.settings.finish(&mut st.disk, &mut h.msg, false);
-        }
+        self.settings.finish_handed(&mut st.disk, handed);
     }
 
     /// The handoff failed: the messages wait in the topic again, in front.
