@@ -38,12 +38,24 @@ pub(crate) enum Mode {
     Reader(Opts),
     /// Run writers and readers at once on the same topic.
     Both(Opts),
+    /// Serve as the round-trip floor: a do-nothing NSQ server that answers every publish with
+    /// `OK` and keeps nothing, to time publishers against (runs until killed).
+    Floor(FloorOpts),
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct FloorOpts {
+    /// Address to listen on (port 0 picks one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:4150")]
+    pub(crate) address: String,
 }
 
 impl Mode {
-    pub(crate) fn opts(&self) -> &Opts {
+    /// The load options; `None` for the floor server.
+    pub(crate) fn opts(&self) -> Option<&Opts> {
         match self {
-            Mode::Writer(o) | Mode::Reader(o) | Mode::Both(o) => o,
+            Mode::Writer(o) | Mode::Reader(o) | Mode::Both(o) => Some(o),
+            Mode::Floor(_) => None,
         }
     }
 
@@ -53,7 +65,37 @@ impl Mode {
             Mode::Writer(_) => &[Side::Writer],
             Mode::Reader(_) => &[Side::Reader],
             Mode::Both(_) => &[Side::Reader, Side::Writer],
+            Mode::Floor(_) => &[],
         }
+    }
+}
+
+impl Opts {
+    /// Connections of `side`.
+    pub(crate) fn connections_of(&self, side: Side) -> u32 {
+        match side {
+            Side::Writer => self.writers.unwrap_or(self.connections),
+            Side::Reader => self.connections,
+        }
+    }
+
+    /// The name of topic `i` of `--topics`.
+    pub(crate) fn topic_name(&self, i: u32) -> String {
+        numbered(&self.topic, self.topics, i)
+    }
+
+    /// The name of channel `i` of `--channels`.
+    pub(crate) fn channel_name(&self, i: u32) -> String {
+        numbered(&self.channel, self.channels, i)
+    }
+}
+
+/// `base` alone when there is one, else `base` and the index.
+fn numbered(base: &str, count: u32, i: u32) -> String {
+    if count == 1 {
+        base.to_string()
+    } else {
+        format!("{base}{i}")
     }
 }
 
@@ -83,6 +125,18 @@ pub(crate) struct Opts {
     /// Concurrent connections per side.
     #[arg(short = 'c', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) connections: u32,
+    /// Writer connections, when they should differ from -c (e.g. `both` with one publisher
+    /// and many consumers).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) writers: Option<u32>,
+    /// Spread over this many topics (`<topic>0`, `<topic>1`, …): each writer sends its batches
+    /// to them in turn, and reader connections subscribe to them in turn.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) topics: u32,
+    /// Spread reader connections over this many channels of each topic (`<channel>0`, …):
+    /// with `-c` = topics × channels every channel gets one consumer (fan-out).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) channels: u32,
     /// Stop each side after this many messages (across its connections).
     #[arg(long)]
     pub(crate) count: Option<u64>,
@@ -245,7 +299,7 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let o = cli.mode.opts();
+        let o = cli.mode.opts().unwrap();
         assert_eq!(o.address, "10.0.0.1:4150");
         assert_eq!(o.topic, "t#ephemeral");
         assert_eq!(o.size, 1000);
@@ -265,6 +319,27 @@ mod tests {
     }
 
     #[test]
+    fn spread_flags_name_topics_and_channels() {
+        let cli = parse(&["both", "-c", "6", "--writers", "2", "--topics", "3"]).unwrap();
+        let o = cli.mode.opts().unwrap();
+        assert_eq!(o.connections_of(Side::Writer), 2);
+        assert_eq!(o.connections_of(Side::Reader), 6);
+        assert_eq!(o.topic_name(2), "bench2");
+        assert_eq!(o.channel_name(0), "ch");
+        let one = parse(&["reader", "--channels", "10"]).unwrap();
+        let o = one.mode.opts().unwrap();
+        assert_eq!(
+            (o.topic_name(0), o.channel_name(9)),
+            ("bench".into(), "ch9".into())
+        );
+        assert_eq!(o.connections_of(Side::Writer), 1);
+        assert!(matches!(
+            parse(&["floor", "--address", "127.0.0.1:0"]).unwrap().mode,
+            Mode::Floor(_)
+        ));
+    }
+
+    #[test]
     fn wire_flags_parse() {
         let cli = parse(&[
             "reader",
@@ -274,7 +349,7 @@ mod tests {
             "--snappy",
         ])
         .unwrap();
-        let o = cli.mode.opts();
+        let o = cli.mode.opts().unwrap();
         assert!(o.tls && o.snappy && !o.deflate && !o.tls_skip_verify);
         assert_eq!(o.tls_root_ca_file, Some(PathBuf::from("/ca.pem")));
         let cli = parse(&[
@@ -286,10 +361,17 @@ mod tests {
             "9",
         ])
         .unwrap();
-        let o = cli.mode.opts();
+        let o = cli.mode.opts().unwrap();
         assert!(o.tls && o.tls_skip_verify && o.deflate && !o.snappy);
         assert_eq!(o.deflate_level, Some(9));
-        assert!(parse(&["both", "--deflate"]).unwrap().mode.opts().deflate);
+        assert!(
+            parse(&["both", "--deflate"])
+                .unwrap()
+                .mode
+                .opts()
+                .unwrap()
+                .deflate
+        );
     }
 
     #[test]

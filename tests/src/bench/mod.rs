@@ -3,6 +3,7 @@
 
 pub(crate) mod args;
 pub(crate) mod conn;
+pub(crate) mod floor;
 pub(crate) mod reader;
 pub(crate) mod stats;
 pub(crate) mod writer;
@@ -81,9 +82,15 @@ fn name(kind: &str, text: &str) -> Result<Name> {
 /// Runs `mode` to completion. Cancelling `root` (Ctrl-C) stops every side early; the
 /// numbers so far are still reported.
 pub(crate) async fn run(mode: &Mode, root: CancellationToken) -> Result<Vec<Report>> {
-    let o = mode.opts();
-    let topic = name("topic", &o.topic)?;
-    let channel = name("channel", &o.channel)?;
+    let Some(o) = mode.opts() else {
+        bail!("the floor server is not a load run");
+    };
+    let topics = (0..o.topics)
+        .map(|i| name("topic", &o.topic_name(i)))
+        .collect::<Result<Vec<_>>>()?;
+    let channels = (0..o.channels)
+        .map(|i| name("channel", &o.channel_name(i)))
+        .collect::<Result<Vec<_>>>()?;
     let identify = IdentifyOpts {
         output_buffer_size: o.output_buffer_size,
         output_buffer_timeout: o.output_buffer_timeout,
@@ -101,13 +108,16 @@ pub(crate) async fn run(mode: &Mode, root: CancellationToken) -> Result<Vec<Repo
     // Connect everything before the clock starts; readers subscribe before anything is sent.
     let mut conns: Vec<(Side, Conn)> = Vec::new();
     for &side in mode.sides() {
-        for i in 0..o.connections {
+        for i in 0..o.connections_of(side) {
             let (mut conn, negotiated) = Conn::open(&o.address, &identify, tls.as_ref())
                 .await
                 .with_context(|| format!("{} connection {i}", side.as_str()))?;
             if side == Side::Reader {
                 let rdy = o.rdy.min(negotiated.max_rdy_count.unwrap_or(u64::MAX));
-                reader::subscribe(&mut conn, &topic, &channel, rdy).await?;
+                // Reader i: topic i mod T, then the next channel of it each time round.
+                let topic = &topics[i as usize % topics.len()];
+                let channel = &channels[(i as usize / topics.len()) % channels.len()];
+                reader::subscribe(&mut conn, topic, channel, rdy).await?;
             }
             conns.push((side, conn));
         }
@@ -125,18 +135,23 @@ pub(crate) async fn run(mode: &Mode, root: CancellationToken) -> Result<Vec<Repo
         });
     }
     let plan = Arc::new(writer::WriterPlan::new(
-        topic,
+        topics,
         o.size,
         o.batch_size,
         o.pipeline,
         o.rate,
-        o.connections,
+        o.connections_of(Side::Writer),
     ));
     // Every connection of every side in one set, so a failure anywhere is seen at once.
     let mut tasks = JoinSet::new();
     for &side in mode.sides() {
         let stop = root.child_token();
-        let budget = Arc::new(Budget::new(o.count));
+        // Every message reaches each channel of its topic: readers share count × channels.
+        let limit = match side {
+            Side::Writer => o.count,
+            Side::Reader => o.count.map(|n| n.saturating_mul(u64::from(o.channels))),
+        };
+        let budget = Arc::new(Budget::new(limit));
         let abort = CancellationToken::new();
         if side == Side::Writer {
             let (stop, abort, root) = (stop.clone(), abort.clone(), root.clone());
@@ -151,13 +166,14 @@ pub(crate) async fn run(mode: &Mode, root: CancellationToken) -> Result<Vec<Repo
                 }
             });
         }
-        for (_, conn) in conns.extract_if(.., |(s, _)| *s == side) {
+        let side_conns = conns.extract_if(.., |(s, _)| *s == side);
+        for (i, (_, conn)) in side_conns.enumerate() {
             let (budget, stop) = (budget.clone(), stop.clone());
             match side {
                 Side::Writer => {
                     let (plan, abort) = (plan.clone(), abort.clone());
                     tasks.spawn(async move {
-                        (side, writer::run(conn, plan, budget, stop, abort).await)
+                        (side, writer::run(conn, plan, i, budget, stop, abort).await)
                     })
                 }
                 Side::Reader => {
@@ -176,7 +192,7 @@ pub(crate) async fn run(mode: &Mode, root: CancellationToken) -> Result<Vec<Repo
             elapsed: Duration::ZERO,
             size: o.size,
             batch_size: o.batch_size,
-            connections: o.connections,
+            connections: o.connections_of(side),
             latency_kind: match side {
                 Side::Writer => "batch",
                 Side::Reader => "e2e",

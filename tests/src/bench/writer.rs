@@ -15,19 +15,20 @@ use tokio_util::sync::CancellationToken;
 
 /// What every writer connection of a run shares.
 pub(crate) struct WriterPlan {
-    pub(crate) topic: Name,
+    /// The topics batches go to in turn (one unless `--topics`).
+    pub(crate) topics: Vec<Name>,
     pub(crate) body: Bytes,
     pub(crate) batch: u64,
     pub(crate) pipeline: usize,
     /// Time between two batches of one connection, when the rate is limited.
     pub(crate) interval: Option<Duration>,
-    /// The encoded command for a whole batch, built once.
-    pub(crate) full: Bytes,
+    /// The encoded command for a whole batch to each topic, built once.
+    pub(crate) full: Vec<Bytes>,
 }
 
 impl WriterPlan {
     pub(crate) fn new(
-        topic: Name,
+        topics: Vec<Name>,
         size: u32,
         batch: u32,
         pipeline: u32,
@@ -35,13 +36,16 @@ impl WriterPlan {
         connections: u32,
     ) -> Self {
         let body: Bytes = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
-        let full = publish_command(&topic, &body, u64::from(batch));
+        let full = topics
+            .iter()
+            .map(|topic| publish_command(topic, &body, u64::from(batch)))
+            .collect();
         let interval = rate.map(|rate| {
             let per_conn = rate as f64 / f64::from(connections);
             Duration::from_secs_f64(f64::from(batch) / per_conn)
         });
         WriterPlan {
-            topic,
+            topics,
             body,
             batch: u64::from(batch),
             pipeline: pipeline as usize,
@@ -74,12 +78,13 @@ pub(crate) fn publish_command(topic: &Name, body: &Bytes, n: u64) -> Bytes {
 pub(crate) async fn run(
     conn: Conn,
     plan: Arc<WriterPlan>,
+    index: usize,
     budget: Arc<Budget>,
     stop: CancellationToken,
     abort: CancellationToken,
 ) -> Outcome {
     let mut out = Outcome::default();
-    if let Err(e) = publish(conn, &plan, &budget, &stop, &abort, &mut out).await {
+    if let Err(e) = publish(conn, &plan, index, &budget, &stop, &abort, &mut out).await {
         out.error = Some(e);
     }
     out
@@ -88,6 +93,7 @@ pub(crate) async fn run(
 async fn publish(
     mut conn: Conn,
     plan: &WriterPlan,
+    index: usize,
     budget: &Budget,
     stop: &CancellationToken,
     abort: &CancellationToken,
@@ -96,6 +102,7 @@ async fn publish(
     let mut inflight: VecDeque<(Instant, u64)> = VecDeque::with_capacity(plan.pipeline);
     let mut next_due = Instant::now();
     let mut sending = true;
+    let mut batches = 0usize;
     loop {
         while sending && inflight.len() < plan.pipeline {
             if stop.is_cancelled() {
@@ -116,12 +123,15 @@ async fn publish(
                 sending = false;
                 break;
             }
+            // Connections start on different topics and go round them a batch at a time.
+            let topic = (index + batches) % plan.topics.len();
+            batches += 1;
             // The last, partial batch of a --count run is built when it is needed, once.
             let tail;
             let command = if n == plan.batch {
-                &plan.full
+                &plan.full[topic]
             } else {
-                tail = publish_command(&plan.topic, &plan.body, n);
+                tail = publish_command(&plan.topics[topic], &plan.body, n);
                 &tail
             };
             let sent_at = Instant::now();
@@ -177,10 +187,10 @@ mod tests {
 
     #[test]
     fn plan_builds_body_and_pacing() {
-        let plan = WriterPlan::new(Name::new("t").unwrap(), 200, 200, 1, Some(10_000), 2);
+        let plan = WriterPlan::new(vec![Name::new("t").unwrap()], 200, 200, 1, Some(10_000), 2);
         assert_eq!(plan.body.len(), 200);
         // 10k msgs/s over 2 connections in batches of 200: 25 batches/s each.
         assert_eq!(plan.interval, Some(Duration::from_millis(40)));
-        assert_eq!(plan.full.len(), "MPUB t\n".len() + 8 + 200 * 204);
+        assert_eq!(plan.full[0].len(), "MPUB t\n".len() + 8 + 200 * 204);
     }
 }
