@@ -15,6 +15,7 @@ use super::deferred::Deferred;
 use super::e2e::{Histogram, LatencyWindow};
 use super::envelope::Failure;
 use super::in_flight::{InFlight, InFlightError};
+use super::memory::{Batch, MemQueue};
 use super::message::Msg;
 use super::{Handed, QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::stats::{ChannelStats, E2eStats};
@@ -22,7 +23,6 @@ use crate::storage::{DiskQueue, DiskRecord, StorageError, Ticket};
 use dead_letters::{DeadState, Dying};
 use proto::wire::MessageId;
 use proto::wire::frame::write_message;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -72,7 +72,7 @@ pub(crate) struct Channel {
 #[derive(Debug)]
 struct State {
     /// Messages in memory, all older than those on disk.
-    queue: VecDeque<Msg>,
+    queue: MemQueue,
     /// The rest, for channels that are not ephemeral.
     disk: Option<DiskQueue>,
     /// Reused buffer for records read from disk.
@@ -147,7 +147,7 @@ impl Channel {
             name: name.to_string(),
             ephemeral,
             state: Mutex::new(State {
-                queue: VecDeque::new(),
+                queue: MemQueue::default(),
                 disk,
                 read: Vec::new(),
                 in_flight: InFlight::default(),
@@ -268,6 +268,40 @@ impl Channel {
                 st.queue.extend(memory.iter().cloned());
             }
         }
+        self.message_count.fetch_add(added as u64, Relaxed);
+        self.dispatch(&mut st, Instant::now());
+        Ok(true)
+    }
+
+    /// [`Channel::put`] for a batch published together and due at once, which the channel
+    /// queues as it is, shared with the topic's other channels.
+    pub(crate) fn put_batch(&self, batch: &Arc<Batch>) -> Result<bool, StorageError> {
+        let mut st = self.lock();
+        if st.deleted {
+            return Ok(false);
+        }
+        let n = batch.len();
+        let room = match &st.disk {
+            Some(disk) => self
+                .settings
+                .memory_room(st.queue.len(), disk.has_unread(), n),
+            None => self
+                .settings
+                .mem_queue_size
+                .saturating_sub(st.queue.len())
+                .min(n),
+        };
+        let mut added = n;
+        match st.disk.as_mut() {
+            Some(disk) if room < n => {
+                let records: Vec<DiskRecord> =
+                    (room..n).map(|i| batch.get(i).to_record(0)).collect();
+                self.settings.append(disk, &records)?;
+            }
+            // Ephemeral: what does not fit is dropped, as in nsqd.
+            _ => added = room,
+        }
+        st.queue.push_run(batch, 0..room);
         self.message_count.fetch_add(added as u64, Relaxed);
         self.dispatch(&mut st, Instant::now());
         Ok(true)
@@ -562,7 +596,7 @@ impl Channel {
         };
         let mut records: Vec<DiskRecord> = in_flight.drain().map(|e| e.msg.to_record(0)).collect();
         records.extend(dead.drain().map(|m| m.to_record(0)));
-        records.extend(queue.drain(..).map(|m| m.to_record(0)));
+        records.extend(queue.drain_front(usize::MAX).map(|m| m.to_record(0)));
         records.extend(
             deferred
                 .drain()
@@ -778,7 +812,7 @@ impl Channel {
             let mut id_busy: Vec<Msg> = Vec::new();
             let mut sent = 0;
             client.push_messages(flush, &mut |buf| {
-                for mut msg in queue.drain(..take as usize) {
+                for mut msg in queue.drain_front(take as usize) {
                     if c.sample_rate > 0 && c.next_percent() > c.sample_rate {
                         // nsqd drops what a client samples out.
                         sampled_out.push(msg);

@@ -30,6 +30,11 @@ impl IdGenerator {
 
     /// The next ID, for a message published at `unix_ns`.
     pub(crate) fn next(&mut self, unix_ns: i64) -> MessageId {
+        MessageId::from_u64(self.next_raw(unix_ns))
+    }
+
+    /// [`IdGenerator::next`] as its 64-bit value.
+    pub(crate) fn next_raw(&mut self, unix_ns: i64) -> u64 {
         let tick = (unix_ns >> 20) - EPOCH_TICK;
         if tick > self.last_tick {
             self.last_tick = tick;
@@ -40,10 +45,9 @@ impl IdGenerator {
                 self.last_tick += 1;
             }
         }
-        let raw = ((self.last_tick as u64) << (SEQUENCE_BITS + NODE_BITS))
+        ((self.last_tick as u64) << (SEQUENCE_BITS + NODE_BITS))
             | (self.node_id << SEQUENCE_BITS)
-            | self.sequence;
-        MessageId::from_u64(raw)
+            | self.sequence
     }
 }
 

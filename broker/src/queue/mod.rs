@@ -18,6 +18,7 @@ pub(crate) mod e2e;
 mod envelope;
 mod guid;
 mod in_flight;
+mod memory;
 mod message;
 mod topic;
 

@@ -10,6 +10,7 @@ use super::consumer::Subscriber;
 use super::dead_letter::{DeadLetterError, DeadLetterSink};
 use super::e2e::Histogram;
 use super::guid::IdGenerator;
+use super::memory::Batch;
 use super::message::{Msg, QueuedMessage};
 use super::{Handed, QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::persist::TopicMeta;
@@ -123,12 +124,25 @@ impl Topic {
         }
         let now_ns = unix_nanos();
         let due = (!defer.is_zero()).then(|| Instant::now() + defer);
+        let bytes: usize = bodies.iter().map(Bytes::len).sum();
+        if bodies.len() > 1 && due.is_none() {
+            self.release(&mut st);
+            if !(st.paused || st.channels.is_empty() || st.holds_messages()) {
+                // An MPUB straight to the channels: one compact batch they all share.
+                let ids = bodies.iter().map(|_| st.ids.next_raw(now_ns)).collect();
+                let batch = Arc::new(Batch::new(now_ns, ids, bodies));
+                for channel in st.channels.values() {
+                    channel.put_batch(&batch)?;
+                }
+                self.count(bodies.len(), bytes);
+                return Ok(());
+            }
+        }
         let msgs: Vec<Msg> = bodies
             .iter()
             .map(|body| new_msg(&mut st.ids, now_ns, body))
             .collect();
         self.accept(&mut st, msgs, due)?;
-        let bytes: usize = bodies.iter().map(Bytes::len).sum();
         self.count(bodies.len(), bytes);
         Ok(())
     }

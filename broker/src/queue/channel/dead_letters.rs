@@ -223,7 +223,7 @@ impl Channel {
             let mut st = self.lock();
             self.fill_queue(&mut st, max);
             let take = st.queue.len().min(max);
-            let msgs: Vec<Msg> = st.queue.drain(..take).collect();
+            let msgs: Vec<Msg> = st.queue.drain_front(take).collect();
             (st.dead.start_move(msgs.iter().cloned()), msgs)
         };
         if msgs.is_empty() {
@@ -292,7 +292,7 @@ impl Channel {
     pub(crate) fn peek(&self, max: usize) -> Vec<QueuedMessage> {
         let mut st = self.lock();
         self.fill_queue(&mut st, max);
-        st.queue.iter().take(max).map(QueuedMessage::of).collect()
+        st.queue.peek(max).iter().map(QueuedMessage::of).collect()
     }
 
     /// Reads records from disk until `max` messages are queued in memory or none are left;
