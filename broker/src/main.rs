@@ -6,6 +6,13 @@ use server_kit::signals::watch_signals;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than the system allocator: glibc's arenas kept what queued messages freed
+/// (a broker that held 1M messages stayed at its peak RSS after they were consumed), while
+/// jemalloc's background thread returns pages that stay unused for a few seconds to the OS
+/// (its decay; `_RJEM_MALLOC_CONF` tunes it). docs/performance.md has the measurements.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();
     if args.get(1).is_some_and(|a| a == "handoff") {

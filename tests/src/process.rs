@@ -112,6 +112,17 @@ impl ChildProcess {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Its resident memory (`VmRSS`), in bytes.
+    pub fn rss(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS")?;
+        Ok(kb * 1024)
+    }
 }
 
 impl Drop for ChildProcess {

@@ -363,17 +363,6 @@ async fn a_drain_without_peers_is_blocked_says_why_and_finishes_when_one_comes()
     Ok(())
 }
 
-/// `VmRSS` of a process, in bytes.
-fn rss(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kb * 1024)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_messages_are_handed_off_in_bounded_memory() -> Result<()> {
     let lookupd = LookupdProcess::start(&[])?;
@@ -392,12 +381,12 @@ async fn a_hundred_thousand_messages_are_handed_off_in_bounded_memory() -> Resul
     publish(a.tcp_address, "t", &bodies).await?;
     let stats = channel_stats(a.http_address, "t", "c").await?;
     ensure!(stats["backend_depth"] == 10_000, "{stats}");
-    let before = rss(a.pid())?;
+    let before = a.rss()?;
     let started = Instant::now();
     post_ok(a.http_address, "/drain").await?;
     let mut peak = before;
     while a.wait_exit(Duration::from_millis(20)).is_err() {
-        peak = peak.max(rss(a.pid()).unwrap_or(0));
+        peak = peak.max(a.rss().unwrap_or(0));
         ensure!(
             started.elapsed() < Duration::from_secs(120),
             "not done in 120 s"

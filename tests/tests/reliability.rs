@@ -374,3 +374,73 @@ async fn a_full_disk_recovers_by_consuming() -> Result<()> {
     drop(fs);
     Ok(())
 }
+
+/// Subscribes with a large RDY and FINishes everything, a batch of FINs per write, until
+/// `count` messages have come.
+async fn consume_count(addr: std::net::SocketAddr, count: usize) -> Result<()> {
+    let mut c = NsqConn::connect(addr).await?;
+    c.identify(&serde_json::json!({})).await?;
+    c.subscribe("t", "c").await?;
+    c.send(&Command::Rdy(2500)).await?;
+    let mut fins = bytes::BytesMut::new();
+    let mut got = 0;
+    while got < count {
+        match c.next_frame().await? {
+            Frame::Message(m) => {
+                got += 1;
+                Command::Fin(m.id).encode(&mut fins);
+                if got % 500 == 0 || got == count {
+                    c.send_raw(&fins.split()).await?;
+                }
+            }
+            Frame::Response(r) if &r[..] == proto::wire::HEARTBEAT => {
+                c.send(&Command::Nop).await?;
+            }
+            other => bail!("unexpected {other:?} after {got} messages"),
+        }
+    }
+    Ok(())
+}
+
+/// Memory that consuming frees goes back to the operating system within seconds: a pod
+/// with a memory limit that rode out a backlog is not left at its peak.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_freed_by_consuming_a_backlog_is_given_back_to_the_os() -> Result<()> {
+    const N: usize = 300_000;
+    let broker = BrokerProcess::start(&["--mem-queue-size=1000000"])?;
+    create_channel(broker.http_address).await?;
+    let idle = broker.rss()?;
+    let bodies: Vec<Vec<u8>> = (0..N).map(numbered).collect();
+    publish(broker.tcp_address, "t", &bodies).await?;
+    drop(bodies);
+    let full = broker.rss()?;
+    let queued = full.saturating_sub(idle);
+    // 200-byte bodies: the backlog itself is at least 60 MB.
+    ensure!(queued > 40 << 20, "RSS {idle} idle, {full} with {N} queued");
+    consume_count(broker.tcp_address, N).await?;
+    let stats = json(broker.http_address, "/stats?format=json&topic=t&channel=c").await?;
+    ensure!(stats["topics"][0]["channels"][0]["depth"] == 0, "{stats}");
+    // Back to within a tenth of what the backlog took, in seconds.
+    let goal = idle + queued / 10;
+    let consumed = std::time::Instant::now();
+    let mut now = broker.rss()?;
+    while now > goal {
+        ensure!(
+            consumed.elapsed() < Duration::from_secs(15),
+            "RSS {} MB idle, {} MB with {N} queued, still {} MB 15 s after consuming them all",
+            idle >> 20,
+            full >> 20,
+            now >> 20
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = broker.rss()?;
+    }
+    eprintln!(
+        "RSS {} MB idle, {} MB with {N} queued, {} MB {:?} after consuming them",
+        idle >> 20,
+        full >> 20,
+        now >> 20,
+        consumed.elapsed()
+    );
+    Ok(())
+}
