@@ -26,6 +26,9 @@ status=0
 step "Rust tests (unit, protocol, HTTP, Prometheus, real binaries)"
 cargo nextest run --workspace --locked --no-fail-fast || status=1
 
+step "benchmark harness smoke (seconds, knsq alone, no thresholds)"
+bash scripts/bench-vs-nsqd.sh --smoke || status=1
+
 step "client compatibility: pynsq and nsqjs against knsq-broker"
 bash scripts/test-compat.sh || status=1
 
