@@ -380,7 +380,8 @@ async fn output_buffer_timeout_delays_a_lone_message() -> Result<()> {
     )
     .await?;
     let published = Instant::now();
-    publish(&b, "t", &[b"buffered"]).await?;
+    // Delivered by no connection's task (HTTP), a lone message waits for the flush timer.
+    publish_http(&b, "t", b"buffered").await?;
     let m = c.expect_message().await?;
     let since_identify = identified.elapsed();
     assert_eq!(body(&m), "buffered");
@@ -392,6 +393,38 @@ async fn output_buffer_timeout_delays_a_lone_message() -> Result<()> {
     ensure!(
         published.elapsed() <= Duration::from_secs(5),
         "message took {:?}",
+        published.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_published_message_leaves_when_its_publisher_has_nothing_more_ready() -> Result<()> {
+    // knsq goes past nsqd here: a PUB's message is written out once the publisher's
+    // connection has handled all it read, not after the output buffer timeout.
+    let b = broker().await?;
+    let (mut c, _) = buffered_consumer(
+        &b,
+        "t",
+        json!({"output_buffer_timeout": 5000, "output_buffer_size": 65536}),
+        10,
+    )
+    .await?;
+    let published = Instant::now();
+    publish(&b, "t", &[b"at once"]).await?;
+    assert_eq!(body(&c.expect_message().await?), "at once");
+    ensure!(
+        published.elapsed() < Duration::from_millis(1500),
+        "a PUB's message took {:?} (buffer timeout 5 s)",
+        published.elapsed()
+    );
+    // An MPUB's messages leave together, in one go.
+    publish_n(&b, "t", "m", 5).await?;
+    let got = messages(&mut c, 5, false).await?;
+    assert_eq!(got.len(), 5);
+    ensure!(
+        published.elapsed() < Duration::from_millis(3000),
+        "an MPUB's messages took {:?} (buffer timeout 5 s)",
         published.elapsed()
     );
     Ok(())
@@ -549,7 +582,8 @@ async fn holding_one_buffered_message(b: &TestBroker) -> Result<NsqConn> {
         10,
     )
     .await?;
-    publish(b, "t", &[b"held in the buffer"]).await?;
+    // Over HTTP: a PUB's message would leave as soon as its publisher's task was done.
+    publish_http(b, "t", b"held in the buffer").await?;
     wait_for_stats(b, "the message in flight", |s| {
         channel_stats(s, "t", "c").is_some_and(|c| c["in_flight_count"] == 1)
     })

@@ -2,7 +2,7 @@
 //! queues see it only as a [`Consumer`].
 
 use super::outbox::{Outbox, Socket};
-use crate::queue::{Consumer, ConsumerCounters};
+use crate::queue::{Consumer, ConsumerCounters, Flush};
 use crate::stats::{ClientStats, PubCount};
 use bytes::BytesMut;
 use server_kit::tls::server::TlsSummary;
@@ -83,7 +83,12 @@ impl Client {
             connect_ts: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
-            outbox: Outbox::new(socket, identity.output_buffer_size, closed.clone()),
+            outbox: Outbox::new(
+                socket,
+                identity.output_buffer_size,
+                !identity.output_buffer_timeout.is_zero(),
+                closed.clone(),
+            ),
             settings_changed: Notify::new(),
             closed,
             leave_when_idle: CancellationToken::new(),
@@ -198,12 +203,16 @@ impl Client {
 }
 
 impl Consumer for Client {
-    fn push_messages(&self, flush: bool, write: &mut dyn FnMut(&mut BytesMut)) {
+    fn push_messages(&self, flush: Flush, write: &mut dyn FnMut(&mut BytesMut)) {
         self.outbox.push_messages(flush, write);
     }
 
     fn flush_messages(&self) {
         self.outbox.flush_messages();
+    }
+
+    fn flush_delivered(&self) {
+        self.outbox.flush_when_done();
     }
 
     fn close(&self) {

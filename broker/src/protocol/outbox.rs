@@ -14,6 +14,7 @@
 //! connection's writer task instead of doing it while they hold their own lock.
 
 use super::transport::Layers;
+use crate::queue::Flush;
 use bytes::{Buf, BytesMut};
 use proto::wire::compression::Compressor;
 use proto::wire::frame::write_response;
@@ -54,6 +55,10 @@ struct State {
     /// Messages wait for the output buffer timeout; the writer's flush timer runs only then,
     /// so idle connections cost no timer wakeups.
     waiting: bool,
+    /// The client has an output buffer timeout (not -1): messages may leave before it.
+    timed: bool,
+    /// Messages wait for the task that delivered them to be done ([`Flush::WhenDone`]).
+    when_done: bool,
     /// TLS and compression, once IDENTIFY negotiated them.
     layers: Option<Box<Layers>>,
     /// Channels leave writing to the writer task (see [`Outbox::push_messages`]).
@@ -104,7 +109,13 @@ fn try_write(socket: &mut Socket, waker: &Waker, bytes: &[u8]) -> io::Result<usi
 }
 
 impl Outbox {
-    pub(crate) fn new(socket: Socket, buffer_size: usize, closed: CancellationToken) -> Self {
+    /// `timed`: the client has an output buffer timeout.
+    pub(crate) fn new(
+        socket: Socket,
+        buffer_size: usize,
+        timed: bool,
+        closed: CancellationToken,
+    ) -> Self {
         let writable = Arc::new(Writable::default());
         Outbox {
             state: Mutex::new(State {
@@ -113,6 +124,8 @@ impl Outbox {
                 buffer_size,
                 stalled: false,
                 waiting: false,
+                timed,
+                when_done: false,
                 layers: None,
                 hand_off: false,
                 upgrading: false,
@@ -133,6 +146,7 @@ impl Outbox {
     /// Appends frames with `write`, then writes out what is buffered if `flush` is set or
     /// the buffer has reached the client's output buffer size.
     pub(crate) fn push<R>(&self, flush: bool, write: impl FnOnce(&mut BytesMut) -> R) -> R {
+        let flush = if flush { Flush::Now } else { Flush::Timer };
         self.queue(flush, write, Outbox::send)
     }
 
@@ -140,7 +154,7 @@ impl Outbox {
     /// connection the writer task compresses and writes them instead.
     pub(crate) fn push_messages<R>(
         &self,
-        flush: bool,
+        flush: Flush,
         write: impl FnOnce(&mut BytesMut) -> R,
     ) -> R {
         self.queue(flush, write, Outbox::send_or_hand_off)
@@ -148,14 +162,18 @@ impl Outbox {
 
     fn queue<R>(
         &self,
-        flush: bool,
+        flush: Flush,
         write: impl FnOnce(&mut BytesMut) -> R,
         send: fn(&Outbox, &mut State),
     ) -> R {
         let mut st = self.lock();
         let result = write(&mut st.buf);
-        if flush || st.buf.len() >= st.buffer_size {
+        if flush == Flush::Now || st.buf.len() >= st.buffer_size {
             send(self, &mut st);
+        } else if flush == Flush::WhenDone && st.timed {
+            // The delivering task writes it out soon: no timer needed. (Without a timeout,
+            // as in nsqd, messages wait for a full buffer, RDY or the next heartbeat.)
+            st.when_done = true;
         } else if !st.waiting && !st.buf.is_empty() {
             st.waiting = true;
             self.buffered.notify_one();
@@ -173,6 +191,14 @@ impl Outbox {
     pub(crate) fn flush_messages(&self) {
         let mut st = self.lock();
         self.send_or_hand_off(&mut st);
+    }
+
+    /// Writes out the messages pushed with [`Flush::WhenDone`], if they are still buffered.
+    pub(crate) fn flush_when_done(&self) {
+        let mut st = self.lock();
+        if st.when_done {
+            self.send_or_hand_off(&mut st);
+        }
     }
 
     fn send_or_hand_off(&self, st: &mut State) {
@@ -202,8 +228,11 @@ impl Outbox {
         }
     }
 
-    pub(crate) fn set_buffer_size(&self, size: usize) {
-        self.lock().buffer_size = size.max(1);
+    /// The client's output buffer size, and whether it has an output buffer timeout.
+    pub(crate) fn set_buffering(&self, size: usize, timed: bool) {
+        let mut st = self.lock();
+        st.buffer_size = size.max(1);
+        st.timed = timed;
     }
 
     pub(crate) fn is_stalled(&self) -> bool {
@@ -365,6 +394,7 @@ impl Outbox {
         st.stalled = false;
         if st.buf.is_empty() {
             st.waiting = false;
+            st.when_done = false;
         }
     }
 }

@@ -84,7 +84,10 @@ pub(super) async fn run(client: Arc<Client>) {
             _ = client.closed.cancelled() => break,
             _ = client.settings_changed.notified() => {
                 let identity = client.identity();
-                out.set_buffer_size(identity.output_buffer_size);
+                out.set_buffering(
+                    identity.output_buffer_size,
+                    !identity.output_buffer_timeout.is_zero(),
+                );
                 timers = Timers::new(&identity);
             }
             _ = tick(&mut timers.heartbeat) => out.heartbeat(),

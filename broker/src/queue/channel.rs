@@ -10,7 +10,7 @@
 
 mod dead_letters;
 
-use super::consumer::{Consumer as ConsumerHandle, Subscriber};
+use super::consumer::{self, Consumer as ConsumerHandle, Flush, Subscriber};
 use super::deferred::Deferred;
 use super::e2e::{Histogram, LatencyWindow};
 use super::envelope::Failure;
@@ -806,7 +806,11 @@ impl Channel {
             idle = 0;
             let client = c.client.clone();
             // nsqd flushes as soon as a client can take no more.
-            let flush = take >= c.free();
+            let flush = if take >= c.free() {
+                Flush::Now
+            } else {
+                consumer::flush_for(&client)
+            };
             let mut sampled_out: Vec<Msg> = Vec::new();
             let mut over_limit: Vec<Msg> = Vec::new();
             let mut id_busy: Vec<Msg> = Vec::new();

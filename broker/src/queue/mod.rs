@@ -26,7 +26,9 @@ use message::Msg;
 
 pub(crate) use channel::{Channel, SubscribeError};
 pub(crate) use commits::Commits;
-pub(crate) use consumer::{Consumer, ConsumerCounters, Subscriber};
+pub(crate) use consumer::{
+    Consumer, ConsumerCounters, Flush, Subscriber, flush_delivered, flush_when_done,
+};
 pub(crate) use dead_letter::{DeadLetterConfig, DeadLetterSink, DeadLetterTopics};
 pub(crate) use envelope::{ENVELOPE_MAX, Origin};
 pub(crate) use topic::{PublishError, Topic};

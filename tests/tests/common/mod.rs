@@ -118,6 +118,14 @@ pub(crate) async fn publish(b: &TestBroker, topic: &str, bodies: &[&[u8]]) -> Re
     Ok(())
 }
 
+/// Publishes one body with the HTTP API's `/pub`. Unlike a PUB, it is delivered by no
+/// connection's task, so it waits in a consumer's output buffer for the buffer timeout.
+pub(crate) async fn publish_http(b: &TestBroker, topic: &str, body: &[u8]) -> Result<()> {
+    let resp = b.http("POST", &format!("/pub?topic={topic}"), body).await?;
+    ensure!(resp.status == 200, "/pub: {} {}", resp.status, resp.text());
+    Ok(())
+}
+
 /// Publishes `n` messages `"<prefix>-<i>"` in one MPUB; returns their bodies.
 pub(crate) async fn publish_n(
     b: &TestBroker,

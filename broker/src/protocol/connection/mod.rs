@@ -30,7 +30,7 @@ use super::client::{Client, Identity};
 use super::identify::Negotiated;
 use super::transport::Inbound;
 use super::writer;
-use crate::queue::Topic;
+use crate::queue::{self, Topic};
 use bytes::BytesMut;
 use proto::wire::frame::{write_error, write_response};
 use proto::wire::{Command, Decoder, ErrorCode, MAGIC_V2, MessageId, ProtocolError};
@@ -101,7 +101,7 @@ pub(crate) async fn serve<R, W>(
         tracing::debug!("new client");
         let writer = tokio::spawn(writer::run(client.clone()).in_current_span());
         let mut conn = Connection::new(reader, shared.clone(), client.clone());
-        conn.run().await;
+        queue::flush_when_done(conn.run()).await;
         conn.leave();
         client.close();
         let _ = writer.await;
@@ -199,6 +199,8 @@ impl<R: AsyncRead + Unpin + Send> Connection<R> {
                 self.run_buffered();
             }
             // Whatever comes next, the answers held for earlier publishes go out first.
+            // Everything read has been handled: what it delivered to consumers goes out now.
+            queue::flush_delivered();
             if !self.release_held().await {
                 return;
             }
