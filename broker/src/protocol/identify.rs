@@ -44,7 +44,7 @@ pub(crate) struct Negotiated {
 }
 
 #[derive(Debug, Serialize)]
-struct Response {
+struct Response<'a> {
     max_rdy_count: u64,
     version: &'static str,
     max_msg_timeout: u64,
@@ -58,8 +58,9 @@ struct Response {
     auth_required: bool,
     output_buffer_size: usize,
     output_buffer_timeout: u64,
-    topology_region: &'static str,
-    topology_zone: &'static str,
+    /// This broker's `--topology-region` and `--topology-zone`.
+    topology_region: &'a str,
+    topology_zone: &'a str,
 }
 
 fn bad_body(text: impl Into<String>) -> ProtocolError {
@@ -223,8 +224,8 @@ impl IdentifyRequest {
             auth_required: !o.auth_http_addresses.is_empty(),
             output_buffer_size: applied.output_buffer_size,
             output_buffer_timeout: applied.output_buffer_timeout.as_millis() as u64,
-            topology_region: "",
-            topology_zone: "",
+            topology_region: &o.topology_region,
+            topology_zone: &o.topology_zone,
         };
         serde_json::to_vec(&resp).unwrap_or_else(|_| proto::wire::OK.to_vec())
     }
