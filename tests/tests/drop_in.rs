@@ -3,7 +3,7 @@
 //! restart, and the startup errors a first run meets say what is wrong, once.
 
 use anyhow::{Result, ensure};
-use proto::wire::{Command, Name};
+use proto::wire::{Command, Frame, Name};
 use std::path::Path;
 use std::process::{Command as Process, Stdio};
 use std::time::Duration;
@@ -180,6 +180,26 @@ async fn the_topology_reaches_the_lookupd_and_worker_id_is_the_node_id() -> Resu
     broker.find_log("--worker-id is deprecated; use --node-id")?;
     let id = http_request(broker.http_address, "GET", "/config/node_id", b"").await?;
     assert_eq!(id.text(), "17");
+    // IDENTIFY answers with the broker's topology and keeps the client's for /stats.
+    let mut conn = NsqConn::connect(broker.tcp_address).await?;
+    let answer = conn
+        .identify(&serde_json::json!({
+            "feature_negotiation": true,
+            "topology_region": "r2",
+            "topology_zone": "z2",
+        }))
+        .await?;
+    let Frame::Response(body) = answer else {
+        anyhow::bail!("IDENTIFY answered {answer:?}");
+    };
+    let answer: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(answer["topology_region"], "r1");
+    assert_eq!(answer["topology_zone"], "z1");
+    conn.subscribe("t", "c").await?;
+    let stats = http_request(broker.http_address, "GET", "/stats?format=json", b"").await?;
+    let client = stats.json()?["topics"][0]["channels"][0]["clients"][0].clone();
+    assert_eq!(client["topology_region"], "r2", "{client}");
+    assert_eq!(client["topology_zone"], "z2", "{client}");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let nodes = http_request(lookupd.http_address, "GET", "/nodes", b"").await?;

@@ -30,6 +30,8 @@ pub(crate) struct IdentifyRequest {
     deflate: bool,
     snappy: bool,
     tls_v1: bool,
+    topology_region: String,
+    topology_zone: String,
 }
 
 /// The connection upgrades agreed on: what the IDENTIFY response offers and the connection
@@ -96,9 +98,8 @@ impl IdentifyRequest {
                 "deflate" => req.deflate = flag()?,
                 "snappy" => req.snappy = flag()?,
                 "tls_v1" => req.tls_v1 = flag()?,
-                "topology_region" | "topology_zone" => {
-                    text()?;
-                }
+                "topology_region" => req.topology_region = text()?,
+                "topology_zone" => req.topology_zone = text()?,
                 _ => {}
             }
         }
@@ -113,6 +114,8 @@ impl IdentifyRequest {
         next.client_id = self.client_id.clone();
         next.hostname = self.hostname.clone();
         next.user_agent = self.user_agent.clone();
+        next.topology_region = self.topology_region.clone();
+        next.topology_zone = self.topology_zone.clone();
 
         match self.heartbeat_interval {
             -1 => next.heartbeat_interval = None,
@@ -249,6 +252,8 @@ mod tests {
             output_buffer_timeout: Duration::from_millis(250),
             msg_timeout: Duration::from_secs(60),
             sample_rate: 0,
+            topology_region: String::new(),
+            topology_zone: String::new(),
         }
     }
 
