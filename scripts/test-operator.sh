@@ -59,15 +59,22 @@ enable_deb_src() {
   if [ "$changed" = 1 ]; then as_root apt-get update -qq; fi
 }
 
-# --- kube-apiserver v1.20.2 from Debian's source package ----------------------------------------
-APISERVER="$CACHE/kube-apiserver-1.20.2"
-build_apiserver() {
-  [ -x "$APISERVER" ] && return 0
+# --- kube-apiserver and kube-controller-manager v1.20.2 from Debian's source package ------------
+KUBE_VERSION=1.20.2
+APISERVER="$CACHE/kube-apiserver-$KUBE_VERSION"
+CONTROLLER_MANAGER="$CACHE/kube-controller-manager-$KUBE_VERSION"
+# Builds whichever of the two is not cached yet, from one unpacked source tree.
+build_kube() {
+  local missing=() bin
+  for bin in kube-apiserver kube-controller-manager; do
+    [ -x "$CACHE/$bin-$KUBE_VERSION" ] || missing+=("$bin")
+  done
+  [ "${#missing[@]}" = 0 ] && return 0
   enable_deb_src || return 1
   local work="$CACHE/kubernetes-build"
   rm -rf "$work"
   mkdir -p "$work/src"
-  log "building kube-apiserver v1.20.2 once into $APISERVER (several minutes)"
+  log "building ${missing[*]} v$KUBE_VERSION once into $CACHE (several minutes each)"
   (cd "$work/src" && apt-get source -qq kubernetes >/dev/null) || return 1
   local tree
   tree=$(find "$work/src" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
@@ -85,9 +92,13 @@ build_apiserver() {
     cd "$k8s"
     export GOPATH="$work/gopath" GO111MODULE=off GOFLAGS= GOCACHE="$work/gocache" CGO_ENABLED=0
     make gen_openapi >"$work/gen_openapi.log" 2>&1
-    go build -o "$APISERVER.tmp" ./cmd/kube-apiserver >"$work/build.log" 2>&1
-  ) || { log "kube-apiserver build failed, see $work/*.log"; return 1; }
-  mv "$APISERVER.tmp" "$APISERVER"
+    for bin in "${missing[@]}"; do
+      go build -o "$CACHE/$bin-$KUBE_VERSION.tmp" "./cmd/$bin" >"$work/build-$bin.log" 2>&1
+    done
+  ) || { log "kubernetes build failed, see $work/*.log"; return 1; }
+  for bin in "${missing[@]}"; do
+    mv "$CACHE/$bin-$KUBE_VERSION.tmp" "$CACHE/$bin-$KUBE_VERSION"
+  done
   rm -rf "$work"
 }
 
@@ -184,12 +195,12 @@ KUBECONFIG
 case "${1:-}" in
   --build-only)
     # Only prepare the cached tools.
-    install_apt && build_apiserver && python_ready
+    install_apt && build_kube && python_ready
     exit $?
     ;;
   --serve)
     # Start etcd and kube-apiserver for hand testing; stops on Ctrl-C.
-    install_apt && build_apiserver && start_apiserver
+    install_apt && build_kube && start_apiserver
     log "KNSQ_TEST_KUBECONFIG=$RUN_DIR/kubeconfig"
     wait
     exit 0
@@ -204,7 +215,7 @@ else
   unavailable "chart tests: could not install ${PY_PACKAGES[*]} into $VENV"
 fi
 
-if install_apt && build_apiserver; then
+if install_apt && build_kube; then
   start_apiserver || exit 1
   log "operator tests against kube-apiserver v1.20.2"
   # One at a time: they share the API server, and one of them replaces the CRD.
