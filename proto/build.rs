@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     #[cfg(feature = "cluster")]
     tonic_prost_build::configure()
         .build_transport(false)
+        // Handed-off message bodies are shared, not copied, on both sides.
+        .bytes(".knsq.cluster.v1.HandedMessage")
         .compile_fds(protox::compile(PROTOS, ["proto"])?)?;
     Ok(())
 }

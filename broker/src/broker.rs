@@ -7,6 +7,7 @@ use crate::config::{NSQ_COMPAT_VERSION, Options};
 use crate::persist::{Metadata, PersistError};
 use crate::queue::{Channel, PublishError, QueueSettings, SubscribeError, Subscriber, Topic};
 use crate::stats::{ClientStats, MemoryStats, NodeStats};
+pub(crate) use crate::stats::{DrainState, DrainStatus};
 use crate::storage::StorageError;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,6 +35,34 @@ pub(crate) trait Cluster: Send + Sync + fmt::Debug {
     ) -> Pin<Box<dyn Future<Output = Vec<String>> + Send + 'a>>;
 }
 
+/// Why a broker did not store messages a peer handed off.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandoffRefused {
+    #[error("draining")]
+    Draining,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The cluster of a broker on its own (tests, and the offline handoff of a data directory).
+#[derive(Debug)]
+pub(crate) struct Alone;
+
+impl Cluster for Alone {
+    fn topic_changed(&self, _: &str) {}
+
+    fn knows_channels(&self) -> bool {
+        false
+    }
+
+    fn topic_channels<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Vec<String>> + Send + 'a>> {
+        Box::pin(std::future::ready(Vec::new()))
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Broker {
     pub(crate) options: Options,
@@ -41,11 +70,25 @@ pub(crate) struct Broker {
     pub(crate) start_time: i64,
     pub(crate) tcp_address: SocketAddr,
     pub(crate) http_address: SocketAddr,
+    /// The handoff port peers are told (0 when the broker serves no handoff).
+    pub(crate) handoff_port: u16,
+    /// Whether the broker takes new work, and how a drain goes.
+    lifecycle: Lifecycle,
     /// Told of every topic and channel change (the lookupd registrations).
     cluster: Arc<dyn Cluster>,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes rewrites of the metadata file.
     metadata: Mutex<()>,
+}
+
+/// Where the broker is between serving and leaving.
+#[derive(Debug, Default)]
+struct Lifecycle {
+    /// A stop was asked for (SIGTERM): not ready any more.
+    stopping: std::sync::atomic::AtomicBool,
+    drain: Mutex<DrainStatus>,
+    /// Wakes the drain task when a drain starts.
+    drain_started: tokio::sync::Notify,
 }
 
 impl Broker {
@@ -54,6 +97,7 @@ impl Broker {
         settings: QueueSettings,
         tcp_address: SocketAddr,
         http_address: SocketAddr,
+        handoff_port: u16,
         cluster: Arc<dyn Cluster>,
     ) -> Broker {
         Broker {
@@ -64,34 +108,118 @@ impl Broker {
                 .map_or(0, |d| d.as_secs() as i64),
             tcp_address,
             http_address,
+            handoff_port,
+            lifecycle: Lifecycle::default(),
             cluster,
             topics: RwLock::new(BTreeMap::new()),
             metadata: Mutex::new(()),
         }
     }
 
+    // --- lifecycle: ready, stopping, draining --------------------------------------------------
+
+    /// Whether the broker takes new clients: not stopping and not draining (`/readyz`).
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.is_draining()
+            && !self
+                .lifecycle
+                .stopping
+                .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A stop was asked for: from now on the broker reports not ready.
+    pub(crate) fn set_stopping(&self) {
+        self.lifecycle
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.settings.is_draining()
+    }
+
+    /// Starts draining (idempotent; a drain cannot be undone): publishes and new topics and
+    /// channels are refused from now on, and the drain task takes over. False when the broker
+    /// was draining already.
+    pub(crate) fn start_drain(&self) -> bool {
+        let mut status = self.lock_drain();
+        if self.is_draining() {
+            return false;
+        }
+        self.settings.start_draining();
+        status.state = DrainState::Draining;
+        drop(status);
+        tracing::info!("draining: publishes and new topics and channels are refused from now on");
+        // Every waiter (the drain task, the one sending producers away) hears of it.
+        self.lifecycle.drain_started.notify_waiters();
+        true
+    }
+
+    /// Waits until a drain starts.
+    pub(crate) async fn drain_started(&self) {
+        loop {
+            let started = self.lifecycle.drain_started.notified();
+            if self.is_draining() {
+                return;
+            }
+            started.await;
+        }
+    }
+
+    fn lock_drain(&self) -> std::sync::MutexGuard<'_, DrainStatus> {
+        self.lifecycle
+            .drain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn drain_status(&self) -> DrainStatus {
+        self.lock_drain().clone()
+    }
+
+    pub(crate) fn set_drain_status(&self, status: DrainStatus) {
+        *self.lock_drain() = status;
+    }
+
+    /// Stores messages a peer handed off, in the same topic and channel (`channel` empty: the
+    /// topic's own queue), creating them as needed.
+    pub(crate) fn receive_handed(
+        &self,
+        topic: &str,
+        channel: &str,
+        handed: &[crate::queue::Handed],
+    ) -> Result<(), HandoffRefused> {
+        if self.is_draining() {
+            return Err(HandoffRefused::Draining);
+        }
+        let t = self.topic(topic)?;
+        if channel.is_empty() {
+            t.store_handed(handed)?;
+        } else if let Some(c) = self.create_channel(&t, channel)? {
+            c.store_handed(handed)?;
+        }
+        Ok(())
+    }
+
+    /// Messages the broker still holds, over every topic and channel that is not ephemeral.
+    pub(crate) fn messages_held(&self) -> u64 {
+        self.topics()
+            .iter()
+            .filter(|t| !t.ephemeral)
+            .map(|t| {
+                t.holds()
+                    + t.channels()
+                        .iter()
+                        .filter(|c| !c.ephemeral)
+                        .map(|c| c.holds())
+                        .sum::<u64>()
+            })
+            .sum()
+    }
+
     /// A broker on `options.data_path` with no lookupds, for tests.
     #[cfg(test)]
     pub(crate) fn for_tests(options: Options) -> Broker {
-        /// The cluster of a broker on its own.
-        #[derive(Debug)]
-        struct Alone;
-
-        impl Cluster for Alone {
-            fn topic_changed(&self, _: &str) {}
-
-            fn knows_channels(&self) -> bool {
-                false
-            }
-
-            fn topic_channels<'a>(
-                &'a self,
-                _: &'a str,
-            ) -> Pin<Box<dyn Future<Output = Vec<String>> + Send + 'a>> {
-                Box::pin(std::future::ready(Vec::new()))
-            }
-        }
-
         let counter = |name: &str| {
             prometheus::IntCounter::new(name, "test").unwrap_or_else(|e| panic!("{e}"))
         };
@@ -105,7 +233,7 @@ impl Broker {
         let disk = crate::storage::DiskQueueOptions::default();
         let settings = QueueSettings::new(&options, disk, health, damage);
         let address = SocketAddr::from(([127, 0, 0, 1], 0));
-        Broker::new(options, settings, address, address, Arc::new(Alone))
+        Broker::new(options, settings, address, address, 0, Arc::new(Alone))
     }
 
     /// Recreates the topics and channels of the metadata file, with their paused flags and
@@ -193,7 +321,7 @@ impl Broker {
 
     /// Whether creating `name` should wait for [`Broker::prepare_topic`] first.
     pub(crate) fn needs_prepare(&self, name: &str) -> bool {
-        self.cluster.knows_channels() && self.existing_topic(name).is_none()
+        !self.is_draining() && self.cluster.knows_channels() && self.existing_topic(name).is_none()
     }
 
     /// Every topic with its channels, as registered with lookupds.
@@ -229,6 +357,10 @@ impl Broker {
         bodies: &[Bytes],
         defer: Duration,
     ) -> Result<Arc<Topic>, PublishError> {
+        // Refused before the topic would be created.
+        if self.is_draining() {
+            return Err(PublishError::Draining);
+        }
         let mut t = self.topic(topic)?;
         match t.publish(bodies, defer) {
             Err(PublishError::Exiting) => {
@@ -247,6 +379,14 @@ impl Broker {
         channel: &str,
         subscriber: &Subscriber,
     ) -> Result<(Arc<Topic>, Arc<Channel>), SubscribeError> {
+        if self.is_draining()
+            && self
+                .existing_topic(topic)
+                .and_then(|t| t.existing_channel(channel))
+                .is_none()
+        {
+            return Err(SubscribeError::Draining);
+        }
         let t = self.topic(topic)?;
         let (c, created) = t.subscribe(channel, subscriber)?;
         if created {
@@ -359,6 +499,23 @@ impl Broker {
         self.save_metadata();
     }
 
+    /// Deletes every topic (their disk queues with them) and the metadata file and lock: what
+    /// is left of a data directory after an offline handoff. Only files knsq made go.
+    pub(crate) fn delete_everything(&self) -> Result<(), PersistError> {
+        for topic in self.topics() {
+            self.delete_topic(&topic.name);
+        }
+        let dir = &self.options.data_path;
+        for file in [Metadata::path(dir), dir.join("knsq-broker.lock")] {
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(PersistError::io("remove", &file)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Fsyncs every disk queue that changed; false when any fsync failed. `full` also stores
     /// read positions and deletes consumed segments (see `QueueSettings::sync`).
     pub(crate) fn sync_disks(&self, full: bool) -> bool {
@@ -415,6 +572,7 @@ impl Broker {
             producers: (include_clients && found)
                 .then(|| producers(topic))
                 .flatten(),
+            drain: self.is_draining().then(|| self.drain_status()),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod config;
 
 mod auth;
 mod broker;
+mod handoff;
 mod health;
 mod http;
 mod lookup;
@@ -54,6 +55,10 @@ pub enum BrokerError {
     Metrics(#[from] prometheus::Error),
     #[error("broker task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("handoff service: {}", server_kit::with_sources(.0))]
+    Handoff(#[from] tonic::transport::Error),
+    #[error("offline handoff of {path}: {reason}")]
+    OfflineHandoff { path: String, reason: String },
 }
 
 /// The broker's listening sockets, bound before it runs (port 0 picks a free port).
@@ -63,6 +68,8 @@ pub struct Listeners {
     http: TcpListener,
     /// Only with TLS (`--tls-cert` and `--tls-key`) and a non-empty `--https-address`, as nsqd.
     https: Option<TcpListener>,
+    /// Unless `--handoff-address` is empty.
+    handoff: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -74,7 +81,17 @@ impl Listeners {
         } else {
             None
         };
-        Ok(Listeners { tcp, http, https })
+        let handoff = if options.drain.handoff_address.is_empty() {
+            None
+        } else {
+            Some(bind("handoff-address", &options.drain.handoff_address).await?)
+        };
+        Ok(Listeners {
+            tcp,
+            http,
+            https,
+            handoff,
+        })
     }
 
     pub fn tcp_address(&self) -> Result<SocketAddr, BindError> {
@@ -92,12 +109,14 @@ impl Listeners {
     }
 }
 
-/// Runs the broker until `shutdown` is cancelled, then closes every connection and waits
-/// for them, at most `--shutdown-timeout`.
+/// Runs the broker until `stop` is cancelled (SIGTERM) — then, after `--shutdown-delay` of
+/// reporting not ready, it shuts down cleanly or, with `--sigterm=drain`, drains first — or
+/// until a drain finishes. Shutting down closes every connection and waits for them, at most
+/// `--shutdown-timeout`.
 pub async fn run(
     config: Config,
     listeners: Listeners,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
     set_log_level: Option<LogLevelSetter>,
 ) -> Result<(), BrokerError> {
     let Config {
@@ -105,7 +124,9 @@ pub async fn run(
         client_tls,
         lookupd_tls,
         auth,
+        handoff_tls,
     } = config;
+    let shutdown = CancellationToken::new();
     let data_error = |source| BrokerError::DataPath {
         path: options.data_path.display().to_string(),
         source,
@@ -132,33 +153,40 @@ pub async fn run(
     );
     let (metrics, server_metrics) = metrics::Metrics::new()?;
     metrics.register_data_path(options.data_path.clone())?;
-    let health = health::Health::new(
-        server_metrics.healthy.clone(),
-        server_metrics.disk_write_errors.clone(),
-    );
-    let disk = storage::DiskQueueOptions {
-        max_bytes_per_file: options.max_bytes_per_file,
-        sync_every: options.sync_every,
-        max_msg_size: options.max_msg_size,
-        faults: storage::FaultSwitch::default(),
-        passes: Arc::default(),
-    };
-    let settings = queue::QueueSettings::new(&options, disk, health, server_metrics.damage.clone());
+    let settings = queue_settings(&options, &server_metrics);
     // Lookupd registrations (issue 4): started once the topics are restored.
     let lookup_metrics = lookup::LookupMetrics::new()?;
     metrics.register(lookup_metrics.collectors())?;
     let lookup = Arc::new(lookup::Lookup::new(
         options.lookupd_grpc_addresses.clone(),
-        lookupd_tls,
+        lookupd_tls.clone(),
         options.lookupd_heartbeat_interval,
         lookup_metrics,
         shutdown.clone(),
     ));
+    let handoff_address = match &listeners.handoff {
+        Some(l) => Some(local_address(l, "handoff-address")?),
+        None => None,
+    };
+    let handoff_port = match (options.drain.broadcast_handoff_port, handoff_address) {
+        (0, Some(address)) => address.port(),
+        (port, _) => port,
+    };
+    let peers = handoff::Peers::new(
+        peer_source(&options),
+        lookupd_tls.clone(),
+        format!(
+            "{}:{}",
+            options.broadcast_address,
+            broadcast_tcp_port(&options, tcp_address)
+        ),
+    );
     let state = Arc::new(broker::Broker::new(
         options,
         settings,
         tcp_address,
         http_address,
+        handoff_port,
         lookup.clone(),
     ));
     metrics.register_queues(Arc::downgrade(&state))?;
@@ -176,6 +204,24 @@ pub async fn run(
     if let Some(address) = https_address {
         tracing::info!("HTTPS: listening on {address}");
     }
+    let handoff_server = listeners.handoff.map(|listener| {
+        if let Some(address) = handoff_address {
+            tracing::info!("handoff: listening on {address}");
+        }
+        tokio::spawn(handoff::receiver::serve(
+            listener,
+            handoff_tls,
+            state.clone(),
+            shutdown.clone(),
+        ))
+    });
+    tokio::spawn(stop_when_asked(state.clone(), stop, shutdown.clone()));
+    tokio::spawn(drain_then_stop(
+        state.clone(),
+        peers,
+        lookup.clone(),
+        shutdown.clone(),
+    ));
 
     let clients = Arc::new(protocol::Clients::default());
     let protocol = Arc::new(protocol::Shared {
@@ -186,6 +232,15 @@ pub async fn run(
             && state.options.tls.required() != config::TlsRequired::No,
         tls: client_tls.clone(),
         metrics: server_metrics.connections.clone(),
+    });
+    tokio::spawn({
+        let (broker, clients, shutdown) = (state.clone(), clients.clone(), shutdown.clone());
+        async move {
+            tokio::select! {
+                () = broker.drain_started() => clients.send_producers_away(),
+                _ = shutdown.cancelled() => {}
+            }
+        }
     });
     let connections = TaskTracker::new();
     let tcp = tokio::spawn(tcp::serve(
@@ -254,6 +309,15 @@ pub async fn run(
         );
     }
     let _ = syncer.await;
+    if let Some(server) = handoff_server {
+        match server.await {
+            Ok(Err(e)) => {
+                tracing::warn!(error = %server_kit::with_sources(&e), "handoff service ended")
+            }
+            Err(e) => tracing::warn!(error = %e, "handoff service task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     // The registration streams end, so lookupds drop this broker at once.
     lookup.stopped(grace).await;
     // Messages in memory, in flight and deferred go to disk; nothing acknowledged is lost.
@@ -309,6 +373,162 @@ async fn sync_disks(broker: Arc<broker::Broker>, shutdown: CancellationToken) {
             .await
             .unwrap_or(false);
         commits.pass_done(newest, ok);
+    }
+}
+
+/// What every topic and channel reads, from the options, reporting to `metrics`.
+fn queue_settings(options: &Options, metrics: &metrics::ServerMetrics) -> queue::QueueSettings {
+    let health = health::Health::new(metrics.healthy.clone(), metrics.disk_write_errors.clone());
+    let disk = storage::DiskQueueOptions {
+        max_bytes_per_file: options.max_bytes_per_file,
+        sync_every: options.sync_every,
+        max_msg_size: options.max_msg_size,
+        faults: storage::FaultSwitch::default(),
+        passes: Arc::default(),
+    };
+    queue::QueueSettings::new(options, disk, health, metrics.damage.clone())
+}
+
+/// `knsq-broker handoff`: hands everything in a stopped broker's `--data-path` off to peer
+/// brokers (`--handoff-peer`, or those registered with `--lookupd-grpc-address`), then
+/// deletes what it handed off, leaving the directory empty. Fails, with what is left, when no
+/// peer took everything within `--drain-timeout`; nothing is deleted that a peer did not
+/// store.
+pub async fn handoff_offline(config: Config) -> Result<(), BrokerError> {
+    let Config {
+        options,
+        lookupd_tls,
+        ..
+    } = config;
+    let path = options.data_path.display().to_string();
+    let offline_error = |reason: String| BrokerError::OfflineHandoff {
+        path: path.clone(),
+        reason,
+    };
+    if !options.data_path.is_dir() {
+        return Err(offline_error("not a directory".into()));
+    }
+    let lock = persist::DataDirLock::acquire(&options.data_path)?;
+    let (_metrics, server_metrics) = metrics::Metrics::new()?;
+    let settings = queue_settings(&options, &server_metrics);
+    let unused = SocketAddr::from(([127, 0, 0, 1], 0));
+    let peers = handoff::Peers::new(
+        peer_source(&options),
+        lookupd_tls,
+        format!(
+            "{}:{}",
+            options.broadcast_address, options.broadcast_tcp_port
+        ),
+    );
+    let limit = options.drain.drain_timeout;
+    let state = Arc::new(broker::Broker::new(
+        options,
+        settings,
+        unused,
+        unused,
+        0,
+        Arc::new(broker::Alone),
+    ));
+    state.restore()?;
+    let held = state.messages_held();
+    tracing::info!(path = %path, messages = held, "offline handoff starting");
+    state.start_drain();
+    // Nobody consumes here: everything is handed off at once.
+    let stop = CancellationToken::new();
+    let drained = tokio::select! {
+        done = handoff::drain(state.clone(), peers, std::time::Duration::ZERO, stop.clone()) => done,
+        () = tokio::time::sleep(limit) => false,
+    };
+    stop.cancel();
+    let status = state.drain_status();
+    if !drained {
+        let persisting = state.clone();
+        tokio::task::spawn_blocking(move || persisting.persist()).await?;
+        return Err(offline_error(format!(
+            "{} messages left after --drain-timeout {}: {}",
+            status.remaining_messages,
+            server_kit::flags::format_go_duration(limit),
+            status.reason.as_deref().unwrap_or("peers too slow")
+        )));
+    }
+    let emptying = state.clone();
+    tokio::task::spawn_blocking(move || emptying.delete_everything()).await??;
+    drop(lock);
+    tracing::info!(
+        path = %path,
+        handed_off = status.handed_off_messages,
+        "offline handoff done; the data directory is empty"
+    );
+    Ok(())
+}
+
+/// Where a draining broker finds peers: `--handoff-peer`, else the lookupds.
+fn peer_source(o: &Options) -> handoff::PeerSource {
+    if o.drain.handoff_peers.is_empty() {
+        handoff::PeerSource::Lookupds {
+            lookupds: o.lookupd_grpc_addresses.clone(),
+            myself: (o.broadcast_address.clone(), o.broadcast_tcp_port),
+        }
+    } else {
+        handoff::PeerSource::Listed(o.drain.handoff_peers.clone())
+    }
+}
+
+/// The TCP port lookupds are told.
+fn broadcast_tcp_port(o: &Options, tcp_address: SocketAddr) -> u16 {
+    match o.broadcast_tcp_port {
+        0 => tcp_address.port(),
+        port => port,
+    }
+}
+
+/// On `stop` (SIGTERM): not ready at once, serving on for `--shutdown-delay` (lame duck),
+/// then a clean shutdown or, with `--sigterm=drain`, a drain.
+async fn stop_when_asked(
+    broker: Arc<broker::Broker>,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = shutdown.cancelled() => return,
+    }
+    broker.set_stopping();
+    let delay = broker.options.drain.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(?delay, "stop asked: not ready; serving on before stopping");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+    match broker.options.drain.sigterm {
+        config::SigtermMode::CleanShutdown => shutdown.cancel(),
+        config::SigtermMode::Drain => {
+            broker.start_drain();
+        }
+    }
+}
+
+/// Runs a drain once one starts; when it finishes, leaves the lookupds and shuts down (or,
+/// with `--stay-up-when-drained`, only leaves the lookupds).
+async fn drain_then_stop(
+    broker: Arc<broker::Broker>,
+    peers: handoff::Peers,
+    lookup: Arc<lookup::Lookup>,
+    shutdown: CancellationToken,
+) {
+    let timeout = broker.options.drain.drain_timeout;
+    let finished = handoff::drain(broker.clone(), peers, timeout, shutdown.clone()).await;
+    if !finished {
+        return;
+    }
+    if broker.options.drain.stay_up_when_drained {
+        tracing::info!("drained: leaving the lookupds and staying up idle");
+        lookup.set_addresses(Vec::new());
+    } else {
+        tracing::info!("drained: shutting down");
+        shutdown.cancel();
     }
 }
 

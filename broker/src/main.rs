@@ -1,4 +1,5 @@
-//! `knsq-broker`: parse flags, then run the broker until SIGTERM or SIGINT.
+//! `knsq-broker`: parse flags, then run the broker until SIGTERM or SIGINT; or, as
+//! `knsq-broker handoff …`, hand a stopped broker's data directory off to its peers.
 
 use broker::{BrokerError, Config, Listeners, LogLevelSetter, Options};
 use server_kit::signals::watch_signals;
@@ -6,13 +7,23 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let options = Options::from_args(std::env::args()).unwrap_or_else(|e| e.exit());
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "handoff") {
+        args.remove(1);
+        let options = Options::from_args(args).unwrap_or_else(|e| e.exit());
+        return server_kit::process::run("knsq-broker handoff", options.validate(), handoff);
+    }
+    let options = Options::from_args(args).unwrap_or_else(|e| e.exit());
     server_kit::process::run("knsq-broker", options.validate(), serve)
 }
 
 async fn serve(config: Config, set_log_level: LogLevelSetter) -> Result<(), BrokerError> {
     let listeners = Listeners::bind(&config.options).await?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
-    broker::run(config, listeners, shutdown, Some(set_log_level)).await
+    let stop = CancellationToken::new();
+    tokio::spawn(watch_signals(stop.clone()));
+    broker::run(config, listeners, stop, Some(set_log_level)).await
+}
+
+async fn handoff(config: Config, _: LogLevelSetter) -> Result<(), BrokerError> {
+    broker::handoff_offline(config).await
 }

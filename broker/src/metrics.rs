@@ -97,7 +97,9 @@ impl Metrics {
     /// Adds the per-topic and per-channel figures of `broker`.
     pub(crate) fn register_queues(&self, broker: Weak<Broker>) -> Result<(), prometheus::Error> {
         self.registry
-            .register(Box::new(QueueCollector::new(broker)?))
+            .register(Box::new(QueueCollector::new(broker.clone())?))?;
+        self.registry
+            .register(Box::new(DrainCollector::new(broker)?))
     }
 
     /// Adds the size and free space of the filesystem holding `--data-path`.
@@ -481,6 +483,59 @@ impl Collector for DataPathCollector {
         self.available.set(bytes(stat.f_bavail));
         self.size.set(bytes(stat.f_blocks));
         [&self.available, &self.size]
+            .into_iter()
+            .flat_map(|g| g.collect())
+            .collect()
+    }
+}
+
+/// Whether the broker drains, and what it still holds then, read at each scrape.
+struct DrainCollector {
+    broker: Weak<Broker>,
+    draining: IntGauge,
+    remaining: IntGauge,
+    handed_off: IntGauge,
+}
+
+impl DrainCollector {
+    fn new(broker: Weak<Broker>) -> Result<DrainCollector, prometheus::Error> {
+        Ok(DrainCollector {
+            broker,
+            draining: IntGauge::new(
+                "knsq_draining",
+                "1 while the broker drains (refuses publishes, hands off what consumers leave)",
+            )?,
+            remaining: IntGauge::new(
+                "knsq_drain_remaining_messages",
+                "Messages a draining broker still holds (0 when not draining)",
+            )?,
+            handed_off: IntGauge::new(
+                "knsq_drain_handed_off_messages",
+                "Messages a draining broker handed off to peers so far",
+            )?,
+        })
+    }
+
+    fn gauges(&self) -> [&IntGauge; 3] {
+        [&self.draining, &self.remaining, &self.handed_off]
+    }
+}
+
+impl Collector for DrainCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauges().into_iter().flat_map(|g| g.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(broker) = self.broker.upgrade() else {
+            return Vec::new();
+        };
+        let status = broker.drain_status();
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.draining.set(i64::from(broker.is_draining()));
+        self.remaining.set(count(status.remaining_messages));
+        self.handed_off.set(count(status.handed_off_messages));
+        self.gauges()
             .into_iter()
             .flat_map(|g| g.collect())
             .collect()

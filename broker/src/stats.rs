@@ -12,6 +12,36 @@ pub(crate) struct NodeStats {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) memory: Option<MemoryStats>,
     pub(crate) producers: Option<Vec<ClientStats>>,
+    /// knsq only, and only while draining: how the drain goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) drain: Option<DrainStatus>,
+}
+
+/// Where a drain stands (`GET /drain`, `/stats`, `/info`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DrainState {
+    /// Not draining.
+    #[default]
+    Serving,
+    /// Consumers take what is left; channels without consumers are handed off.
+    Draining,
+    /// The drain timeout passed: everything left goes to peers.
+    HandingOff,
+    /// Nothing is left.
+    Drained,
+    /// Messages are left that no peer can take now (`reason` says why); retried.
+    Blocked,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct DrainStatus {
+    pub(crate) state: DrainState,
+    pub(crate) remaining_messages: u64,
+    /// Messages handed off to peers so far.
+    pub(crate) handed_off_messages: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -8,7 +8,7 @@ use server_kit::flags::{
     default_hostname, parse_go_bool, parse_go_command_line, parse_go_duration, parse_log_level,
 };
 use server_kit::process::ServerOptions;
-use server_kit::tls::{self, cert_and_key};
+use server_kit::tls;
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::transport::ServerTlsConfig;
@@ -133,32 +133,16 @@ impl Options {
         })
     }
 
-    /// TLS on the gRPC listener; `None` when the flags leave it off. The files are read and
-    /// checked here: tonic would accept an empty certificate file or a key of another
-    /// certificate and only fail each handshake later.
+    /// TLS on the gRPC listener; `None` when the flags leave it off.
     fn grpc_tls(&self) -> Result<Option<ServerTlsConfig>, ConfigError> {
-        let files = cert_and_key(
-            "grpc-tls-cert",
-            self.grpc_tls_cert.as_deref(),
-            "grpc-tls-key",
-            self.grpc_tls_key.as_deref(),
-        )?;
-        let Some((cert, key)) = files else {
-            if self.grpc_tls_client_ca_file.is_some() {
-                return Err(ConfigError {
-                    flag: "grpc-tls-client-ca-file",
-                    reason: "needs --grpc-tls-cert and --grpc-tls-key (TLS on the gRPC listener)"
-                        .into(),
-                });
-            }
-            return Ok(None);
-        };
-        let identity = tls::identity("grpc-tls-cert", cert, "grpc-tls-key", key)?;
-        let client_ca = match &self.grpc_tls_client_ca_file {
-            Some(ca) => Some(tls::root_store("grpc-tls-client-ca-file", ca)?),
-            None => None,
-        };
-        Ok(Some(tls::server::grpc_config(identity, client_ca)))
+        tls::server::grpc_tls(tls::server::GrpcTlsFlags {
+            cert: ("grpc-tls-cert", self.grpc_tls_cert.as_deref()),
+            key: ("grpc-tls-key", self.grpc_tls_key.as_deref()),
+            client_ca: (
+                "grpc-tls-client-ca-file",
+                self.grpc_tls_client_ca_file.as_deref(),
+            ),
+        })
     }
 
     pub fn lifetimes(&self) -> Lifetimes {

@@ -149,6 +149,7 @@ pub fn identify(tcp_port: u32, http_port: u32) -> Identify {
         hostname: "test-broker".into(),
         topology_zone: String::new(),
         topology_region: String::new(),
+        handoff_port: 0,
     }
 }
 

@@ -25,14 +25,26 @@ impl ChildProcess {
                 bin.display()
             );
         }
-        let mut child = Command::new(&bin)
-            .args(args)
-            .envs(env.iter().copied())
+        let mut command = Command::new(&bin);
+        command.args(args).envs(env.iter().copied());
+        Self::start(name, command)
+    }
+
+    /// Starts any program (a shell that sets limits and then execs a binary, say), with the
+    /// same log handling.
+    pub fn spawn_command(program: &'static str, args: &[String]) -> Result<Self> {
+        let mut command = Command::new(program);
+        command.args(args);
+        Self::start(program, command)
+    }
+
+    fn start(name: &'static str, mut command: Command) -> Result<Self> {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| format!("starting {name}"))?;
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let (tx, log) = mpsc::channel();
         std::thread::spawn(move || {

@@ -249,3 +249,93 @@ async fn oversized_headers_are_refused_and_idle_connections_closed() -> Result<(
     );
     Ok(())
 }
+
+/// A separate process (Python, so that its own descriptor limit holds the sockets) that
+/// opens `count` NSQ connections to `addr`, sends the magic on each and keeps them open.
+fn idle_connections(addr: SocketAddr, count: usize) -> Result<std::process::Child> {
+    let script = r#"
+import socket, sys, time
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for _ in range(count):
+    try:
+        s = socket.create_connection((host, port), timeout=2)
+        s.sendall(b"  V2")
+        held.append(s)
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(3600)
+"#;
+    Ok(std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .arg(count.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_idle_connections_and_few_descriptors_do_not_stop_the_broker() -> Result<()>
+{
+    // The broker gets 2048 file descriptors; 20,000 connections come in.
+    let data = tempfile::tempdir()?;
+    let bin = tests::binary_path("knsq-broker");
+    let command = format!(
+        "ulimit -n 2048 && exec {} --tcp-address=127.0.0.1:0 --http-address=127.0.0.1:0 --data-path={}",
+        bin.display(),
+        data.path().display()
+    );
+    let mut broker = tests::ChildProcess::spawn_command("sh", &["-c".to_string(), command])?;
+    let tcp = broker.wait_for_address("TCP: listening on ")?;
+    let http = broker.wait_for_address("HTTP: listening on ")?;
+    // The well-behaved clients were there first.
+    let clients = tokio::spawn(producer_and_consumer(tcp, Duration::from_secs(20)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut idle: Vec<std::process::Child> = Vec::new();
+    for _ in 0..2 {
+        idle.push(idle_connections(tcp, 10_000)?);
+    }
+    let end = Instant::now() + Duration::from_secs(18);
+    let mut topics = 0;
+    while Instant::now() < end {
+        let ping = tokio::time::timeout(
+            Duration::from_secs(2),
+            http_request(http, "GET", "/ping", b""),
+        )
+        .await;
+        match ping {
+            Ok(Ok(resp)) => ensure!(resp.status == 200 && resp.body == b"OK", "{}", resp.text()),
+            other => bail!("/ping not answered beside idle connections: {other:?}"),
+        }
+        // New topics still get their disk queues: descriptors are kept back for files.
+        topics += 1;
+        let resp = http_request(http, "POST", &format!("/pub?topic=new{topics}"), b"x").await?;
+        ensure!(resp.status == 200, "{}", resp.text());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let received = clients.await??;
+    for mut child in idle {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let metrics = http_request(http, "GET", "/metrics", b"").await?.text();
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("knsq_tcp_connections_refused_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "20,000 idle connections at 2048 descriptors: {received} messages through, {refused} refused"
+    );
+    ensure!(received > 200, "only {received} messages went through");
+    ensure!(refused > 10_000.0, "only {refused} connections refused");
+    Ok(())
+}

@@ -2,10 +2,12 @@
 //! `KNSQ_<FLAG>` environment variable, parsed with Go's flag syntax as well as GNU's.
 
 mod auth;
+mod drain;
 mod lookupd;
 mod tls;
 
 pub(crate) use auth::{AuthSettings, RequestMethod};
+pub use drain::{DrainOptions, SigtermMode};
 pub(crate) use lookupd::TLS_FLAG as LOOKUPD_TLS_FLAG;
 pub use server_kit::NSQ_COMPAT_VERSION;
 pub use server_kit::flags::ConfigError;
@@ -33,6 +35,8 @@ pub struct Config {
     pub(crate) lookupd_tls: Option<GrpcClientTls>,
     /// The auth servers (`--auth-http-address`), when authorization is on.
     pub(crate) auth: Option<AuthSettings>,
+    /// TLS on the handoff listener (`--handoff-tls-*`).
+    pub(crate) handoff_tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ServerOptions for Config {
@@ -259,6 +263,9 @@ pub struct Options {
 
     #[command(flatten)]
     pub tls: TlsOptions,
+
+    #[command(flatten)]
+    pub drain: DrainOptions,
 }
 
 impl Options {
@@ -384,11 +391,13 @@ impl Options {
                 "must be at least 1s".into(),
             );
         }
+        let handoff_tls = self.drain.check()?;
         Ok(Config {
             options: self.clone(),
             client_tls,
             lookupd_tls,
             auth,
+            handoff_tls,
         })
     }
 
@@ -408,6 +417,7 @@ impl Options {
         o.tcp_address = "127.0.0.1:0".into();
         o.http_address = "127.0.0.1:0".into();
         o.tls.https_address = "127.0.0.1:0".into();
+        o.drain.handoff_address = "127.0.0.1:0".into();
         o.broadcast_address = "127.0.0.1".into();
         o.data_path = data_path.into();
         o.node_id = 1;

@@ -56,8 +56,22 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR")
 }
 
+/// knsq: a draining broker takes no new topics or channels.
+fn refuse_while_draining(s: &AppState) -> Result<(), ApiError> {
+    if s.broker.is_draining() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "DRAINING",
+        ));
+    }
+    Ok(())
+}
+
 pub(super) async fn topic_create(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
     let topic = topic_arg(&q, true)?;
+    if s.broker.existing_topic(&topic).is_none() {
+        refuse_while_draining(&s)?;
+    }
     s.broker.prepare_topic(&topic).await; // lookupd hook: a new topic gets its known channels
     s.broker.topic(&topic).map_err(internal)?;
     done()
@@ -91,6 +105,9 @@ pub(super) async fn topic_unpause(State(s): State<AppState>, RawQuery(q): RawQue
 
 pub(super) async fn channel_create(State(s): State<AppState>, RawQuery(q): RawQuery) -> Reply {
     let (topic, channel) = topic_and_channel(&s, &q)?;
+    if topic.existing_channel(&channel).is_none() {
+        refuse_while_draining(&s)?;
+    }
     s.broker
         .create_channel(&topic, &channel)
         .map_err(internal)?

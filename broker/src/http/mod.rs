@@ -41,6 +41,9 @@ pub(crate) struct AppState {
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/ping", get(node::ping))
+        .route("/livez", get(node::livez))
+        .route("/readyz", get(node::readyz))
+        .route("/drain", get(node::drain_status).post(node::start_drain))
         .route("/info", get(node::info))
         .route("/stats", get(node::stats))
         .route("/metrics", get(node::metrics))

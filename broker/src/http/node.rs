@@ -21,6 +21,55 @@ pub(super) async fn ping(State(s): State<AppState>) -> Response {
     }
 }
 
+/// knsq: liveness — the process serves HTTP. Never fails for disk trouble (that is `/ping`).
+pub(super) async fn livez() -> Response {
+    "OK".into_response()
+}
+
+/// knsq: readiness — 200 `OK` while the broker takes new clients, 503 while it drains or
+/// stops, so that a load balancer (a Kubernetes Service) sends clients elsewhere.
+pub(super) async fn readyz(State(s): State<AppState>) -> Response {
+    if s.broker.is_ready() {
+        return "OK".into_response();
+    }
+    let why = if s.broker.is_draining() {
+        "draining"
+    } else {
+        "stopping"
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("NOT READY - {why}"),
+    )
+        .into_response()
+}
+
+/// What `GET /drain` and `POST /drain` answer.
+#[derive(Serialize)]
+struct Drain {
+    draining: bool,
+    #[serde(flatten)]
+    status: crate::broker::DrainStatus,
+}
+
+fn drain_response(s: &AppState) -> Response {
+    to_json(&Drain {
+        draining: s.broker.is_draining(),
+        status: s.broker.drain_status(),
+    })
+}
+
+/// knsq: `GET /drain`: whether the broker drains, and how far it got.
+pub(super) async fn drain_status(State(s): State<AppState>) -> Response {
+    drain_response(&s)
+}
+
+/// knsq: `POST /drain`: starts draining (idempotent; a drain cannot be cancelled).
+pub(super) async fn start_drain(State(s): State<AppState>) -> Response {
+    s.broker.start_drain();
+    drain_response(&s)
+}
+
 #[derive(Serialize)]
 struct Info<'a> {
     version: &'static str,
@@ -35,6 +84,11 @@ struct Info<'a> {
     max_deflate_level: u8,
     topology_zone: &'static str,
     topology_region: &'static str,
+    /// knsq only, and only while draining.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    draining: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_remaining_messages: Option<u64>,
 }
 
 fn to_json(value: &impl Serialize) -> Response {
@@ -64,6 +118,8 @@ pub(super) async fn info(State(s): State<AppState>) -> Response {
         max_deflate_level: 6,
         topology_zone: "",
         topology_region: "",
+        draining: b.is_draining(),
+        drain_remaining_messages: b.is_draining().then(|| b.drain_status().remaining_messages),
     })
 }
 
@@ -111,6 +167,9 @@ fn config_value(s: &AppState, opt: &str) -> Result<Response, ApiError> {
             .clone();
         return Ok(to_json(&level));
     }
+    if opt == "drain" {
+        return Ok(to_json(&s.broker.is_draining()));
+    }
     if opt == "nsqlookupd_tcp_addresses" {
         // Changeable at runtime: the lookupd registrations hold the current list.
         return Ok(to_json(&s.lookup.addresses()));
@@ -132,6 +191,14 @@ pub(super) async fn put_config(
     let body = to_bytes(body, limit)
         .await
         .map_err(|_| invalid_value.clone())?;
+    if opt == "drain" {
+        // As nsqio/nsq#1302 plans it: `true`, or nothing; a drain cannot be cancelled.
+        if !(body.trim_ascii().is_empty() || body.trim_ascii() == b"true") {
+            return Err(ApiError::bad_request("INVALID_VALUE"));
+        }
+        s.broker.start_drain();
+        return config_value(&s, &opt);
+    }
     if body.is_empty() {
         return Err(invalid_value);
     }

@@ -55,6 +55,8 @@ fn publish_failed(e: PublishError) -> ApiError {
     tracing::warn!(error = %e, "HTTP publish refused");
     match e {
         PublishError::Exiting => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "EXITING"),
+        // knsq: the broker is leaving the cluster; publish to another one.
+        PublishError::Draining => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "DRAINING"),
         PublishError::Storage(_) => {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR")
         }

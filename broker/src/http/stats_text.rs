@@ -20,6 +20,22 @@ pub(super) fn render_stats(stats: &NodeStats) -> String {
     let uptime = Duration::from_secs(u64::try_from(now - stats.start_time).unwrap_or(0));
     let _ = writeln!(w, "uptime {}", format_go_duration(uptime));
     let _ = writeln!(w, "\nHealth: {}", stats.health);
+    if let Some(drain) = &stats.drain {
+        // knsq only, while draining.
+        let state = serde_json::to_value(drain.state).unwrap_or_default();
+        let _ = writeln!(
+            w,
+            "Draining: {} - {} messages left, {} handed off{}",
+            state.as_str().unwrap_or_default(),
+            drain.remaining_messages,
+            drain.handed_off_messages,
+            drain
+                .reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(m) = &stats.memory {
         let _ = writeln!(w, "\nMemory:");
         for (name, value) in [

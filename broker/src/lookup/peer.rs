@@ -7,7 +7,7 @@ use crate::broker::Broker;
 use crate::config::LOOKUPD_TLS_FLAG;
 use proto::cluster::v1::registry_client::RegistryClient;
 use proto::cluster::v1::{BrokerMessage, Heartbeat, Identify, LookupdMessage, lookupd_message};
-use server_kit::tls::client::{GrpcClientTls, grpc_endpoint_uri};
+use server_kit::tls::client::{GrpcClientTls, grpc_endpoint};
 use server_kit::with_sources;
 use std::error::Error;
 use std::sync::Arc;
@@ -17,16 +17,10 @@ use tokio::sync::mpsc;
 use tokio::time::{MissedTickBehavior, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tonic::{Code, Status, Streaming};
 
-/// Connecting (TCP, TLS and HTTP/2) gives up after this long; then the backoff applies.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the lookupd may take to answer `Identify`.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 pings find a lookupd that vanished without closing the connection.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages waiting to go out on the stream. The task itself is the only sender and never
 /// holds a publisher up; a small buffer is enough to keep the HTTP/2 stream busy while a burst
 /// of topic changes is being sent, and a full buffer just makes the task wait (reading acks).
@@ -197,6 +191,7 @@ impl PeerTask {
             hostname: server_kit::flags::default_hostname(),
             topology_zone: String::new(),
             topology_region: String::new(),
+            handoff_port: u32::from(b.handoff_port),
         }
     }
 
@@ -209,19 +204,8 @@ impl PeerTask {
             Transport::Tls(tls) => Some(tls),
         };
         // Runtime address changes are not validated as flags are: a mismatch shows here.
-        let uri = grpc_endpoint_uri(&link.address, tls.is_some(), LOOKUPD_TLS_FLAG)
+        let endpoint = grpc_endpoint(&link.address, tls.map(|t| &**t), LOOKUPD_TLS_FLAG)
             .map_err(SessionError::Address)?;
-        let mut endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| SessionError::Address(with_sources(&e)))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-        if let Some(tls) = tls {
-            endpoint = endpoint
-                .tls_config(tls.config(CONNECT_TIMEOUT))
-                .map_err(|e| SessionError::Address(with_sources(&e)))?;
-        }
         let channel = endpoint
             .connect()
             .await

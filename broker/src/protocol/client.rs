@@ -54,6 +54,9 @@ pub(crate) struct Client {
     pub(crate) outbox: Outbox,
     /// Cancelled to close the connection (channel deleted, broker shutting down).
     pub(crate) closed: CancellationToken,
+    /// Cancelled when the broker starts draining: a connection that is not a consumer closes
+    /// as soon as it has answered what it read, so its client reconnects to another broker.
+    pub(crate) leave_when_idle: CancellationToken,
     /// IDENTIFY changed how the writer should buffer and beat.
     pub(crate) settings_changed: Notify,
     counters: ConsumerCounters,
@@ -83,6 +86,7 @@ impl Client {
             outbox: Outbox::new(socket, identity.output_buffer_size, closed.clone()),
             settings_changed: Notify::new(),
             closed,
+            leave_when_idle: CancellationToken::new(),
             counters: ConsumerCounters::default(),
             state: AtomicI32::new(0),
             identity: Mutex::new(identity),

@@ -44,6 +44,15 @@ impl Clients {
         }
     }
 
+    /// The broker drains: every connection that is not a consumer closes once it has answered
+    /// what it read.
+    pub(crate) fn send_producers_away(&self) {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        for client in open.values() {
+            client.leave_when_idle.cancel();
+        }
+    }
+
     /// TCP clients that have published; `None` when there are none, as nsqd's nil list.
     pub(crate) fn producers(&self, topic: Option<&str>) -> Option<Vec<ClientStats>> {
         let clients: Vec<Arc<Client>> = {

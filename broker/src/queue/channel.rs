@@ -11,7 +11,7 @@ use super::deferred::Deferred;
 use super::e2e::{Histogram, LatencyWindow};
 use super::in_flight::{InFlight, InFlightError};
 use super::message::Msg;
-use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
+use super::{Handed, QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::stats::{ChannelStats, E2eStats};
 use crate::storage::{DiskQueue, DiskRecord, StorageError, Ticket};
 use proto::wire::MessageId;
@@ -38,6 +38,9 @@ pub(crate) enum SubscribeError {
     },
     #[error("channel is exiting")]
     Exiting,
+    /// New topics and channels are refused while the broker drains.
+    #[error("broker is draining: no new topics or channels")]
+    Draining,
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -536,6 +539,120 @@ impl Channel {
         // What was just stored again replaces what the disk held for it.
         disk.finish_all();
         disk.sync()
+    }
+
+    // --- handoff (a draining broker moves what its consumers did not take to peers) -------
+
+    /// Takes up to `max` messages no consumer holds, oldest first: the memory queue, then the
+    /// deferred ones (with their due time), then the disk queue. Each stays on disk (if it was
+    /// read from there) until [`Channel::handed_off`] or [`Channel::return_handed`].
+    pub(crate) fn take_for_handoff(&self, max: usize) -> Vec<Handed> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < max {
+            if let Some(msg) = st.queue.pop_front() {
+                out.push(Handed {
+                    msg,
+                    due_unix_ms: 0,
+                });
+            } else if let Some((due, msg)) = st.deferred.pop_earliest() {
+                out.push(Handed {
+                    msg,
+                    due_unix_ms: due_unix_ms(due, now),
+                });
+            } else if st.disk.as_ref().is_some_and(DiskQueue::has_unread) {
+                let want = max - out.len();
+                self.read_disk(&mut st, want, now);
+                if st.queue.is_empty() && st.deferred.len() == 0 {
+                    break;
+                }
+            } else {
+                break;
+            }
+        }
+        out
+    }
+
+    /// A peer stored these: they are done with here.
+    pub(crate) fn handed_off(&self, handed: Vec<Handed>) {
+        let mut st = self.lock();
+        for mut h in handed {
+            self.settings.finish(&mut st.disk, &mut h.msg, false);
+        }
+    }
+
+    /// The handoff failed: the messages go back, in front of the queue (or deferred again).
+    pub(crate) fn return_handed(&self, handed: Vec<Handed>) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        for h in handed.into_iter().rev() {
+            match due_instant(h.due_unix_ms, now) {
+                Some(at) if h.due_unix_ms != 0 => st.deferred.push(h.msg, at),
+                _ => st.queue.push_front(h.msg),
+            }
+        }
+        self.wake_timer_if_earlier(&mut st);
+        self.dispatch(&mut st, now);
+    }
+
+    /// Stores messages a peer handed off: on disk (so that the ack the peer gets means a
+    /// crash here loses none of them), behind what is queued; deferred ones keep their due
+    /// time. An ephemeral channel keeps them in memory.
+    pub(crate) fn store_handed(&self, handed: &[Handed]) -> Result<(), StorageError> {
+        let mut st = self.lock();
+        if st.deleted {
+            return Ok(());
+        }
+        let now = Instant::now();
+        match st.disk.as_mut() {
+            Some(disk) => {
+                let records: Vec<DiskRecord> = handed
+                    .iter()
+                    .map(|h| h.msg.to_record(h.due_unix_ms))
+                    .collect();
+                self.settings.append(disk, &records)?;
+            }
+            None => {
+                for h in handed {
+                    match due_instant(h.due_unix_ms, now) {
+                        Some(at) if h.due_unix_ms != 0 => st.deferred.push(h.msg.clone(), at),
+                        _ => st.queue.push_back(h.msg.clone()),
+                    }
+                }
+                self.wake_timer_if_earlier(&mut st);
+            }
+        }
+        self.message_count.fetch_add(handed.len() as u64, Relaxed);
+        self.dispatch(&mut st, now);
+        Ok(())
+    }
+
+    /// The drain timed out: consumers are disconnected and what they held goes back to the
+    /// queue at once (attempts kept), to be handed off.
+    pub(crate) fn evict_consumers(&self) {
+        let mut st = self.lock();
+        for c in st.consumers.iter_mut() {
+            c.closing = true;
+            c.rdy = 0;
+            c.in_flight = 0;
+            c.client.close();
+        }
+        let State {
+            in_flight, queue, ..
+        } = &mut *st;
+        let mut returned: Vec<Msg> = in_flight.drain().map(|e| e.msg).collect();
+        returned.reverse();
+        for msg in returned {
+            queue.push_front(msg);
+        }
+    }
+
+    /// Messages the channel still has: queued (memory and disk), in flight and deferred.
+    pub(crate) fn holds(&self) -> u64 {
+        let st = self.lock();
+        let on_disk = st.disk.as_ref().map_or(0, DiskQueue::depth);
+        st.queue.len() as u64 + on_disk + st.in_flight.len() as u64 + st.deferred.len() as u64
     }
 
     /// Fsyncs the disk queue (the syncer calls this off the async runtime) without holding

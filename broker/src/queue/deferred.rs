@@ -62,6 +62,11 @@ impl Deferred {
         self.heap.pop().map(|Reverse(item)| item.msg)
     }
 
+    /// The earliest message, due or not, with its due time.
+    pub(crate) fn pop_earliest(&mut self) -> Option<(Instant, Msg)> {
+        self.heap.pop().map(|Reverse(item)| (item.due, item.msg))
+    }
+
     pub(crate) fn clear(&mut self) {
         self.heap.clear();
     }

@@ -27,8 +27,11 @@ pub(crate) use topic::{PublishError, Topic};
 
 use crate::health::Health;
 use crate::storage::{DiskQueue, DiskQueueOptions, DiskRecord, StorageError, Ticket};
+use bytes::Bytes;
 use prometheus::IntCounter;
+use proto::wire::MessageId;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -38,6 +41,46 @@ use tokio::time::Instant;
 pub(crate) struct DamageCounters {
     pub(crate) records: IntCounter,
     pub(crate) bytes: IntCounter,
+}
+
+/// A message on its way to or from another broker (handoff): what the wire carries of it,
+/// and on the sending side the disk record it still is until the peer stored it.
+#[derive(Debug, Clone)]
+pub(crate) struct Handed {
+    msg: Msg,
+    /// When a deferred message is due, ms since the Unix epoch; 0 when it is not deferred.
+    pub(crate) due_unix_ms: i64,
+}
+
+impl Handed {
+    /// A message received from a peer.
+    pub(crate) fn new(
+        id: MessageId,
+        timestamp: i64,
+        attempts: u16,
+        due_unix_ms: i64,
+        body: Bytes,
+    ) -> Handed {
+        let mut msg = Msg::new(id, timestamp, body);
+        msg.attempts = attempts;
+        Handed { msg, due_unix_ms }
+    }
+
+    pub(crate) fn id(&self) -> &MessageId {
+        &self.msg.id
+    }
+
+    pub(crate) fn timestamp(&self) -> i64 {
+        self.msg.timestamp
+    }
+
+    pub(crate) fn attempts(&self) -> u16 {
+        self.msg.attempts
+    }
+
+    pub(crate) fn body(&self) -> &Bytes {
+        &self.msg.body
+    }
 }
 
 /// What every topic and channel reads and reports to.
@@ -57,6 +100,8 @@ pub(crate) struct QueueSettings {
     pub(crate) damage: DamageCounters,
     /// `--sync-publish`: every message goes through disk, and publishes wait for an fsync.
     pub(crate) sync_publish: bool,
+    /// The broker drains: publishes are refused.
+    draining: AtomicBool,
     /// Publishers waiting for fsyncs; also wakes the syncer at `--sync-every` operations.
     pub(crate) commits: Commits,
 }
@@ -80,8 +125,18 @@ impl QueueSettings {
             health,
             damage,
             sync_publish: o.sync_publish,
+            draining: AtomicBool::new(false),
             commits: Commits::default(),
         }
+    }
+
+    /// The broker starts draining: from now on publishes are refused. It cannot be undone.
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Opens (or creates) the disk queue `name`, logging what it repaired.

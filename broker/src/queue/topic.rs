@@ -10,7 +10,7 @@ use super::consumer::Subscriber;
 use super::e2e::Histogram;
 use super::guid::IdGenerator;
 use super::message::Msg;
-use super::{QueueSettings, due_instant, due_unix_ms, unix_nanos};
+use super::{Handed, QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::persist::{ChannelMeta, TopicMeta};
 use crate::stats::{E2eStats, TopicStats};
 use crate::storage::{DiskQueue, DiskRecord, StorageError};
@@ -29,6 +29,9 @@ const RELEASE_BATCH: usize = 1024;
 pub(crate) enum PublishError {
     #[error("exiting")]
     Exiting,
+    /// The broker is leaving the cluster: publish to another one.
+    #[error("draining")]
+    Draining,
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -110,6 +113,9 @@ impl Topic {
     /// Publishes a batch. `defer` delays delivery. When a disk write fails, the publish fails;
     /// channels that took the batch before the failure keep it (at least once, never lost).
     pub(crate) fn publish(&self, bodies: &[Bytes], defer: Duration) -> Result<(), PublishError> {
+        if self.settings.is_draining() {
+            return Err(PublishError::Draining);
+        }
         let mut st = self.lock();
         if st.deleted {
             return Err(PublishError::Exiting);
@@ -246,6 +252,103 @@ impl Topic {
         let (channel, created) = self.channel_locked(&mut st, name)?;
         channel.subscribe(subscriber)?;
         Ok((channel, created))
+    }
+
+    // --- handoff (a draining broker moves what its consumers did not take to peers) -------
+
+    /// The topic's channels.
+    pub(crate) fn channels(&self) -> Vec<Arc<Channel>> {
+        self.lock().channels.values().cloned().collect()
+    }
+
+    /// Messages waiting in the topic itself (it has no channel, or is paused).
+    pub(crate) fn holds(&self) -> u64 {
+        let st = self.lock();
+        st.pending.len() as u64 + st.on_disk()
+    }
+
+    /// Takes up to `max` of the messages waiting in the topic itself, oldest first; each stays
+    /// on disk (if it was read from there) until [`Topic::handed_off`] or
+    /// [`Topic::return_handed`].
+    pub(crate) fn take_for_handoff(&self, max: usize) -> Vec<Handed> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < max {
+            if let Some(p) = st.pending.pop_front() {
+                out.push(Handed {
+                    due_unix_ms: p.due.map_or(0, |d| due_unix_ms(d, now)),
+                    msg: p.msg,
+                });
+                continue;
+            }
+            let Some(disk) = st.disk.as_mut().filter(|d| d.has_unread()) else {
+                break;
+            };
+            let mut read = Vec::new();
+            self.settings
+                .pop(disk, &self.name, max - out.len(), &mut read);
+            if read.is_empty() {
+                break;
+            }
+            out.extend(read.into_iter().map(|(record, ticket)| {
+                let (msg, due_unix_ms) = Msg::from_record(record, ticket);
+                Handed { msg, due_unix_ms }
+            }));
+        }
+        out
+    }
+
+    /// A peer stored these: they are done with here.
+    pub(crate) fn handed_off(&self, handed: Vec<Handed>) {
+        let mut st = self.lock();
+        for mut h in handed {
+            self.settings.finish(&mut st.disk, &mut h.msg, false);
+        }
+    }
+
+    /// The handoff failed: the messages wait in the topic again, in front.
+    pub(crate) fn return_handed(&self, handed: Vec<Handed>) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        for h in handed.into_iter().rev() {
+            let due = due_instant(h.due_unix_ms, now).filter(|_| h.due_unix_ms != 0);
+            st.pending.push_front(Pending { msg: h.msg, due });
+        }
+    }
+
+    /// Stores messages a peer handed off from its topic's own queue: into every channel, or
+    /// onto the topic's disk while it has none (see [`Channel::store_handed`]).
+    pub(crate) fn store_handed(&self, handed: &[Handed]) -> Result<(), StorageError> {
+        let mut st = self.lock();
+        if st.deleted {
+            return Ok(());
+        }
+        self.release(&mut st);
+        if st.paused || st.channels.is_empty() || st.holds_messages() {
+            match st.disk.as_mut() {
+                Some(disk) => {
+                    let records: Vec<DiskRecord> = handed
+                        .iter()
+                        .map(|h| h.msg.to_record(h.due_unix_ms))
+                        .collect();
+                    self.settings.append(disk, &records)?;
+                }
+                None => {
+                    let now = Instant::now();
+                    st.pending.extend(handed.iter().map(|h| Pending {
+                        msg: h.msg.clone(),
+                        due: due_instant(h.due_unix_ms, now).filter(|_| h.due_unix_ms != 0),
+                    }));
+                }
+            }
+        } else {
+            for channel in st.channels.values() {
+                channel.store_handed(handed)?;
+            }
+        }
+        self.message_count.fetch_add(handed.len() as u64, Relaxed);
+        Ok(())
     }
 
     /// The names of the topic's channels (what lookupds are told).

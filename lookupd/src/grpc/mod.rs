@@ -8,8 +8,8 @@ use crate::directory::Directory;
 use crate::registry::{PeerInfo, RegistryError, SessionId};
 use proto::cluster::v1::registry_server::{Registry, RegistryServer};
 use proto::cluster::v1::{
-    Ack, BrokerMessage, Identified, LookupdMessage, TopicChannelsRequest, TopicChannelsResponse,
-    lookupd_message,
+    Ack, BrokerAddress, BrokerMessage, BrokersRequest, BrokersResponse, Identified, LookupdMessage,
+    TopicChannelsRequest, TopicChannelsResponse, lookupd_message,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -134,6 +134,29 @@ impl Registry for RegistryService {
             result.as_ref().map_or_else(Status::code, |_| Code::Ok),
         );
         result
+    }
+
+    async fn brokers(
+        &self,
+        _request: Request<BrokersRequest>,
+    ) -> Result<Response<BrokersResponse>, Status> {
+        let started = Instant::now();
+        let now = SystemTime::now();
+        let brokers = self.directory.read(|r| {
+            r.nodes(now)
+                .into_iter()
+                .map(|node| BrokerAddress {
+                    broadcast_address: node.info.broadcast_address.clone(),
+                    tcp_port: u32::from(node.info.tcp_port),
+                    http_port: u32::from(node.info.http_port),
+                    handoff_port: u32::from(node.info.handoff_port),
+                })
+                .collect()
+        });
+        let metrics = &self.directory.metrics;
+        metrics.grpc_latency("Brokers", started.elapsed());
+        metrics.grpc_call("Brokers", Code::Ok);
+        Ok(Response::new(BrokersResponse { brokers }))
     }
 }
 

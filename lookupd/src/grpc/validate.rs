@@ -158,6 +158,10 @@ fn peer_info(m: Identify, remote_address: &str) -> Result<PeerInfo, InvalidMessa
         node_id,
         topology_zone: m.topology_zone,
         topology_region: m.topology_region,
+        handoff_port: u16::try_from(m.handoff_port).map_err(|_| InvalidMessage::Port {
+            field: "identify.handoff_port",
+            value: m.handoff_port,
+        })?,
     })
 }
 
@@ -178,6 +182,7 @@ mod tests {
             hostname: "h".into(),
             topology_zone: "z".into(),
             topology_region: "r".into(),
+            handoff_port: 4153,
         }
     }
 

@@ -51,6 +51,7 @@ fn peer(address: &str, tcp_port: u16) -> PeerInfo {
         node_id: 7,
         topology_zone: "zone-a".into(),
         topology_region: "region-1".into(),
+        handoff_port: 0,
     }
 }
 

@@ -35,6 +35,8 @@ pub struct PeerInfo {
     pub node_id: u16,
     pub topology_zone: String,
     pub topology_region: String,
+    /// The broker's Handoff port; 0 when it serves none.
+    pub handoff_port: u16,
 }
 
 impl PeerInfo {

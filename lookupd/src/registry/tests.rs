@@ -15,6 +15,7 @@ fn peer(address: &str, tcp_port: u16) -> PeerInfo {
         node_id: 1,
         topology_zone: String::new(),
         topology_region: String::new(),
+        handoff_port: 0,
     }
 }
 

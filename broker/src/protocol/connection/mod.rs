@@ -366,7 +366,11 @@ impl<R: AsyncRead + Unpin + Send> Connection<R> {
             buf.reserve(*read_size);
         }
         let before = buf.len();
-        let Some(n) = read_some(reader, buf, *heartbeat, &self.client).await else {
+        let consumer = matches!(
+            self.state,
+            ClientState::Subscribed(_) | ClientState::Closing(_)
+        );
+        let Some(n) = read_some(reader, buf, *heartbeat, &self.client, !consumer).await else {
             return false;
         };
         // Grow the buffer while reads fill it: a busy publisher gets big reads.
@@ -410,7 +414,15 @@ async fn read_some<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     heartbeat: Option<Duration>,
     client: &Client,
+    may_leave: bool,
 ) -> Option<usize> {
+    let leave = async {
+        if may_leave {
+            client.leave_when_idle.cancelled().await
+        } else {
+            std::future::pending().await
+        }
+    };
     let read = async {
         match heartbeat {
             Some(hb) => timeout(hb * 2, reader.read_buf(buf)).await,
@@ -419,6 +431,10 @@ async fn read_some<R: AsyncRead + Unpin>(
     };
     let result = tokio::select! {
         _ = client.closed.cancelled() => return None,
+        () = leave => {
+            tracing::info!("broker draining: closing a connection that is not a consumer");
+            return None;
+        }
         r = read => r,
     };
     match result {

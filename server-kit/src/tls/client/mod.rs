@@ -87,6 +87,38 @@ pub fn grpc_endpoint_uri(address: &str, tls: bool, flag: &str) -> Result<String,
     }
 }
 
+/// How long a gRPC connection may take to be established, TLS handshake included.
+#[cfg(feature = "grpc-client")]
+pub const GRPC_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// HTTP/2 pings on idle gRPC connections, and how long an answer may take: a peer that
+/// vanished without closing is noticed in seconds.
+#[cfg(feature = "grpc-client")]
+const GRPC_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+#[cfg(feature = "grpc-client")]
+const GRPC_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A gRPC endpoint for `address` (see [`grpc_endpoint_uri`]), over TLS with `tls`.
+#[cfg(feature = "grpc-client")]
+pub fn grpc_endpoint(
+    address: &str,
+    tls: Option<&GrpcClientTls>,
+    flag: &str,
+) -> Result<tonic::transport::Endpoint, String> {
+    let uri = grpc_endpoint_uri(address, tls.is_some(), flag)?;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| crate::with_sources(&e))?
+        .connect_timeout(GRPC_CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(GRPC_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(GRPC_KEEPALIVE_TIMEOUT);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.config(GRPC_CONNECT_TIMEOUT))
+            .map_err(|e| crate::with_sources(&e))?;
+    }
+    Ok(endpoint)
+}
+
 /// The rustls client for `https://` servers: certificates checked against `roots`, TLS
 /// versions from `versions`.
 pub fn https_config(

@@ -93,6 +93,44 @@ pub fn grpc_config(
     config
 }
 
+/// The flags of a gRPC listener's TLS: a certificate, its key, and the authorities clients'
+/// certificates must be signed by (mutual TLS).
+#[cfg(feature = "grpc-server")]
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcTlsFlags<'a> {
+    pub cert: (&'static str, Option<&'a std::path::Path>),
+    pub key: (&'static str, Option<&'a std::path::Path>),
+    pub client_ca: (&'static str, Option<&'a std::path::Path>),
+}
+
+/// TLS on a gRPC listener from its flags; `None` when they leave it off. The files are read
+/// and checked here: tonic would accept an empty certificate file or a key of another
+/// certificate and only fail each handshake later.
+#[cfg(feature = "grpc-server")]
+pub fn grpc_tls(
+    flags: GrpcTlsFlags<'_>,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, crate::flags::ConfigError> {
+    let files = super::cert_and_key(flags.cert.0, flags.cert.1, flags.key.0, flags.key.1)?;
+    let Some((cert, key)) = files else {
+        if flags.client_ca.1.is_some() {
+            return Err(crate::flags::ConfigError {
+                flag: flags.client_ca.0,
+                reason: format!(
+                    "needs --{} and --{} (TLS on the gRPC listener)",
+                    flags.cert.0, flags.key.0
+                ),
+            });
+        }
+        return Ok(None);
+    };
+    let identity = super::identity(flags.cert.0, cert, flags.key.0, key)?;
+    let client_ca = match flags.client_ca.1 {
+        Some(ca) => Some(super::root_store(flags.client_ca.0, ca)?),
+        None => None,
+    };
+    Ok(Some(grpc_config(identity, client_ca)))
+}
+
 /// `--tls-client-auth-policy=require`: a client must show a certificate (and prove it holds
 /// its key), which nobody vouches for, as Go's `RequireAnyClientCert`.
 #[derive(Debug)]
