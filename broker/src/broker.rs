@@ -5,7 +5,11 @@
 
 use crate::config::{NSQ_COMPAT_VERSION, Options};
 use crate::persist::{Metadata, PersistError};
-use crate::queue::{Channel, PublishError, QueueSettings, SubscribeError, Subscriber, Topic};
+use crate::queue::dead_letter::{RedriveError, check_topic};
+use crate::queue::{
+    Channel, DeadLetterConfig, DeadLetterSink, DeadLetterTopics, Origin, PublishError,
+    QueueSettings, SubscribeError, Subscriber, Topic,
+};
 use crate::stats::{ClientStats, MemoryStats, NodeStats};
 pub(crate) use crate::stats::{DrainState, DrainStatus};
 use crate::storage::StorageError;
@@ -15,8 +19,12 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+/// Dead letters moved back per step of a redrive without a rate.
+const REDRIVE_BATCH: usize = 1024;
 
 /// What the broker tells, and asks of, the brokers around it: the lookupd registrations
 /// implement it, so this core knows nothing of lookupds.
@@ -79,6 +87,9 @@ pub(crate) struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes rewrites of the metadata file.
     metadata: Mutex<()>,
+    /// Something the metadata records changed without a rewrite (dead-letter counts); the
+    /// syncer's next full pass rewrites it.
+    metadata_stale: AtomicBool,
 }
 
 /// Where the broker is between serving and leaving.
@@ -113,6 +124,7 @@ impl Broker {
             cluster,
             topics: RwLock::new(BTreeMap::new()),
             metadata: Mutex::new(()),
+            metadata_stale: AtomicBool::new(false),
         }
     }
 
@@ -236,6 +248,12 @@ impl Broker {
         Broker::new(options, settings, address, address, 0, Arc::new(Alone))
     }
 
+    /// Lets channels store dead letters in this broker's topics; once, at start.
+    pub(crate) fn connect_dead_letters(self: &Arc<Self>) {
+        let topics: std::sync::Weak<Broker> = Arc::downgrade(self);
+        self.settings.dead_letters.connect(topics);
+    }
+
     /// Recreates the topics and channels of the metadata file, with their paused flags and
     /// whatever their disk queues hold.
     pub(crate) fn restore(&self) -> Result<(), PersistError> {
@@ -253,6 +271,15 @@ impl Broker {
                 }
                 if let Some((channel, _)) = topic.channel(&c.name)? {
                     channel.set_paused(c.paused);
+                    let mut config = DeadLetterConfig {
+                        max_attempts: c.max_attempts,
+                        topic: c.dead_letter_topic.clone(),
+                    };
+                    if let Some(Err(e)) = config.topic.as_ref().map(|d| check_topic(d, &t.name)) {
+                        tracing::warn!(topic = %t.name, channel = %c.name, dead_letter_topic = ?config.topic, error = %e, "ignoring an invalid dead-letter topic in metadata");
+                        config.topic = None;
+                    }
+                    channel.restore_dead_letters(config, c.dead_lettered);
                 }
             }
         }
@@ -441,6 +468,50 @@ impl Broker {
         self.save_metadata();
     }
 
+    /// Sets a channel's own dead-letter settings (checked by the caller) and records them.
+    pub(crate) fn configure_dead_letters(&self, channel: &Channel, config: DeadLetterConfig) {
+        channel.configure_dead_letters(config);
+        self.save_metadata();
+    }
+
+    /// Moves up to `count` dead letters (by default, as many as are queued now) from the front
+    /// of `channel` back into the channels they came from, at most `rate` a second. Returns
+    /// how many were moved; on an error, also how many were moved before it.
+    pub(crate) async fn redrive(
+        &self,
+        channel: &Channel,
+        count: Option<u64>,
+        rate: Option<u32>,
+    ) -> Result<u64, (u64, RedriveError)> {
+        let limit = count.unwrap_or_else(|| channel.depth());
+        let batch = rate.map_or(REDRIVE_BATCH, |r| (r as usize / 10).clamp(1, REDRIVE_BATCH));
+        let started = tokio::time::Instant::now();
+        let mut moved = 0;
+        while moved < limit {
+            let want = batch.min(usize::try_from(limit - moved).unwrap_or(usize::MAX));
+            let find = |origin: &Origin| {
+                self.existing_topic(&origin.topic)?
+                    .existing_channel(&origin.channel)
+            };
+            let n = channel.redrive(want, find).map_err(|e| (moved, e))?;
+            if n == 0 {
+                break;
+            }
+            moved += n as u64;
+            match rate {
+                Some(rate) => {
+                    let due = Duration::from_secs_f64(moved as f64 / f64::from(rate));
+                    tokio::time::sleep_until(started + due).await;
+                }
+                None => tokio::task::yield_now().await,
+            }
+        }
+        if moved > 0 {
+            tracing::info!(topic = %channel.topic_name, channel = %channel.name, moved, "dead letters redriven");
+        }
+        Ok(moved)
+    }
+
     pub(crate) fn set_channel_paused(&self, topic: &Topic, channel: &str, paused: bool) -> bool {
         let found = topic.set_channel_paused(channel, paused);
         if found {
@@ -479,6 +550,7 @@ impl Broker {
     /// next change tries again.
     pub(crate) fn save_metadata(&self) {
         let _guard = self.metadata.lock().unwrap_or_else(|e| e.into_inner());
+        self.metadata_stale.store(false, Relaxed);
         let meta = Metadata {
             topics: self.topics().iter().filter_map(|t| t.meta()).collect(),
             version: NSQ_COMPAT_VERSION.to_string(),
@@ -490,7 +562,9 @@ impl Broker {
     }
 
     /// Clean shutdown: every topic's and channel's memory to disk, synced; then the metadata.
+    /// Moves of dead letters stop first, so none lands in a queue already stored.
     pub(crate) fn persist(&self) {
+        self.settings.dead_letters.close();
         for topic in self.topics() {
             if let Err(e) = topic.persist() {
                 tracing::error!(topic = %topic.name, error = %e, "writing queues to disk at shutdown failed");
@@ -527,6 +601,9 @@ impl Broker {
         }
         if ok {
             passes.completed_ok(pass);
+        }
+        if full && self.metadata_stale.load(Relaxed) {
+            self.save_metadata();
         }
         ok
     }
@@ -574,5 +651,22 @@ impl Broker {
                 .flatten(),
             drain: self.is_draining().then(|| self.drain_status()),
         }
+    }
+}
+
+/// Channels reach the broker's topics through this to store dead letters.
+impl DeadLetterTopics for Broker {
+    fn dead_letter_topic(&self, name: &str) -> Result<Arc<dyn DeadLetterSink>, StorageError> {
+        // Channels only name topics that were checked; still, never make an invalid one.
+        if !proto::wire::names::is_valid_topic_name(name.as_bytes()) {
+            return Err(StorageError::InvalidName {
+                name: name.to_string(),
+            });
+        }
+        Ok(self.topic(name)?)
+    }
+
+    fn dead_letters_counted(&self) {
+        self.metadata_stale.store(true, Relaxed);
     }
 }

@@ -172,14 +172,11 @@ pub async fn run(
         (0, Some(address)) => address.port(),
         (port, _) => port,
     };
+    let tcp_port = broadcast_tcp_port(&options, tcp_address);
     let peers = handoff::Peers::new(
-        peer_source(&options),
+        peer_source(&options, tcp_port),
         lookupd_tls.clone(),
-        format!(
-            "{}:{}",
-            options.broadcast_address,
-            broadcast_tcp_port(&options, tcp_address)
-        ),
+        format!("{}:{tcp_port}", options.broadcast_address),
     );
     let state = Arc::new(broker::Broker::new(
         options,
@@ -190,6 +187,7 @@ pub async fn run(
         lookup.clone(),
     ));
     metrics.register_queues(Arc::downgrade(&state))?;
+    state.connect_dead_letters();
     state.restore()?;
     state.save_metadata();
     lookup.start(&state);
@@ -382,7 +380,8 @@ fn queue_settings(options: &Options, metrics: &metrics::ServerMetrics) -> queue:
     let disk = storage::DiskQueueOptions {
         max_bytes_per_file: options.max_bytes_per_file,
         sync_every: options.sync_every,
-        max_msg_size: options.max_msg_size,
+        // A dead letter's body carries its origin too.
+        max_msg_size: options.max_msg_size + queue::ENVELOPE_MAX,
         faults: storage::FaultSwitch::default(),
         passes: Arc::default(),
     };
@@ -413,7 +412,7 @@ pub async fn handoff_offline(config: Config) -> Result<(), BrokerError> {
     let settings = queue_settings(&options, &server_metrics);
     let unused = SocketAddr::from(([127, 0, 0, 1], 0));
     let peers = handoff::Peers::new(
-        peer_source(&options),
+        peer_source(&options, options.broadcast_tcp_port),
         lookupd_tls,
         format!(
             "{}:{}",
@@ -462,12 +461,13 @@ pub async fn handoff_offline(config: Config) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// Where a draining broker finds peers: `--handoff-peer`, else the lookupds.
-fn peer_source(o: &Options) -> handoff::PeerSource {
+/// Where a draining broker finds peers: `--handoff-peer`, else the lookupds (leaving out the
+/// broker registered as `broadcast_address:tcp_port`: this one).
+fn peer_source(o: &Options, tcp_port: u16) -> handoff::PeerSource {
     if o.drain.handoff_peers.is_empty() {
         handoff::PeerSource::Lookupds {
             lookupds: o.lookupd_grpc_addresses.clone(),
-            myself: (o.broadcast_address.clone(), o.broadcast_tcp_port),
+            myself: (o.broadcast_address.clone(), tcp_port),
         }
     } else {
         handoff::PeerSource::Listed(o.drain.handoff_peers.clone())

@@ -148,6 +148,8 @@ struct Families {
     channel_timed_out: IntCounterVec,
     channel_clients: IntGaugeVec,
     channel_paused: IntGaugeVec,
+    channel_max_attempts: IntGaugeVec,
+    channel_dead_lettered: IntCounterVec,
 }
 
 /// A labelled metric family that can drop all its children between scrapes.
@@ -239,10 +241,20 @@ impl Families {
                 "1 when the channel is paused",
                 CHANNEL,
             )?,
+            channel_max_attempts: ig(
+                "nsq_channel_max_attempts",
+                "Deliveries of a message before it goes to the dead-letter topic (0: no limit)",
+                CHANNEL,
+            )?,
+            channel_dead_lettered: ic(
+                "nsq_channel_dead_lettered_total",
+                "Messages moved to the channel's dead-letter topic (kept across restarts)",
+                CHANNEL,
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Family; 14] {
+    fn collectors(&self) -> [&dyn Family; 16] {
         [
             &self.topic_depth,
             &self.topic_backend_depth,
@@ -258,6 +270,8 @@ impl Families {
             &self.channel_timed_out,
             &self.channel_clients,
             &self.channel_paused,
+            &self.channel_max_attempts,
+            &self.channel_dead_lettered,
         ]
     }
 
@@ -313,6 +327,16 @@ impl Families {
                 self.channel_paused
                     .with_label_values(&cl)
                     .set(i64::from(c.paused));
+                let (max_attempts, dead_lettered) = c
+                    .dead_letter
+                    .as_ref()
+                    .map_or((0, 0), |d| (d.max_attempts, d.dead_lettered_count));
+                self.channel_max_attempts
+                    .with_label_values(&cl)
+                    .set(i64::from(max_attempts));
+                self.channel_dead_lettered
+                    .with_label_values(&cl)
+                    .inc_by(dead_lettered);
                 channel_e2e.add(&cl, &c.e2e_processing_latency);
             }
         }

@@ -86,6 +86,18 @@ pub(crate) struct ChannelStats {
     pub(crate) disk_damaged_records: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub(crate) disk_damaged_bytes: u64,
+    /// knsq only, while a maximum of attempts is in force or once anything was dead-lettered.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub(crate) dead_letter: Option<DeadLetterStats>,
+}
+
+/// knsq only: a channel's maximum of attempts (0: none), where what reaches it goes, and how
+/// many went there (kept across restarts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct DeadLetterStats {
+    pub(crate) max_attempts: u16,
+    pub(crate) dead_letter_topic: String,
+    pub(crate) dead_lettered_count: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -120,6 +120,22 @@ class _Process:
             self._log.close()
         return self.proc.returncode
 
+    async def aexited(self, timeout: float) -> int | None:
+        """Waits (at most ``timeout``) for the process to exit by itself, as a drained broker
+        does, and reaps it; not a stop problem. Returns the exit code (``None`` if it runs on).
+        """
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.proc.poll() is None:
+            return None
+        self._stopped = True
+        self.stop_problem = None
+        self._reader.join(5)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
     def kill(self) -> int | None:
         """SIGKILL (a crash) and reap it. Returns the exit code (-9); not a stop problem."""
         if self._stopped:

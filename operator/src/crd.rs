@@ -514,6 +514,12 @@ pub struct BrokerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 9))]
     pub max_deflate_level: Option<i64>,
+    /// `--max-attempts` (knsq only): deliveries of a message before it goes to its channel's
+    /// dead-letter topic instead of being delivered again; 0 means no limit (nsqd's behaviour).
+    /// Channels may override it over the broker's HTTP API (`POST /channel/config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub max_attempts: Option<i64>,
     /// `--e2e-processing-latency-percentile`: quantiles of publish-to-finish latency the brokers
     /// report in `/stats` and `/metrics` (e.g. `[0.99, 0.95, 0.5]`); none when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -756,6 +762,7 @@ impl Default for BrokerSettings {
             snappy: None,
             deflate: None,
             max_deflate_level: None,
+            max_attempts: None,
             e2e_processing_latency_percentiles: Vec::new(),
         }
     }

@@ -835,6 +835,10 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
             json!({"broker": {"settings": {"maxDeflateLevel": 10}}}),
             "spec.broker.settings.maxDeflateLevel",
         ),
+        (
+            json!({"broker": {"settings": {"maxAttempts": 65536}}}),
+            "spec.broker.settings.maxAttempts",
+        ),
     ] {
         let invalid: NSQCluster =
             serde_json::from_value(json!({"apiVersion": "knsq.io/v1alpha1", "kind": "NSQCluster", "metadata": {"name": "bad"}, "spec": spec}))

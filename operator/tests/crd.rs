@@ -435,6 +435,10 @@ fn tls_schema_is_optional_with_flag_values() {
     let settings = &spec["broker"]["properties"]["settings"];
     assert_eq!(settings["properties"]["maxDeflateLevel"]["maximum"], 9.0);
     assert_eq!(settings["default"].get("snappy"), None);
+    // --max-attempts takes a u16; unset adds no flag, so existing clusters keep their pods.
+    assert_eq!(settings["properties"]["maxAttempts"]["minimum"], 0.0);
+    assert_eq!(settings["properties"]["maxAttempts"]["maximum"], 65535.0);
+    assert_eq!(settings["default"].get("maxAttempts"), None);
 }
 
 #[test]

@@ -457,6 +457,39 @@ impl BrokerProcess {
         Ok(process)
     }
 
+    /// Stops this broker (if it still runs) and starts it again on the same data directory and
+    /// ports, with `extra` flags.
+    pub fn restart(self, extra: &[&str]) -> Result<BrokerProcess> {
+        let ports = [self.tcp_address.to_string(), self.http_address.to_string()];
+        self.respawn(&ports, extra)
+    }
+
+    /// Like [`BrokerProcess::restart`], on new ports (for when the old ones may still be taken
+    /// by a process the test left running).
+    pub fn restart_on_new_ports(self, extra: &[&str]) -> Result<BrokerProcess> {
+        let ports = ["127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()];
+        self.respawn(&ports, extra)
+    }
+
+    fn respawn(mut self, [tcp, http]: &[String; 2], extra: &[&str]) -> Result<BrokerProcess> {
+        let data = self.data.take();
+        drop(self);
+        let dir = data
+            .as_ref()
+            .map(|d| d.path().display().to_string())
+            .unwrap_or_default();
+        let mut args = vec![
+            format!("--tcp-address={tcp}"),
+            format!("--http-address={http}"),
+            "--broadcast-address=127.0.0.1".to_string(),
+            format!("--data-path={dir}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut broker = BrokerProcess::spawn(&args)?;
+        broker.data = data;
+        Ok(broker)
+    }
+
     /// Starts the binary with exactly these arguments and waits for its listening lines.
     pub fn spawn(args: &[String]) -> Result<BrokerProcess> {
         let mut process = ChildProcess::spawn("knsq-broker", args, &[])?;

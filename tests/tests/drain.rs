@@ -25,24 +25,10 @@ fn broker(lookupd: &LookupdProcess, extra: &[&str]) -> Result<BrokerProcess> {
 
 /// The same broker again on its data directory (new ports).
 fn restart(old: BrokerProcess, lookupd: &LookupdProcess, extra: &[&str]) -> Result<BrokerProcess> {
-    let mut old = old;
-    let data = old.data.take();
-    drop(old);
-    let dir = data
-        .as_ref()
-        .map(|d| d.path().display().to_string())
-        .unwrap_or_default();
-    let mut args = vec![
-        "--tcp-address=127.0.0.1:0".to_string(),
-        "--http-address=127.0.0.1:0".to_string(),
-        "--broadcast-address=127.0.0.1".to_string(),
-        format!("--data-path={dir}"),
-        format!("--lookupd-grpc-address={}", lookupd.grpc_address),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut broker = BrokerProcess::spawn(&args)?;
-    broker.data = data;
-    Ok(broker)
+    let lookupd_flag = format!("--lookupd-grpc-address={}", lookupd.grpc_address);
+    let mut flags = vec![lookupd_flag.as_str()];
+    flags.extend_from_slice(extra);
+    old.restart_on_new_ports(&flags)
 }
 
 async fn http(
@@ -560,6 +546,7 @@ async fn a_malformed_handoff_batch_is_refused_and_nothing_stored() -> Result<()>
             attempts: 0,
             due_unix_ms: 0,
             body: b"x".to_vec().into(),
+            dead_letter: false,
         }],
     };
     let mut acks = client
@@ -661,5 +648,24 @@ async fn a_handoff_goes_over_mutual_tls_to_listed_peers() -> Result<()> {
         "exited without handing off"
     );
     b.signal("TERM")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_topic_is_handed_off_after_the_drain_timeout() -> Result<()> {
+    let lookupd = LookupdProcess::start(&[])?;
+    let mut a = broker(&lookupd, &["--drain-timeout=1s"])?;
+    let b = broker(&lookupd, &[])?;
+    registered(&lookupd, 2).await?;
+    post_ok(a.http_address, "/topic/create?topic=t").await?;
+    post_ok(a.http_address, "/channel/create?topic=t&channel=c").await?;
+    post_ok(a.http_address, "/topic/pause?topic=t").await?;
+    let bodies: Vec<Vec<u8>> = (0..30).map(|i| numbered("paused", i)).collect();
+    publish(a.tcp_address, "t", &bodies).await?;
+    post_ok(a.http_address, "/drain").await?;
+    ensure!(a.wait_exit(Duration::from_secs(20))?.success());
+    // The peer's topic got them, for its channels.
+    let got = consume(b.tcp_address, "t", "c", Duration::from_secs(1)).await?;
+    ensure!(got.len() == 30, "{} of 30", got.len());
     Ok(())
 }

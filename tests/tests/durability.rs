@@ -10,27 +10,6 @@ fn name(s: &str) -> Name {
     Name::new(s).unwrap()
 }
 
-/// Restarts a broker on the same data directory and ports.
-fn restart(old: BrokerProcess, extra: &[&str]) -> Result<BrokerProcess> {
-    let (tcp, http) = (old.tcp_address, old.http_address);
-    let mut old = old;
-    let data = old.data.take();
-    drop(old);
-    let dir = data
-        .as_ref()
-        .map(|d| d.path().display().to_string())
-        .unwrap_or_default();
-    let mut args = vec![
-        format!("--tcp-address={tcp}"),
-        format!("--http-address={http}"),
-        format!("--data-path={dir}"),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut broker = BrokerProcess::spawn(&args)?;
-    broker.data = data;
-    Ok(broker)
-}
-
 async fn consumer(addr: std::net::SocketAddr, rdy: u64) -> Result<NsqConn> {
     let mut c = NsqConn::connect(addr).await?;
     c.identify(&serde_json::json!({})).await?;
@@ -92,7 +71,7 @@ async fn sigkill_with_sync_publish_loses_nothing_acknowledged_even_in_flight() -
     }
     broker.signal("KILL")?;
     drop(holder);
-    let broker = restart(broker, &flags)?;
+    let broker = broker.restart(&flags)?;
     let wanted: HashSet<Vec<u8>> = bodies.into_iter().collect();
     let mut c = consumer(broker.tcp_address, 100).await?;
     let deliveries = drain(&mut c, &wanted).await?;
@@ -124,7 +103,7 @@ async fn sigterm_keeps_queued_in_flight_and_deferred_messages_with_their_due_tim
     broker.signal("TERM")?;
     let mut broker = broker;
     ensure!(broker.wait_exit(WAIT)?.success());
-    let broker = restart(broker, &[])?;
+    let broker = broker.restart(&[])?;
     let wanted: HashSet<Vec<u8>> = queued.into_iter().collect();
     let mut c = consumer(broker.tcp_address, 100).await?;
     let deliveries = drain(&mut c, &wanted).await?;
@@ -192,7 +171,7 @@ async fn a_torn_tail_after_a_crash_is_cut_and_the_rest_served() -> Result<()> {
     let mut file = std::fs::OpenOptions::new().append(true).open(&segment)?;
     std::io::Write::write_all(&mut file, &[0, 0, 0, 200, 1, 2, 3, 4, 9, 9])?;
     drop(file);
-    let broker = restart(broker, &[])?;
+    let broker = broker.restart(&[])?;
     let wanted: HashSet<Vec<u8>> = bodies.into_iter().collect();
     let mut c = consumer(broker.tcp_address, 100).await?;
     drain(&mut c, &wanted).await?;

@@ -83,26 +83,6 @@ fn data_dir(broker: &BrokerProcess) -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Restarts a broker on the same data directory (port 0).
-fn restart(old: BrokerProcess, extra: &[&str]) -> Result<BrokerProcess> {
-    let mut old = old;
-    let data = old.data.take();
-    drop(old);
-    let dir = data
-        .as_ref()
-        .map(|d| d.path().display().to_string())
-        .unwrap_or_default();
-    let mut args = vec![
-        "--tcp-address=127.0.0.1:0".to_string(),
-        "--http-address=127.0.0.1:0".to_string(),
-        format!("--data-path={dir}"),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut broker = BrokerProcess::spawn(&args)?;
-    broker.data = data;
-    Ok(broker)
-}
-
 async fn stop_cleanly(broker: &mut BrokerProcess) -> Result<()> {
     broker.signal("TERM")?;
     ensure!(broker.wait_exit(WAIT)?.success(), "unclean exit");
@@ -133,7 +113,7 @@ async fn damaged_segment(
     publish(broker.tcp_address, "t", &bodies).await?;
     stop_cleanly(&mut broker).await?;
     damage(&data_dir(&broker).join("t:c.diskqueue.000000.dat"))?;
-    let broker = restart(broker, &["--mem-queue-size=0"])?;
+    let broker = broker.restart_on_new_ports(&["--mem-queue-size=0"])?;
     let got = consume_all(broker.tcp_address, "t", "c", Duration::from_secs(2)).await?;
     Ok((got, broker))
 }

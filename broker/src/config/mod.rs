@@ -198,6 +198,12 @@ pub struct Options {
     #[arg(long, env = "KNSQ_MAX_CHANNEL_CONSUMERS", default_value_t = 0)]
     pub max_channel_consumers: u64,
 
+    /// knsq only: deliveries of a message before it goes to its channel's dead-letter topic
+    /// instead of being delivered again (0 = no limit, as nsqd); channels may have their own
+    /// (POST /channel/config)
+    #[arg(long, env = "KNSQ_MAX_ATTEMPTS", default_value_t = 0)]
+    pub max_attempts: u16,
+
     /// knsq only: most NSQ TCP connections open at once; a client past it is told
     /// E_INVALID and closed
     #[arg(long, env = "KNSQ_MAX_CONNECTIONS", default_value_t = 65536)]
@@ -455,6 +461,7 @@ impl Options {
             "min_output_buffer_timeout" => ns(self.min_output_buffer_timeout),
             "output_buffer_timeout" => ns(self.output_buffer_timeout),
             "max_channel_consumers" => json!(self.max_channel_consumers),
+            "max_attempts" => json!(self.max_attempts),
             "max_bytes_per_file" => json!(self.max_bytes_per_file),
             "sync_every" => json!(self.sync_every),
             "sync_timeout" => ns(self.sync_timeout),
@@ -535,6 +542,7 @@ mod tests {
         assert_eq!(o.min_output_buffer_timeout, Duration::from_millis(25));
         assert_eq!(o.output_buffer_timeout, Duration::from_millis(250));
         assert_eq!(o.max_channel_consumers, 0);
+        assert_eq!(o.max_attempts, 0);
         assert_eq!(o.max_bytes_per_file, 104857600);
         assert_eq!(o.sync_every, 2500);
         assert_eq!(o.sync_timeout, Duration::from_secs(2));
@@ -631,6 +639,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("e2e-processing-latency-percentile"), "{err}");
+        let err = parse(&["--max-attempts=65536"]).unwrap_err().to_string();
+        assert!(err.contains("--max-attempts"), "{err}");
+        assert!(parse(&["--max-attempts=-1"]).is_err());
+        assert_eq!(parse(&["-max-attempts=5"]).unwrap().max_attempts, 5);
         let err = parse(&["--node-id=1024"]).unwrap().validate().unwrap_err();
         assert_eq!(
             err.to_string(),

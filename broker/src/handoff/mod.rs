@@ -136,7 +136,8 @@ async fn hand_off(broker: &Broker, peers: &mut Peers, everything: bool) -> Pass 
     let mut pass = Pass::default();
     for topic in broker.topics().iter().filter(|t| !t.ephemeral) {
         let channels = topic.channels();
-        if channels.is_empty() && topic.holds() > 0 {
+        // Messages wait in the topic itself while it has no channel or is paused.
+        if (channels.is_empty() || everything) && topic.holds() > 0 {
             send_all(Source::Topic(topic), &topic.name, "", peers, &mut pass).await;
         }
         for channel in channels.iter().filter(|c| !c.ephemeral) {

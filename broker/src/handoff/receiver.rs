@@ -96,6 +96,7 @@ impl Receiver {
                 attempts,
                 m.due_unix_ms.max(0),
                 m.body,
+                m.dead_letter,
             ));
         }
         let before = messages.len();

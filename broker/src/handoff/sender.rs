@@ -214,6 +214,7 @@ impl Peers {
                 attempts: u32::from(h.attempts()),
                 due_unix_ms: h.due_unix_ms,
                 body: h.body().clone(),
+                dead_letter: h.dead_letter(),
             })
             .collect();
         let message = HandoffBatch {

@@ -2,9 +2,11 @@
 //! Prometheus.
 //!
 //! Routes, parameters, status codes and error texts follow nsqd 1.3; every V1 response
-//! carries `X-NSQ-Content-Type: nsq; version=1.0`.
+//! carries `X-NSQ-Content-Type: nsq; version=1.0`. knsq's own endpoints (dead letters) follow
+//! the same conventions.
 
 mod admin;
+mod dead_letter;
 mod node;
 mod publish;
 mod server;
@@ -60,6 +62,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/channel/empty", post(admin::channel_empty))
         .route("/channel/pause", post(admin::channel_pause))
         .route("/channel/unpause", post(admin::channel_unpause))
+        .route(
+            "/channel/config",
+            get(dead_letter::get_channel_config).post(dead_letter::set_channel_config),
+        )
+        .route("/channel/redrive", post(dead_letter::channel_redrive))
+        .route("/channel/peek", get(dead_letter::channel_peek))
+        .route("/topic/peek", get(dead_letter::topic_peek))
         .fallback(|| async { ApiError::not_found("NOT_FOUND") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED")

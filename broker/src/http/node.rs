@@ -91,7 +91,7 @@ struct Info<'a> {
     drain_remaining_messages: Option<u64>,
 }
 
-fn to_json(value: &impl Serialize) -> Response {
+pub(super) fn to_json(value: &impl Serialize) -> Response {
     match serde_json::to_string(value) {
         Ok(body) => json_response(StatusCode::OK, body),
         Err(_) => {

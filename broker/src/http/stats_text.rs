@@ -91,6 +91,13 @@ pub(super) fn render_stats(stats: &NodeStats) -> String {
                 c.disk_damaged_records,
                 c.disk_damaged_bytes,
             );
+            if let Some(d) = &c.dead_letter {
+                let _ = writeln!(
+                    w,
+                    "        dead-letter: max-attempts: {} -> {} dead-lettered: {}",
+                    d.max_attempts, d.dead_letter_topic, d.dead_lettered_count
+                );
+            }
             for client in c.clients.as_deref().unwrap_or_default() {
                 let _ = writeln!(w, "        {}", client_line(client, now));
             }

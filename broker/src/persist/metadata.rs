@@ -25,10 +25,25 @@ pub(crate) struct TopicMeta {
     pub(crate) channels: Vec<ChannelMeta>,
 }
 
+/// knsq's dead-letter fields are left out when unset, so the file keeps nsqd's shape, and
+/// files written before they existed still load.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ChannelMeta {
     pub(crate) name: String,
     pub(crate) paused: bool,
+    /// The channel's own maximum of attempts (instead of `--max-attempts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_attempts: Option<u16>,
+    /// The channel's own dead-letter topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) dead_letter_topic: Option<String>,
+    /// Messages it dead-lettered so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) dead_lettered: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Metadata {
@@ -77,10 +92,22 @@ mod tests {
             topics: vec![TopicMeta {
                 name: "t".into(),
                 paused: true,
-                channels: vec![ChannelMeta {
-                    name: "c".into(),
-                    paused: false,
-                }],
+                channels: vec![
+                    ChannelMeta {
+                        name: "c".into(),
+                        paused: false,
+                        max_attempts: None,
+                        dead_letter_topic: None,
+                        dead_lettered: 0,
+                    },
+                    ChannelMeta {
+                        name: "d".into(),
+                        paused: false,
+                        max_attempts: Some(5),
+                        dead_letter_topic: Some("t.dead".into()),
+                        dead_lettered: 3,
+                    },
+                ],
             }],
             version: "1.3.0".into(),
         };
@@ -92,6 +119,22 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn files_without_dead_letter_fields_still_load_and_unset_ones_are_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{"topics":[{"name":"t","paused":false,"channels":[{"name":"c","paused":true}]}],"version":"1.3.0"}"#;
+        fs::write(Metadata::path(dir.path()), old).unwrap();
+        let meta = Metadata::load(dir.path()).unwrap();
+        let c = &meta.topics[0].channels[0];
+        assert_eq!(
+            (c.max_attempts, c.dead_letter_topic.as_deref()),
+            (None, None)
+        );
+        assert_eq!(c.dead_lettered, 0);
+        meta.save(dir.path()).unwrap();
+        assert_eq!(fs::read_to_string(Metadata::path(dir.path())).unwrap(), old);
     }
 
     #[test]

@@ -4,16 +4,22 @@
 //! outbox (which writes to the consumer's socket when a flush is due), a chunk of messages
 //! per lock of the outbox. A timer task per channel sleeps until the next in-flight deadline or deferred due
 //! time and is woken only when an earlier one appears. Messages beyond the memory queue wait in
-//! the channel's disk queue and are read back as consumers have room for them.
+//! the channel's disk queue and are read back as consumers have room for them. Messages that
+//! reached the channel's maximum of attempts leave for its dead-letter topic (see
+//! [`dead_letters`]).
+
+mod dead_letters;
 
 use super::consumer::{Consumer as ConsumerHandle, Subscriber};
 use super::deferred::Deferred;
 use super::e2e::{Histogram, LatencyWindow};
+use super::envelope::Failure;
 use super::in_flight::{InFlight, InFlightError};
 use super::message::Msg;
 use super::{Handed, QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::stats::{ChannelStats, E2eStats};
 use crate::storage::{DiskQueue, DiskRecord, StorageError, Ticket};
+use dead_letters::{DeadState, Dying};
 use proto::wire::MessageId;
 use proto::wire::frame::write_message;
 use std::collections::VecDeque;
@@ -26,6 +32,9 @@ use tokio::time::Instant;
 /// Messages handed to one consumer per lock of its outbox; small enough to interleave
 /// consumers fairly, large enough to amortise the lock.
 const DISPATCH_CHUNK: u64 = 64;
+/// How long a message waits when another with its ID is in flight (they can meet only in a
+/// dead-letter topic that several channels share).
+const ID_BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// Why SUB cannot join a channel; texts as nsqd's.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +65,8 @@ pub(crate) struct Channel {
     message_count: AtomicU64,
     requeue_count: AtomicU64,
     timeout_count: AtomicU64,
+    /// Kept across restarts in the metadata.
+    dead_lettered_count: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -75,6 +86,8 @@ struct State {
     /// When the timer task wakes next; `None` while it waits without a deadline.
     timer_at: Option<Instant>,
     e2e: Option<LatencyWindow>,
+    /// The maximum of attempts and the messages on their way to the dead-letter topic.
+    dead: DeadState,
 }
 
 #[derive(Debug)]
@@ -133,7 +146,6 @@ impl Channel {
             topic_name: topic_name.to_string(),
             name: name.to_string(),
             ephemeral,
-            settings,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 disk,
@@ -146,11 +158,14 @@ impl Channel {
                 deleted: false,
                 timer_at: None,
                 e2e,
+                dead: DeadState::new(settings.max_attempts),
             }),
+            settings,
             timer: Notify::new(),
             message_count: AtomicU64::new(0),
             requeue_count: AtomicU64::new(0),
             timeout_count: AtomicU64::new(0),
+            dead_lettered_count: AtomicU64::new(0),
         }))
     }
 
@@ -160,21 +175,27 @@ impl Channel {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Requeues timed-out messages and releases due deferred ones, until the channel is
-    /// deleted.
+    /// Requeues timed-out messages, releases due deferred ones and moves dead letters to their
+    /// topic, until the channel is deleted.
     pub(crate) async fn run_timers(self: Arc<Self>) {
         loop {
-            let next = {
+            let (next, dying) = {
                 let mut st = self.lock();
                 if st.deleted {
                     return;
                 }
                 let now = Instant::now();
                 self.expire(&mut st, now);
+                let dying = self.start_dead_letters(&mut st, now);
                 let next = st.next_deadline();
                 st.timer_at = next;
-                next
+                (next, dying)
             };
+            if let Some(batch) = dying {
+                // Outside the lock: storing them takes other topics' and channels' locks.
+                self.dead_letter(batch);
+                continue;
+            }
             match next {
                 Some(at) => {
                     tokio::select! {
@@ -195,7 +216,7 @@ impl Channel {
                 c.in_flight = c.in_flight.saturating_sub(1);
                 c.publish_counts();
             }
-            self.put_back(st, entry.msg, Duration::ZERO, now);
+            self.put_back(st, entry.msg, Duration::ZERO, now, Failure::TimedOut);
         }
         if timed_out > 0 {
             self.timeout_count.fetch_add(timed_out, Relaxed);
@@ -208,11 +229,11 @@ impl Channel {
 
     /// Adds published messages: deferred ones wait in memory (on disk with --sync-publish);
     /// the others fill the memory queue and go to disk beyond it. Fails, storing nothing, when
-    /// the disk write fails.
-    pub(crate) fn put(&self, msgs: &[Msg], due: Option<Instant>) -> Result<(), StorageError> {
+    /// the disk write fails; false when the channel was deleted, which drops them.
+    pub(crate) fn put(&self, msgs: &[Msg], due: Option<Instant>) -> Result<bool, StorageError> {
         let mut st = self.lock();
         if st.deleted {
-            return Ok(());
+            return Ok(false);
         }
         let limit = self.settings.mem_queue_size;
         let mut added = msgs.len();
@@ -249,13 +270,13 @@ impl Channel {
         }
         self.message_count.fetch_add(added as u64, Relaxed);
         self.dispatch(&mut st, Instant::now());
-        Ok(())
+        Ok(true)
     }
 
     /// Moves records from disk into memory for delivery: up to `want`, deferred ones to the
     /// deferred queue until due. Each stays on disk until finished, so a crash hands out
-    /// again what was not.
-    fn read_disk(&self, st: &mut State, want: usize, now: Instant) {
+    /// again what was not. Returns how many were moved.
+    fn read_disk(&self, st: &mut State, want: usize, now: Instant) -> usize {
         let State {
             disk,
             read,
@@ -264,9 +285,10 @@ impl Channel {
             ..
         } = st;
         let Some(disk) = disk.as_mut().filter(|d| d.has_unread()) else {
-            return;
+            return 0;
         };
         self.settings.pop(disk, &self.name, want, read);
+        let count = read.len();
         for (record, ticket) in read.drain(..) {
             let (msg, due) = Msg::from_record(record, ticket);
             match due_instant(due, now) {
@@ -274,6 +296,7 @@ impl Channel {
                 None => queue.push_back(msg),
             }
         }
+        count
     }
 
     /// A message back from a consumer (REQ, timeout): into memory while the memory queue has
@@ -281,7 +304,13 @@ impl Channel {
     /// `--mem-queue-size`. A delayed one read from disk (or in `--sync-publish` mode) goes back
     /// to disk with its due time, so that its segment can go and a crash keeps it; other
     /// delayed ones wait in memory, as in nsqd. Ephemeral channels drop what does not fit.
-    fn put_back(&self, st: &mut State, mut msg: Msg, delay: Duration, now: Instant) {
+    /// One that reached the maximum of attempts leaves for the dead-letter topic instead.
+    fn put_back(&self, st: &mut State, mut msg: Msg, delay: Duration, now: Instant, why: Failure) {
+        if st.dead.over_limit(&msg) {
+            st.dead.dying.push(Dying::new(msg, why));
+            self.timer.notify_one();
+            return;
+        }
         let room = self.settings.mem_queue_size > st.queue.len()
             && !(self.settings.sync_publish && st.disk.is_some());
         let to_disk = if delay.is_zero() {
@@ -359,6 +388,12 @@ impl Channel {
         self.lock().consumers.len()
     }
 
+    /// Messages queued, in memory and on disk (not in flight, not deferred).
+    pub(crate) fn depth(&self) -> u64 {
+        let st = self.lock();
+        st.queue.len() as u64 + st.disk.as_ref().map_or(0, DiskQueue::depth)
+    }
+
     pub(crate) fn set_ready(&self, client_id: u64, count: u64) {
         let mut st = self.lock();
         if let Some(c) = st.consumer_mut(client_id) {
@@ -434,7 +469,7 @@ impl Channel {
             c.client.counters().requeue_count.fetch_add(1, Relaxed);
         }
         let now = Instant::now();
-        self.put_back(&mut st, entry.msg, delay, now);
+        self.put_back(&mut st, entry.msg, delay, now, Failure::Requeued);
         self.dispatch(&mut st, now);
         Ok(())
     }
@@ -469,10 +504,6 @@ impl Channel {
         }
     }
 
-    pub(crate) fn is_paused(&self) -> bool {
-        self.lock().paused
-    }
-
     /// Drops every queued, in-flight and deferred message; consumers' in-flight counts reset.
     pub(crate) fn empty(&self) -> Result<(), StorageError> {
         let mut st = self.lock();
@@ -482,6 +513,7 @@ impl Channel {
         st.queue.clear();
         st.deferred.clear();
         st.in_flight.drain().for_each(drop);
+        st.dead.clear();
         for c in &mut st.consumers {
             c.in_flight = 0;
             c.publish_counts();
@@ -497,6 +529,7 @@ impl Channel {
         st.queue.clear();
         st.deferred.clear();
         st.in_flight.drain().for_each(drop);
+        st.dead.clear();
         for c in st.consumers.drain(..) {
             c.client.close();
         }
@@ -511,8 +544,8 @@ impl Channel {
     }
 
     /// Clean shutdown: every message in memory (queued, in flight, deferred with its due
-    /// time) goes to the disk queue, which is then synced. In-flight messages are delivered
-    /// again after the restart.
+    /// time, on its way to the dead-letter topic) goes to the disk queue, which is then synced.
+    /// In-flight messages are delivered again after the restart; dead letters are moved then.
     pub(crate) fn persist(&self) -> Result<(), StorageError> {
         let mut st = self.lock();
         let now = Instant::now();
@@ -521,12 +554,14 @@ impl Channel {
             queue,
             in_flight,
             deferred,
+            dead,
             ..
         } = &mut *st;
         let Some(disk) = disk.as_mut() else {
             return Ok(());
         };
         let mut records: Vec<DiskRecord> = in_flight.drain().map(|e| e.msg.to_record(0)).collect();
+        records.extend(dead.drain().map(|m| m.to_record(0)));
         records.extend(queue.drain(..).map(|m| m.to_record(0)));
         records.extend(
             deferred
@@ -577,9 +612,7 @@ impl Channel {
     /// A peer stored these: they are done with here.
     pub(crate) fn handed_off(&self, handed: Vec<Handed>) {
         let mut st = self.lock();
-        for mut h in handed {
-            self.settings.finish(&mut st.disk, &mut h.msg, false);
-        }
+        self.settings.finish_handed(&mut st.disk, handed);
     }
 
     /// The handoff failed: the messages go back, in front of the queue (or deferred again).
@@ -648,11 +681,13 @@ impl Channel {
         }
     }
 
-    /// Messages the channel still has: queued (memory and disk), in flight and deferred.
+    /// Messages the channel still has: queued (memory and disk), in flight, deferred and on
+    /// their way to the dead-letter topic.
     pub(crate) fn holds(&self) -> u64 {
         let st = self.lock();
         let on_disk = st.disk.as_ref().map_or(0, DiskQueue::depth);
-        st.queue.len() as u64 + on_disk + st.in_flight.len() as u64 + st.deferred.len() as u64
+        let held = st.queue.len() + st.in_flight.len() + st.deferred.len() + st.dead.len();
+        held as u64 + on_disk
     }
 
     /// Fsyncs the disk queue (the syncer calls this off the async runtime) without holding
@@ -698,6 +733,7 @@ impl Channel {
             e2e_processing_latency: E2eStats::new(&self.settings.e2e_quantiles, &e2e),
             disk_damaged_records: damage.records,
             disk_damaged_bytes: damage.bytes,
+            dead_letter: self.dead_letter_stats(&st),
         }
     }
 
@@ -723,6 +759,7 @@ impl Channel {
                 in_flight,
                 consumers,
                 cursor,
+                dead,
                 ..
             } = &mut *st;
             let c = &mut consumers[*cursor % n];
@@ -737,6 +774,8 @@ impl Channel {
             // nsqd flushes as soon as a client can take no more.
             let flush = take >= c.free();
             let mut sampled_out: Vec<Msg> = Vec::new();
+            let mut over_limit: Vec<Msg> = Vec::new();
+            let mut id_busy: Vec<Msg> = Vec::new();
             let mut sent = 0;
             client.push_messages(flush, &mut |buf| {
                 for mut msg in queue.drain(..take as usize) {
@@ -745,10 +784,22 @@ impl Channel {
                         sampled_out.push(msg);
                         continue;
                     }
-                    msg.attempts = msg.attempts.saturating_add(1);
-                    write_message(buf, msg.timestamp, msg.attempts, &msg.id, &msg.body);
-                    in_flight.insert(msg, c.id, c.msg_timeout, now);
-                    sent += 1;
+                    if dead.over_limit(&msg) {
+                        over_limit.push(msg);
+                        continue;
+                    }
+                    let attempts = msg.attempts;
+                    msg.attempts = attempts.saturating_add(1);
+                    match in_flight.insert(msg, c.id, c.msg_timeout, now) {
+                        Ok(msg) => {
+                            write_message(buf, msg.timestamp, msg.attempts, &msg.id, msg.payload());
+                            sent += 1;
+                        }
+                        Err(mut msg) => {
+                            msg.attempts = attempts;
+                            id_busy.push(msg);
+                        }
+                    }
                 }
             });
             c.in_flight += sent;
@@ -756,6 +807,16 @@ impl Channel {
             c.publish_counts();
             for mut msg in sampled_out {
                 self.settings.finish(&mut st.disk, &mut msg, false);
+            }
+            if !over_limit.is_empty() {
+                let dying = over_limit
+                    .into_iter()
+                    .map(|m| Dying::new(m, Failure::OverLimit));
+                st.dead.dying.extend(dying);
+                self.timer.notify_one();
+            }
+            for msg in id_busy {
+                st.deferred.push(msg, now + ID_BUSY_RETRY);
             }
         }
         self.wake_timer_if_earlier(st);
@@ -778,9 +839,13 @@ impl State {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        match (self.in_flight.next_deadline(), self.deferred.next_due()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.in_flight.next_deadline(),
+            self.deferred.next_due(),
+            self.dead.retry_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }

@@ -9,7 +9,7 @@ use super::message::Msg;
 use foldhash::fast::RandomState;
 use proto::wire::MessageId;
 use slab::Slab;
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -61,11 +61,25 @@ impl InFlight {
         self.entries.len()
     }
 
-    /// Tracks a message delivered now to `client_id`, due back after `timeout`.
-    pub(crate) fn insert(&mut self, msg: Msg, client_id: u64, timeout: Duration, now: Instant) {
+    /// Tracks a message delivered now to `client_id`, due back after `timeout`. A message whose
+    /// ID is already in flight is handed back, since FIN names a message by its ID alone: two
+    /// with one ID can meet in a dead-letter topic that several channels share.
+    pub(crate) fn insert(
+        &mut self,
+        msg: Msg,
+        client_id: u64,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<&Msg, Msg> {
+        let key = self.entries.vacant_key();
+        match self.by_id.entry(msg.id) {
+            hash_map::Entry::Occupied(_) => return Err(msg),
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(key);
+            }
+        }
         let lane = self.lane_for(timeout);
-        let id = msg.id;
-        let key = self.entries.insert(Entry {
+        self.entries.insert(Entry {
             msg,
             client_id,
             deadline: now + timeout,
@@ -74,12 +88,8 @@ impl InFlight {
             prev: NIL,
             next: NIL,
         });
-        if let Some(old) = self.by_id.insert(id, key) {
-            // IDs are unique per topic, so this cannot happen; keep the structure sound anyway.
-            self.unlink(old);
-            self.entries.remove(old);
-        }
         self.push_back(lane, key);
+        Ok(&self.entries[key].msg)
     }
 
     /// Removes a message that `client_id` owns.
@@ -251,10 +261,10 @@ mod tests {
     fn expires_in_deadline_order_across_lanes() {
         let t0 = Instant::now();
         let mut f = InFlight::default();
-        f.insert(msg(1), 1, secs(10), t0);
-        f.insert(msg(2), 2, secs(5), t0);
-        f.insert(msg(3), 1, secs(10), t0 + secs(1));
-        f.insert(msg(4), 2, secs(5), t0 + secs(1));
+        f.insert(msg(1), 1, secs(10), t0).unwrap();
+        f.insert(msg(2), 2, secs(5), t0).unwrap();
+        f.insert(msg(3), 1, secs(10), t0 + secs(1)).unwrap();
+        f.insert(msg(4), 2, secs(5), t0 + secs(1)).unwrap();
         assert_eq!(f.next_deadline(), Some(t0 + secs(5)));
         assert_eq!(drain_expired(&mut f, t0 + secs(6)), [2, 4]);
         assert_eq!(drain_expired(&mut f, t0 + secs(20)), [1, 3]);
@@ -263,10 +273,24 @@ mod tests {
     }
 
     #[test]
+    fn a_second_message_with_an_id_in_flight_is_handed_back() {
+        let t0 = Instant::now();
+        let mut f = InFlight::default();
+        f.insert(msg(1), 1, secs(10), t0).unwrap();
+        let back = f.insert(msg(1), 2, secs(5), t0).unwrap_err();
+        assert_eq!(back.id, MessageId::from_u64(1));
+        assert_eq!(f.len(), 1);
+        assert_eq!(f.next_deadline(), Some(t0 + secs(10)));
+        assert_eq!(f.remove(&MessageId::from_u64(1), 1).unwrap().client_id, 1);
+        f.insert(msg(1), 2, secs(5), t0).unwrap();
+        assert_eq!(drain_expired(&mut f, t0 + secs(5)), [1]);
+    }
+
+    #[test]
     fn remove_checks_presence_and_owner() {
         let t0 = Instant::now();
         let mut f = InFlight::default();
-        f.insert(msg(1), 7, secs(10), t0);
+        f.insert(msg(1), 7, secs(10), t0).unwrap();
         assert_eq!(
             f.remove(&MessageId::from_u64(1), 8).unwrap_err(),
             InFlightError::NotOwner
@@ -287,13 +311,13 @@ mod tests {
     fn touch_moves_the_deadline_and_respects_the_cap() {
         let t0 = Instant::now();
         let mut f = InFlight::default();
-        f.insert(msg(1), 1, secs(10), t0);
-        f.insert(msg(2), 1, secs(10), t0 + secs(2));
+        f.insert(msg(1), 1, secs(10), t0).unwrap();
+        f.insert(msg(2), 1, secs(10), t0 + secs(2)).unwrap();
         f.touch(&MessageId::from_u64(1), 1, secs(10), secs(60), t0 + secs(5))
             .unwrap();
         assert_eq!(f.next_deadline(), Some(t0 + secs(12)));
         // Capped at delivered + 11 s, which puts it before message 2.
-        f.insert(msg(3), 1, secs(10), t0 + secs(3));
+        f.insert(msg(3), 1, secs(10), t0 + secs(3)).unwrap();
         f.touch(&MessageId::from_u64(3), 1, secs(10), secs(11), t0 + secs(9))
             .unwrap();
         assert_eq!(drain_expired(&mut f, t0 + secs(100)), [2, 3, 1]);
@@ -317,7 +341,7 @@ mod tests {
             match rand(4) {
                 0 | 1 => {
                     let timeout = secs(1 + rand(3));
-                    f.insert(msg(id), 1, timeout, now);
+                    f.insert(msg(id), 1, timeout, now).unwrap();
                     model.push((id, now + timeout));
                 }
                 2 if !model.is_empty() => {

@@ -6,13 +6,16 @@
 //! up to `--mem-queue-size` messages in memory and the rest in its disk queue; whenever the
 //! disk queue holds anything, new messages go behind it, so a queue stays first in, first out.
 //! Ephemeral topics and channels have no disk queue and drop what does not fit, as in nsqd.
-//! Consumers are known only through the [`Consumer`] handle defined here.
+//! Consumers are known only through the [`Consumer`] handle defined here, and the broker's
+//! other topics (where dead letters go) through the [`DeadLetterTopics`] handle.
 
 mod channel;
 mod commits;
 mod consumer;
+pub(crate) mod dead_letter;
 mod deferred;
 pub(crate) mod e2e;
+mod envelope;
 mod guid;
 mod in_flight;
 mod message;
@@ -23,6 +26,8 @@ use message::Msg;
 pub(crate) use channel::{Channel, SubscribeError};
 pub(crate) use commits::Commits;
 pub(crate) use consumer::{Consumer, ConsumerCounters, Subscriber};
+pub(crate) use dead_letter::{DeadLetterConfig, DeadLetterSink, DeadLetterTopics};
+pub(crate) use envelope::{ENVELOPE_MAX, Origin};
 pub(crate) use topic::{PublishError, Topic};
 
 use crate::health::Health;
@@ -60,9 +65,11 @@ impl Handed {
         attempts: u16,
         due_unix_ms: i64,
         body: Bytes,
+        dead_letter: bool,
     ) -> Handed {
         let mut msg = Msg::new(id, timestamp, body);
         msg.attempts = attempts;
+        msg.dead_letter = dead_letter;
         Handed { msg, due_unix_ms }
     }
 
@@ -78,8 +85,13 @@ impl Handed {
         self.msg.attempts
     }
 
+    /// The body as stored: a dead letter's starts with its envelope.
     pub(crate) fn body(&self) -> &Bytes {
         &self.msg.body
+    }
+
+    pub(crate) fn dead_letter(&self) -> bool {
+        self.msg.dead_letter
     }
 }
 
@@ -90,6 +102,8 @@ pub(crate) struct QueueSettings {
     pub(crate) mem_queue_size: usize,
     pub(crate) max_msg_timeout: Duration,
     pub(crate) max_channel_consumers: usize,
+    /// `--max-attempts`: channels without their own maximum follow it (0: none).
+    pub(crate) max_attempts: u16,
     /// Quantiles to report for e2e latency; none disables its tracking.
     pub(crate) e2e_quantiles: Vec<f64>,
     pub(crate) e2e_window: Duration,
@@ -104,6 +118,8 @@ pub(crate) struct QueueSettings {
     draining: AtomicBool,
     /// Publishers waiting for fsyncs; also wakes the syncer at `--sync-every` operations.
     pub(crate) commits: Commits,
+    /// Where channels send what reached their maximum of attempts.
+    pub(crate) dead_letters: dead_letter::DeadLetters,
 }
 
 impl QueueSettings {
@@ -118,6 +134,7 @@ impl QueueSettings {
             mem_queue_size: usize::try_from(o.mem_queue_size).unwrap_or(usize::MAX),
             max_msg_timeout: o.max_msg_timeout,
             max_channel_consumers: usize::try_from(o.max_channel_consumers).unwrap_or(usize::MAX),
+            max_attempts: o.max_attempts,
             e2e_quantiles: o.e2e_quantiles(),
             e2e_window: o.e2e_processing_latency_window_time,
             data_path: o.data_path.clone(),
@@ -127,6 +144,7 @@ impl QueueSettings {
             sync_publish: o.sync_publish,
             draining: AtomicBool::new(false),
             commits: Commits::default(),
+            dead_letters: dead_letter::DeadLetters::default(),
         }
     }
 
@@ -207,6 +225,13 @@ impl QueueSettings {
             disk.finish(ticket);
         }
         self.note_ops(disk);
+    }
+
+    /// A peer stored these (it acknowledges only what it keeps): they are done with here.
+    fn finish_handed(&self, disk: &mut Option<DiskQueue>, handed: Vec<Handed>) {
+        for mut h in handed {
+            self.finish(disk, &mut h.msg, false);
+        }
     }
 
     /// Fsyncs the disk queue that `disk` finds behind `lock` without holding the lock while

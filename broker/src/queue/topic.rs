@@ -7,11 +7,12 @@
 
 use super::channel::{Channel, SubscribeError};
 use super::consumer::Subscriber;
+use super::dead_letter::{DeadLetterError, DeadLetterSink};
 use super::e2e::Histogram;
 use super::guid::IdGenerator;
-use super::message::Msg;
+use super::message::{Msg, QueuedMessage};
 use super::{Handed, QueueSettings, due_instant, due_unix_ms, unix_nanos};
-use crate::persist::{ChannelMeta, TopicMeta};
+use crate::persist::TopicMeta;
 use crate::stats::{E2eStats, TopicStats};
 use crate::storage::{DiskQueue, DiskRecord, StorageError};
 use bytes::Bytes;
@@ -120,24 +121,40 @@ impl Topic {
         if st.deleted {
             return Err(PublishError::Exiting);
         }
-        self.release(&mut st);
         let now_ns = unix_nanos();
         let due = (!defer.is_zero()).then(|| Instant::now() + defer);
         let msgs: Vec<Msg> = bodies
             .iter()
             .map(|body| new_msg(&mut st.ids, now_ns, body))
             .collect();
+        self.accept(&mut st, msgs, due)?;
+        let bytes: usize = bodies.iter().map(Bytes::len).sum();
+        self.count(bodies.len(), bytes);
+        Ok(())
+    }
+
+    /// New messages: to the channels, or held while the topic has none, is paused or still
+    /// holds older ones.
+    fn accept(
+        &self,
+        st: &mut State,
+        msgs: Vec<Msg>,
+        due: Option<Instant>,
+    ) -> Result<(), StorageError> {
+        self.release(st);
         if st.paused || st.channels.is_empty() || st.holds_messages() {
-            self.hold(&mut st, msgs, due)?;
+            self.hold(st, msgs, due)?;
         } else {
             for channel in st.channels.values() {
                 channel.put(&msgs, due)?;
             }
         }
-        self.message_count.fetch_add(bodies.len() as u64, Relaxed);
-        let bytes: usize = bodies.iter().map(Bytes::len).sum();
-        self.message_bytes.fetch_add(bytes as u64, Relaxed);
         Ok(())
+    }
+
+    fn count(&self, messages: usize, bytes: usize) {
+        self.message_count.fetch_add(messages as u64, Relaxed);
+        self.message_bytes.fetch_add(bytes as u64, Relaxed);
     }
 
     /// Keeps messages in the topic: in memory while it has room and nothing waits on disk,
@@ -180,23 +197,8 @@ impl Topic {
         }
         let now = Instant::now();
         loop {
-            if st.pending.is_empty() {
-                let Some(disk) = st.disk.as_mut().filter(|d| d.has_unread()) else {
-                    return;
-                };
-                let mut read = Vec::with_capacity(RELEASE_BATCH);
-                self.settings
-                    .pop(disk, &self.name, RELEASE_BATCH, &mut read);
-                if read.is_empty() {
-                    return;
-                }
-                st.pending.extend(read.into_iter().map(|(record, ticket)| {
-                    let (msg, due) = Msg::from_record(record, ticket);
-                    Pending {
-                        msg,
-                        due: due_instant(due, now),
-                    }
-                }));
+            if st.pending.is_empty() && !self.read_disk(st, RELEASE_BATCH, now) {
+                return;
             }
             let batch: Vec<Pending> = st.pending.drain(..).collect();
             if let Err(e) = deliver(&st.channels, &batch) {
@@ -210,6 +212,26 @@ impl Topic {
                 self.settings.finish(&mut st.disk, &mut p.msg, true);
             }
         }
+    }
+
+    /// Reads up to `max` records from the disk queue to the back of `pending` (each stays on
+    /// disk until it is finished there); false when none was read.
+    fn read_disk(&self, st: &mut State, max: usize, now: Instant) -> bool {
+        let State { disk, pending, .. } = st;
+        let Some(disk) = disk.as_mut().filter(|d| d.has_unread()) else {
+            return false;
+        };
+        let mut read = Vec::with_capacity(max);
+        self.settings.pop(disk, &self.name, max, &mut read);
+        let any = !read.is_empty();
+        pending.extend(read.into_iter().map(|(record, ticket)| {
+            let (msg, due) = Msg::from_record(record, ticket);
+            Pending {
+                msg,
+                due: due_instant(due, now),
+            }
+        }));
+        any
     }
 
     /// The channel, created (with its timer task) if needed, and whether it was created.
@@ -302,9 +324,7 @@ impl Topic {
     /// A peer stored these: they are done with here.
     pub(crate) fn handed_off(&self, handed: Vec<Handed>) {
         let mut st = self.lock();
-        for mut h in handed {
-            self.settings.finish(&mut st.disk, &mut h.msg, false);
-        }
+        self.settings.finish_handed(&mut st.disk, handed);
     }
 
     /// The handoff failed: the messages wait in the topic again, in front.
@@ -487,12 +507,28 @@ impl Topic {
                 .channels
                 .values()
                 .filter(|c| !c.ephemeral)
-                .map(|c| ChannelMeta {
-                    name: c.name.clone(),
-                    paused: c.is_paused(),
-                })
+                .map(|c| c.meta())
                 .collect(),
         })
+    }
+
+    /// The first `max` messages the topic holds (while it has no channel or is paused), without
+    /// taking them: those on disk are read into memory, where they stay in order and on disk
+    /// until they reach the channels.
+    pub(crate) fn peek(&self, max: usize) -> Vec<QueuedMessage> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        while st.pending.len() < max {
+            let want = max - st.pending.len();
+            if !self.read_disk(&mut st, want, now) {
+                break;
+            }
+        }
+        st.pending
+            .iter()
+            .take(max)
+            .map(|p| QueuedMessage::of(&p.msg))
+            .collect()
     }
 
     /// `pub_topic` is the `/stats` topic filter, which decides the clients' `pub_counts`.
@@ -538,6 +574,20 @@ impl Topic {
             disk_damaged_records: damage.records,
             disk_damaged_bytes: damage.bytes,
         }
+    }
+}
+
+/// Dead letters from channels land here like publishes, keeping their IDs (see
+/// [`super::dead_letter`]).
+impl DeadLetterSink for Topic {
+    fn put_dead(&self, msgs: &[Msg]) -> Result<(), DeadLetterError> {
+        let mut st = self.lock();
+        if st.deleted {
+            return Err(DeadLetterError::Gone);
+        }
+        self.accept(&mut st, msgs.to_vec(), None)?;
+        self.count(msgs.len(), msgs.iter().map(|m| m.payload().len()).sum());
+        Ok(())
     }
 }
 

@@ -9,14 +9,16 @@
 //! | 0 | 2 | `marker`: `D7 1E`, where every record starts |
 //! | 2 | 4 | `len`: bytes after this 10-byte prefix (flags to end of body) |
 //! | 6 | 4 | `crc`: CRC-32 (IEEE) of bytes 2..6 followed by bytes 10..10+len |
-//! | 10 | 1 | `flags`: bit 0 batch end, bit 1 deferred, bit 2 raw id; other bits 0 |
+//! | 10 | 1 | `flags`: bit 0 batch end, bit 1 deferred, bit 2 raw id, bit 3 dead letter; other bits 0 |
 //! | 11 | 8 | `timestamp` (i64, ns since the Unix epoch) |
 //! | 19 | 2 | `attempts` (u16) |
 //! | 21 | 8 or 16 | `id`: the 16 lowercase hex digits as a u64, or the 16 raw bytes when `raw id` |
 //! | … | 0 or 8 | `due_unix_ms` (i64), present only when `deferred` |
 //! | … | rest | body |
 //!
-//! A version 1 record is the same without the marker. A 200-byte body with an nsqd-style id
+//! `dead letter` says that the body starts with the envelope recording where a dead-lettered
+//! message came from (its layout is the queues' business: `queue::dead_letter`); the disk queue
+//! stores it like any body. A version 1 record is the same without the marker. A 200-byte body with an nsqd-style id
 //! and no due time takes 10 + 11 + 8 + 200 = 229 bytes.
 //!
 //! `batch end` marks the last record of one [`DiskQueue::append`](super::DiskQueue::append):
@@ -39,6 +41,8 @@ pub(crate) struct DiskRecord {
     pub(crate) attempts: u16,
     /// When a deferred message is due, ms since the Unix epoch; 0 when not deferred.
     pub(crate) due_unix_ms: i64,
+    /// The body starts with a dead-letter envelope.
+    pub(crate) dead_letter: bool,
     pub(crate) body: Bytes,
 }
 
@@ -95,7 +99,8 @@ const DUE_LEN: usize = 8;
 const BATCH_END: u8 = 1;
 const DEFERRED: u8 = 1 << 1;
 const RAW_ID: u8 = 1 << 2;
-const KNOWN_FLAGS: u8 = BATCH_END | DEFERRED | RAW_ID;
+const DEAD_LETTER: u8 = 1 << 3;
+const KNOWN_FLAGS: u8 = BATCH_END | DEFERRED | RAW_ID | DEAD_LETTER;
 
 /// Bytes on disk for a record with this body, id and due time, as written now.
 #[cfg(test)]
@@ -134,6 +139,9 @@ pub(super) fn encode(buf: &mut Vec<u8>, record: &DiskRecord) -> usize {
     }
     if record.due_unix_ms != 0 {
         flags |= DEFERRED;
+    }
+    if record.dead_letter {
+        flags |= DEAD_LETTER;
     }
     buf.reserve(WRITE_FORMAT.prefix_len() + len);
     buf.extend_from_slice(&MARKER);
@@ -370,6 +378,7 @@ pub(super) fn decode(record: Bytes, format: Format) -> DiskRecord {
         timestamp,
         attempts,
         due_unix_ms,
+        dead_letter: flags & DEAD_LETTER != 0,
         body: record.slice(offset..),
     }
 }
@@ -397,6 +406,7 @@ mod tests {
             timestamp: 0x0102_0304_0506_0708,
             attempts: 3,
             due_unix_ms,
+            dead_letter: false,
             body: Bytes::from_static(body),
         }
     }
@@ -463,6 +473,14 @@ mod tests {
         assert_eq!(buf.len(), 10 + FIXED_LEN + 16 + 8 + 4);
         let r = record(b"not hex at all!!", 0, b"");
         round_trip(&r);
+    }
+
+    #[test]
+    fn the_dead_letter_flag_is_kept() {
+        let mut r = record(b"00000000000000ff", 0, b"enveloped");
+        r.dead_letter = true;
+        let buf = round_trip(&r);
+        assert_eq!(buf[10], DEAD_LETTER);
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn plain(i: u64, len: usize) -> DiskRecord {
         timestamp: 1_700_000_000_000_000_000 + i as i64,
         attempts: (i % 5) as u16,
         due_unix_ms: 0,
+        dead_letter: i % 11 == 5,
         body: body(i, len),
     }
 }

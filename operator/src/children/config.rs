@@ -74,6 +74,10 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                 s.max_deflate_level
                     .map(|v| setting("max-deflate-level", "BROKER_MAX_DEFLATE_LEVEL", v)),
             );
+            settings.extend(
+                s.max_attempts
+                    .map(|v| setting("max-attempts", "BROKER_MAX_ATTEMPTS", v)),
+            );
             if !s.e2e_processing_latency_percentiles.is_empty() {
                 let quantiles: Vec<String> = s
                     .e2e_processing_latency_percentiles
@@ -209,6 +213,10 @@ mod tests {
         assert_eq!(cm.metadata.name.as_deref(), Some("events-config"));
         let data = cm.data.expect("data");
         assert_eq!(data.len(), 15);
+        assert!(
+            !data.contains_key("BROKER_MAX_ATTEMPTS"),
+            "no limit unless set"
+        );
         assert_eq!(data["BROKER_SHUTDOWN_DELAY"], "10s");
         assert_eq!(data["BROKER_SHUTDOWN_TIMEOUT"], "20s");
         assert_eq!(data["BROKER_DRAIN_TIMEOUT"], "30s");
@@ -287,6 +295,7 @@ mod tests {
     fn optional_settings_and_tls_only_when_set() {
         let mut spec = NSQClusterSpec::default();
         spec.broker.settings.deflate = Some(false);
+        spec.broker.settings.max_attempts = Some(5);
         spec.broker.tls = Some(BrokerTlsSpec {
             secret_name: "events-tls".to_owned(),
             required: Some(TlsRequired::TcpHttps),
@@ -297,8 +306,9 @@ mod tests {
             secret_name: "events-mtls".to_owned(),
         });
         let data = config_map(&cluster(spec)).data.expect("data");
-        assert_eq!(data.len(), 19);
+        assert_eq!(data.len(), 20);
         assert_eq!(data["BROKER_DEFLATE"], "false");
+        assert_eq!(data["BROKER_MAX_ATTEMPTS"], "5");
         assert!(!data.contains_key("BROKER_SNAPPY"));
         assert_eq!(data["BROKER_TLS_REQUIRED"], "tcp-https");
         assert_eq!(data["BROKER_TLS_CLIENT_AUTH_POLICY"], "require-verify");

@@ -814,10 +814,12 @@ mod tests {
         spec.broker.tls.as_mut().expect("tls").min_version = Some(TlsVersion::Tls13);
         spec.broker.settings.snappy = Some(false);
         spec.broker.settings.max_deflate_level = Some(3);
+        spec.broker.settings.max_attempts = Some(10);
         let args = container(&build_broker(spec)).args.expect("args");
         for flag in [
             "--snappy=$(BROKER_SNAPPY)",
             "--max-deflate-level=$(BROKER_MAX_DEFLATE_LEVEL)",
+            "--max-attempts=$(BROKER_MAX_ATTEMPTS)",
             "--tls-required=$(BROKER_TLS_REQUIRED)",
             "--tls-client-auth-policy=$(BROKER_TLS_CLIENT_AUTH_POLICY)",
             "--tls-min-version=$(BROKER_TLS_MIN_VERSION)",
