@@ -3,9 +3,10 @@
 //! operator remembers between reconciles is in `status.scaleDown`: which pod was asked, and
 //! its container's restart count then.
 //!
-//! A drained broker unregisters and exits 0, and the kubelet restarts it (StatefulSet pods
-//! always restart) as a fresh, serving broker: so "drained" is either what the broker reports,
-//! or a restart since the request after an exit 0. A crash (any other exit) or a replaced pod
+//! A drained broker unregisters and stays up idle (`--stay-up-when-drained`, set with the
+//! default `updateStrategy`); one that exits 0 instead is restarted by the kubelet (StatefulSet
+//! pods always restart) as a fresh, serving broker: so "drained" is either what the broker
+//! reports, or a restart since the request after an exit 0. A crash (any other exit) or a replaced pod
 //! brings back a broker that still holds messages and is not draining: it is asked again.
 
 use std::time::Duration;

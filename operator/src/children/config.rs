@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
 use super::{Component, LOOKUPD_GRPC, child_meta, cluster_labels};
-use crate::crd::NSQCluster;
+use crate::crd::{NSQCluster, UpdateStrategy};
 
 /// One setting: the command-line flag it feeds and the ConfigMap key (and environment variable)
 /// holding its value. The TLS Secrets' names are not settings: they are in the pod template
@@ -66,6 +66,15 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                     &broker.drain_timeout,
                 ),
                 setting("sigterm", "BROKER_SIGTERM", broker.update_strategy.as_str()),
+                // A broker the operator drained for a scale-down stays up, idle, until the
+                // StatefulSet is lowered: exiting, it would be restarted as a fresh broker
+                // taking messages again. Not with SIGTERM draining, where a drained broker
+                // staying up would only wait to be killed at the end of its grace period.
+                setting(
+                    "stay-up-when-drained",
+                    "BROKER_STAY_UP_WHEN_DRAINED",
+                    broker.update_strategy == UpdateStrategy::CleanShutdown,
+                ),
             ];
             // Optional ones only when set: a new key would roll the pods of existing clusters.
             settings.extend(s.snappy.map(|v| setting("snappy", "BROKER_SNAPPY", v)));
@@ -212,7 +221,8 @@ mod tests {
         let cm = config_map(&cluster(NSQClusterSpec::default()));
         assert_eq!(cm.metadata.name.as_deref(), Some("events-config"));
         let data = cm.data.expect("data");
-        assert_eq!(data.len(), 15);
+        assert_eq!(data.len(), 16);
+        assert_eq!(data["BROKER_STAY_UP_WHEN_DRAINED"], "true");
         assert!(
             !data.contains_key("BROKER_MAX_ATTEMPTS"),
             "no limit unless set"
@@ -306,7 +316,7 @@ mod tests {
             secret_name: "events-mtls".to_owned(),
         });
         let data = config_map(&cluster(spec)).data.expect("data");
-        assert_eq!(data.len(), 20);
+        assert_eq!(data.len(), 21);
         assert_eq!(data["BROKER_DEFLATE"], "false");
         assert_eq!(data["BROKER_MAX_ATTEMPTS"], "5");
         assert!(!data.contains_key("BROKER_SNAPPY"));

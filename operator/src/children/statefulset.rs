@@ -133,6 +133,13 @@ pub fn broker_statefulset(
     }
     if let Some(tls) = &cluster.spec.cluster_tls {
         args.extend(lookupd_tls_args());
+        // The handoff listener takes the same certificate, and peers dial it as they dial the
+        // lookupds: the certificate must also name the brokers' pods.
+        args.extend([
+            format!("--handoff-tls-cert={CLUSTER_TLS_PATH}/tls.crt"),
+            format!("--handoff-tls-key={CLUSTER_TLS_PATH}/tls.key"),
+            format!("--handoff-tls-client-ca-file={CLUSTER_TLS_PATH}/ca.crt"),
+        ]);
         let (mount, volume) = cluster_tls_volume(&tls.secret_name);
         volume_mounts.push(mount);
         tls_volumes.push(volume);
@@ -453,6 +460,7 @@ mod tests {
                 "--shutdown-timeout=$(BROKER_SHUTDOWN_TIMEOUT)",
                 "--drain-timeout=$(BROKER_DRAIN_TIMEOUT)",
                 "--sigterm=$(BROKER_SIGTERM)",
+                "--stay-up-when-drained=$(BROKER_STAY_UP_WHEN_DRAINED)",
             ]
         );
         let env = container(&sts).env.expect("env");
@@ -913,6 +921,9 @@ mod tests {
             "--lookupd-tls-root-ca-file=/etc/knsq/cluster-tls/ca.crt",
             "--lookupd-tls-cert=/etc/knsq/cluster-tls/tls.crt",
             "--lookupd-tls-key=/etc/knsq/cluster-tls/tls.key",
+            "--handoff-tls-cert=/etc/knsq/cluster-tls/tls.crt",
+            "--handoff-tls-key=/etc/knsq/cluster-tls/tls.key",
+            "--handoff-tls-client-ca-file=/etc/knsq/cluster-tls/ca.crt",
         ] {
             assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
         }
