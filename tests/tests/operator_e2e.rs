@@ -2,7 +2,8 @@
 //! Debian's source; the StatefulSet, Job, endpoints, garbage-collector and claim-protection
 //! controllers make and remove the pods), the `knsq-operator` binary with the chart's rules, and
 //! the kubelet stand-in running every pod's knsq binary with the command line the operator
-//! generated, each pod in its own network namespace. Real clients publish and consume through
+//! generated, each pod in its own network namespace with a loopback address of its own (127.1.S.N).
+//! Real clients publish and consume through
 //! the brokers, finding them through the lookupd by the names they register.
 //!
 //! `scripts/test-operator.sh --e2e` starts the servers in a private network namespace and runs
