@@ -214,7 +214,7 @@ pub async fn run(
         ))
     });
     tokio::spawn(stop_when_asked(state.clone(), stop, shutdown.clone()));
-    tokio::spawn(drain_then_stop(
+    let drainer = tokio::spawn(drain_then_stop(
         state.clone(),
         peers,
         lookup.clone(),
@@ -318,6 +318,8 @@ pub async fn run(
     }
     // The registration streams end, so lookupds drop this broker at once.
     lookup.stopped(grace).await;
+    // A drain stops with the shutdown, putting back a batch it was handing off.
+    let _ = drainer.await;
     // Messages in memory, in flight and deferred go to disk; nothing acknowledged is lost.
     let persisting = state.clone();
     tokio::task::spawn_blocking(move || persisting.persist()).await?;
