@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Operator tests that need more than cargo: the Helm chart (real Helm engine through
-# helm-python-sdk, strict schema validation through kubernetes-validate) and the reconciler
-# against a real kube-apiserver + etcd on loopback, with RBAC and the chart's ClusterRole.
+# helm-python-sdk, strict schema validation through kubernetes-validate), the reconciler
+# against a real kube-apiserver + etcd on loopback, with RBAC and the chart's ClusterRole, and the
+# end-to-end suite (`--e2e` runs only that): kube-controller-manager and a kubelet stand-in running
+# the operator's pods with the real binaries, in network namespaces of its own.
 #
-# Installs what it needs (Debian packages, a Python virtualenv) and builds kube-apiserver v1.20.2
-# from Debian's `kubernetes` source package once, caching it under $KNSQ_CACHE (default
-# ~/.cache/knsq), outside the clone. Outside CI, a tool that cannot be had skips its tests with a
-# message; with CI=true it fails the run.
+# Installs what it needs (Debian packages, Python virtualenvs) and builds kube-apiserver and
+# kube-controller-manager v1.20.2 from Debian's `kubernetes` source package once, caching them
+# under $KNSQ_CACHE (default ~/.cache/knsq), outside the clone. Outside CI, a tool that cannot be
+# had skips its tests with a message; with CI=true it fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${KNSQ_CACHE:-$HOME/.cache/knsq}
@@ -59,15 +61,22 @@ enable_deb_src() {
   if [ "$changed" = 1 ]; then as_root apt-get update -qq; fi
 }
 
-# --- kube-apiserver v1.20.2 from Debian's source package ----------------------------------------
-APISERVER="$CACHE/kube-apiserver-1.20.2"
-build_apiserver() {
-  [ -x "$APISERVER" ] && return 0
+# --- kube-apiserver and kube-controller-manager v1.20.2 from Debian's source package ------------
+KUBE_VERSION=1.20.2
+APISERVER="$CACHE/kube-apiserver-$KUBE_VERSION"
+CONTROLLER_MANAGER="$CACHE/kube-controller-manager-$KUBE_VERSION"
+# Builds whichever of the two is not cached yet, from one unpacked source tree.
+build_kube() {
+  local missing=() bin
+  for bin in kube-apiserver kube-controller-manager; do
+    [ -x "$CACHE/$bin-$KUBE_VERSION" ] || missing+=("$bin")
+  done
+  [ "${#missing[@]}" = 0 ] && return 0
   enable_deb_src || return 1
   local work="$CACHE/kubernetes-build"
   rm -rf "$work"
   mkdir -p "$work/src"
-  log "building kube-apiserver v1.20.2 once into $APISERVER (several minutes)"
+  log "building ${missing[*]} v$KUBE_VERSION once into $CACHE (several minutes each)"
   (cd "$work/src" && apt-get source -qq kubernetes >/dev/null) || return 1
   local tree
   tree=$(find "$work/src" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
@@ -85,9 +94,13 @@ build_apiserver() {
     cd "$k8s"
     export GOPATH="$work/gopath" GO111MODULE=off GOFLAGS= GOCACHE="$work/gocache" CGO_ENABLED=0
     make gen_openapi >"$work/gen_openapi.log" 2>&1
-    go build -o "$APISERVER.tmp" ./cmd/kube-apiserver >"$work/build.log" 2>&1
-  ) || { log "kube-apiserver build failed, see $work/*.log"; return 1; }
-  mv "$APISERVER.tmp" "$APISERVER"
+    for bin in "${missing[@]}"; do
+      go build -o "$CACHE/$bin-$KUBE_VERSION.tmp" "./cmd/$bin" >"$work/build-$bin.log" 2>&1
+    done
+  ) || { log "kubernetes build failed, see $work/*.log"; return 1; }
+  for bin in "${missing[@]}"; do
+    mv "$CACHE/$bin-$KUBE_VERSION.tmp" "$CACHE/$bin-$KUBE_VERSION"
+  done
   rm -rf "$work"
 }
 
@@ -106,7 +119,8 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  [ -n "${RUN_DIR:-}" ] && rm -rf "$RUN_DIR"
+  # An `if`: a failed test of a trap under `set -e` would become the script's exit status.
+  if [ -n "${RUN_DIR:-}" ]; then rm -rf "$RUN_DIR"; fi
 }
 trap cleanup EXIT
 trap "exit 143" INT TERM
@@ -180,16 +194,94 @@ KUBECONFIG
   return 1
 }
 
+# --- the end-to-end suite ------------------------------------------------------------------------
+# Runs in network, mount and UTS namespaces of its own (unshare): etcd, kube-apiserver and
+# kube-controller-manager on that namespace's 127.0.0.1, the operator, and the kubelet stand-in,
+# whose pods get network namespaces of their own on a bridge inside it, with loopback addresses
+# (127.1.S.N): Linux routes 127/8 between interfaces with route_localnet on and each namespace's
+# `lo` holding only 127.0.0.1/32. Nothing touches the machine's network, every address is a
+# loopback one, and it all goes away with the last process.
+E2E_TOOLS=(unshare nsenter ip chroot mount hostname)
+e2e_ready() {
+  local tool
+  [ "$(id -u)" = 0 ] || return 1
+  for tool in "${E2E_TOOLS[@]}"; do command -v "$tool" >/dev/null || return 1; done
+  # pynsq, as the client compatibility suite installs it.
+  if ! .venv/bin/python -c 'import nsq, pytest' 2>/dev/null; then
+    rm -rf .venv
+    python3 -m venv .venv && .venv/bin/python -m pip install --quiet -r compat/python/requirements.txt || return 1
+  fi
+}
+
+# The controllers that make and follow pods: StatefulSets, Jobs, Services' endpoints, the
+# garbage collector (a deleted Job's pods) and claim protection (a claim goes once no pod uses it).
+start_controller_manager() {
+  "$CONTROLLER_MANAGER" --kubeconfig "$RUN_DIR/kubeconfig" \
+    --controllers statefulset,job,endpoint,garbagecollector,pvc-protection \
+    --leader-elect=false --port 0 --secure-port 0 --use-service-account-credentials=false \
+    >"$RUN_DIR/controller-manager.log" 2>&1 &
+  PIDS+=($!)
+}
+
+# Inside the private namespaces: the servers, then the suite, one test at a time.
+e2e_inside() {
+  ip link set lo up
+  ip addr del 127.0.0.1/8 dev lo
+  ip addr add 127.0.0.1/32 dev lo
+  echo 1 >/proc/sys/net/ipv4/conf/all/route_localnet
+  mkdir -p /run/netns
+  mount -t tmpfs knsq-netns /run/netns
+  start_apiserver || return 1
+  # Names resolve from one hosts file the stand-in appends to; no DNS server is reachable.
+  printf '127.0.0.1\tlocalhost\n' >"$RUN_DIR/hosts"
+  mount --bind "$RUN_DIR/hosts" /etc/hosts
+  if [ -e /etc/resolv.conf ]; then
+    printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' >"$RUN_DIR/resolv.conf"
+    mount --bind "$RUN_DIR/resolv.conf" /etc/resolv.conf
+  fi
+  start_controller_manager
+  mkdir -p "$RUN_DIR/e2e"
+  local started=$SECONDS
+  if ! KNSQ_E2E_ISOLATED=1 KNSQ_E2E_HOSTS="$RUN_DIR/hosts" KNSQ_E2E_DIR="$RUN_DIR/e2e" \
+    KNSQ_TEST_KUBECONFIG="$RUN_DIR/kubeconfig" CARGO_NET_OFFLINE=true \
+    cargo nextest run -p tests --locked --no-fail-fast --test operator_e2e --run-ignored only \
+    --test-threads 1 --no-capture ${KNSQ_E2E_TESTS:-}; then
+    log "the controller manager's log ends with:"
+    tail -n 30 "$RUN_DIR/controller-manager.log" >&2
+    return 1
+  fi
+  log "end-to-end suite: $((SECONDS - started))s"
+}
+
+run_e2e() {
+  if ! e2e_ready || ! install_apt || ! build_kube; then
+    unavailable "end-to-end suite: needs root, ${E2E_TOOLS[*]}, pynsq in .venv and the kube binaries"
+    return 0
+  fi
+  # Built out here, where the network is.
+  cargo build --workspace --bins --locked && cargo nextest run -p tests --locked --test operator_e2e --no-run || return 1
+  unshare --net --mount --uts --propagation private -- bash scripts/test-operator.sh --e2e-inside
+}
+
 # --- main ---------------------------------------------------------------------------------------
 case "${1:-}" in
   --build-only)
     # Only prepare the cached tools.
-    install_apt && build_apiserver && python_ready
+    install_apt && build_kube && python_ready
+    exit $?
+    ;;
+  --e2e)
+    # Only the end-to-end suite (KNSQ_E2E_TESTS: a test name filter).
+    run_e2e
+    exit $?
+    ;;
+  --e2e-inside)
+    e2e_inside
     exit $?
     ;;
   --serve)
     # Start etcd and kube-apiserver for hand testing; stops on Ctrl-C.
-    install_apt && build_apiserver && start_apiserver
+    install_apt && build_kube && start_apiserver
     log "KNSQ_TEST_KUBECONFIG=$RUN_DIR/kubeconfig"
     wait
     exit 0
@@ -204,7 +296,7 @@ else
   unavailable "chart tests: could not install ${PY_PACKAGES[*]} into $VENV"
 fi
 
-if install_apt && build_apiserver; then
+if install_apt && build_kube; then
   start_apiserver || exit 1
   log "operator tests against kube-apiserver v1.20.2"
   # One at a time: they share the API server, and one of them replaces the CRD.
@@ -217,4 +309,7 @@ if install_apt && build_apiserver; then
 else
   unavailable "API server tests: could not install ${APT_PACKAGES[*]} or build kube-apiserver"
 fi
+
+log "end-to-end suite: the operator, kube-controller-manager and the kubelet stand-in"
+run_e2e || status=1
 exit $status

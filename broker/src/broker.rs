@@ -284,9 +284,28 @@ impl Broker {
             }
         }
         if !meta.topics.is_empty() {
+            let (mut messages, mut deferred, mut channels) = (0u64, 0u64, 0usize);
+            for topic in self
+                .topics
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+            {
+                let stats = topic.stats(None, false, None);
+                messages += u64::try_from(stats.depth).unwrap_or(0);
+                for c in &stats.channels {
+                    channels += 1;
+                    messages += u64::try_from(c.depth).unwrap_or(0);
+                    deferred += c.deferred_count as u64;
+                }
+            }
             tracing::info!(
                 topics = meta.topics.len(),
-                "restored topics and channels from metadata"
+                channels,
+                messages,
+                deferred,
+                "restored topics and channels from metadata: {messages} queued messages and \
+                 {deferred} deferred recovered"
             );
         }
         Ok(())

@@ -49,6 +49,10 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot use --data-path {path}: not a directory")]
+    DataPathNotDirectory { path: String },
+    #[error("cannot use --data-path {path}: its parent directory {parent} does not exist")]
+    DataPathNoParent { path: String, parent: String },
     #[error(transparent)]
     Persist(#[from] persist::PersistError),
     #[error("metrics registry: {0}")]
@@ -127,11 +131,7 @@ pub async fn run(
         handoff_tls,
     } = config;
     let shutdown = CancellationToken::new();
-    let data_error = |source| BrokerError::DataPath {
-        path: options.data_path.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(&options.data_path).map_err(data_error)?;
+    prepare_data_path(&options.data_path)?;
     let _lock = persist::DataDirLock::acquire(&options.data_path)?;
     let tcp_address = listeners.tcp_address()?;
     let http_address = listeners.http_address()?;
@@ -214,7 +214,7 @@ pub async fn run(
         ))
     });
     tokio::spawn(stop_when_asked(state.clone(), stop, shutdown.clone()));
-    tokio::spawn(drain_then_stop(
+    let drainer = tokio::spawn(drain_then_stop(
         state.clone(),
         peers,
         lookup.clone(),
@@ -318,6 +318,8 @@ pub async fn run(
     }
     // The registration streams end, so lookupds drop this broker at once.
     lookup.stopped(grace).await;
+    // A drain stops with the shutdown, putting back a batch it was handing off.
+    let _ = drainer.await;
     // Messages in memory, in flight and deferred go to disk; nothing acknowledged is lost.
     let persisting = state.clone();
     tokio::task::spawn_blocking(move || persisting.persist()).await?;
@@ -579,5 +581,41 @@ impl Server {
     pub async fn stop(self) -> Result<(), BrokerError> {
         self.shutdown.cancel();
         self.task.await?
+    }
+}
+
+/// Checks `--data-path` and creates it if it does not exist yet, as nsqd does; its parent must
+/// exist (a mistyped path is an error rather than a fresh tree that hides the data).
+fn prepare_data_path(path: &std::path::Path) -> Result<(), BrokerError> {
+    let shown = || path.display().to_string();
+    let data_error = |source| BrokerError::DataPath {
+        path: shown(),
+        source,
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => return Err(BrokerError::DataPathNotDirectory { path: shown() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(BrokerError::DataPathNotDirectory { path: shown() });
+        }
+        Err(e) => return Err(data_error(e)),
+    }
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            Err(BrokerError::DataPathNoParent {
+                path: shown(),
+                parent: parent.display().to_string(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(BrokerError::DataPathNotDirectory { path: shown() })
+        }
+        Err(e) => Err(data_error(e)),
     }
 }

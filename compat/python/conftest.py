@@ -496,6 +496,19 @@ class Reader(nsq.Reader):
         super()._on_connection_error(conn, error, **kwargs)
 
 
+def recording_reader(deliveries: Deliveries, **kwargs) -> Reader:
+    """A Reader that FINs every message it gets, recording it in `deliveries`."""
+    holder: list[Reader] = []
+
+    def handler(message):
+        deliveries.add(Received(message, holder[0]))
+        return True
+
+    reader = Reader(message_handler=handler, **kwargs)
+    holder.append(reader)
+    return reader
+
+
 class Writer(nsq.Writer):
     """pynsq Writer with an awaitable 'connected' state and awaitable publishes."""
 

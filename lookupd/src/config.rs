@@ -1,11 +1,13 @@
 //! The lookupd's options: nsqlookupd's flag names and defaults, each also settable from a
-//! `KNSQ_LOOKUPD_<FLAG>` environment variable, parsed with Go's flag syntax as well as GNU's.
+//! `KNSQ_LOOKUPD_<FLAG>` environment variable or from nsqlookupd's TOML config file
+//! (`--config`), parsed with Go's flag syntax as well as GNU's.
 
 use crate::registry::Lifetimes;
 use clap::Parser;
 pub use server_kit::flags::ConfigError;
 use server_kit::flags::{
-    default_hostname, parse_go_bool, parse_go_command_line, parse_go_duration, parse_log_level,
+    DURATION, FileOrigins, default_hostname, parse_go_bool, parse_go_command_line,
+    parse_go_duration, parse_log_level,
 };
 use server_kit::process::ServerOptions;
 use server_kit::tls;
@@ -27,6 +29,10 @@ impl ServerOptions for Config {
         &self.options.log_level
     }
 
+    fn log_prefix(&self) -> &str {
+        &self.options.log_prefix
+    }
+
     fn verbose(&self) -> bool {
         self.options.verbose
     }
@@ -40,6 +46,11 @@ impl ServerOptions for Config {
     after_help = "Flags take nsqlookupd's names and Go's syntax too: -flag=value, -flag value, --flag, --flag=false."
 )]
 pub struct Options {
+    /// Path to an nsqlookupd TOML config file (options named as flags with `_` for `-`);
+    /// flags on the command line or in the environment override it
+    #[arg(long, env = "KNSQ_LOOKUPD_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// <addr>:<port> to listen on for broker registrations (gRPC); nsqlookupd's
     /// --tcp-address is accepted as an alias
     #[arg(
@@ -77,44 +88,59 @@ pub struct Options {
     pub broadcast_address: String,
 
     /// A broker silent for this long is hidden from /lookup and /nodes
-    #[arg(long, env = "KNSQ_LOOKUPD_INACTIVE_PRODUCER_TIMEOUT", default_value = "5m", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_LOOKUPD_INACTIVE_PRODUCER_TIMEOUT", default_value = "5m", value_name = DURATION, value_parser = parse_go_duration)]
     pub inactive_producer_timeout: Duration,
 
     /// How long a tombstoned broker is hidden from /lookup of that topic
-    #[arg(long, env = "KNSQ_LOOKUPD_TOMBSTONE_LIFETIME", default_value = "45s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_LOOKUPD_TOMBSTONE_LIFETIME", default_value = "45s", value_name = DURATION, value_parser = parse_go_duration)]
     pub tombstone_lifetime: Duration,
 
     /// Log level: debug, info, warn, error or fatal
     #[arg(long, env = "KNSQ_LOOKUPD_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: String,
 
-    /// nsqlookupd's log line prefix; accepted and ignored (knsq logs structured lines)
-    #[arg(long, env = "KNSQ_LOOKUPD_LOG_PREFIX", default_value = "[nsqlookupd] ")]
+    /// What every log line starts with
+    #[arg(
+        long,
+        env = "KNSQ_LOOKUPD_LOG_PREFIX",
+        default_value = "[knsq-lookupd] "
+    )]
     pub log_prefix: String,
 
     /// Time allowed for a clean shutdown after SIGTERM before the lookupd exits anyway
-    #[arg(long, env = "KNSQ_LOOKUPD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_LOOKUPD_SHUTDOWN_TIMEOUT", default_value = "10s", value_name = DURATION, value_parser = parse_go_duration)]
     pub shutdown_timeout: Duration,
 
     /// Deprecated in nsqlookupd (use --log-level=debug); accepted and ignored
     #[arg(long, env = "KNSQ_LOOKUPD_VERBOSE", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
     pub verbose: bool,
+
+    /// Which flags `--config`'s file set, to blame it for a value found wrong.
+    #[arg(skip)]
+    pub config_file: FileOrigins,
 }
 
 impl Options {
-    /// Parses a command line (nsqlookupd's Go syntax included).
+    /// Parses a command line (nsqlookupd's Go syntax included) and the config file it names.
     pub fn from_args<I, T>(args: I) -> Result<Options, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        parse_go_command_line(args)
+        let (mut options, _, origins) = parse_go_command_line::<Options, T>(args, &[])?;
+        options.config_file = origins;
+        Ok(options)
     }
 
     /// Checks what a flag's type cannot and reads the files the flags name: every check of
     /// the options is here, and happens once.
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.validate_values()
+            .map_err(|e| self.config_file.blame(e))
+    }
+
+    fn validate_values(&self) -> Result<Config, ConfigError> {
         if self.inactive_producer_timeout < Duration::from_millis(1) {
             return Err(ConfigError {
                 flag: "inactive-producer-timeout",

@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 
 /// Annotation that stops the operator from changing anything of the cluster while it is `"true"`.
 pub const PAUSE_ANNOTATION: &str = "knsq.io/pause-reconciliation";
+/// Annotation that, while `"true"`, lowers the broker StatefulSet without waiting for the
+/// leaving brokers to drain; their volumes are then recovered by the offline handoff.
+pub const FORCE_SCALE_DOWN_ANNOTATION: &str = "knsq.io/force-scale-down";
 
 /// What each CEL rule says when it fails. The operator refuses the same specs with the same
 /// words (`crate::validation`), for API servers too old to run CEL (before 1.25).
@@ -34,6 +37,7 @@ pub mod messages {
     pub const BODY_SIZE: &str = "maxBodySize must be at least maxMsgSize";
     pub const MSG_TIMEOUT: &str = "msgTimeout must not exceed maxMsgTimeout";
     pub const DEFLATE_LEVEL: &str = "maxDeflateLevel has no meaning when deflate is off";
+    pub const GRACE_BUDGET: &str = "terminationGracePeriodSeconds must cover shutdownDelay + shutdownTimeout (+ drainTimeout with updateStrategy drain), or the kubelet kills brokers still writing their queues";
 }
 
 /// Go duration strings as nsqd's flags take them (`60s`, `1m30s`, `500ms`).
@@ -119,6 +123,11 @@ pub struct AdminIngressSpec {
 /// The broker StatefulSet.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    // The kubelet kills a pod at the end of its grace period: the broker's whole stopping budget
+    // must fit in it.
+    validation = Rule::new("duration(self.shutdownDelay) + duration(self.shutdownTimeout) + (self.updateStrategy == 'drain' ? duration(self.drainTimeout) : duration('0s')) <= duration(string(self.terminationGracePeriodSeconds) + 's')").message(messages::GRACE_BUDGET)
+)]
 pub struct BrokerSpec {
     /// Number of broker pods.
     #[serde(default = "default_broker_replicas")]
@@ -136,10 +145,33 @@ pub struct BrokerSpec {
     /// The PodDisruptionBudget of the brokers.
     #[serde(default)]
     pub pdb: PdbSpec,
-    /// Seconds a stopping broker has to flush its in-memory queues to disk.
+    /// Seconds the kubelet gives a stopping broker before killing it; must cover
+    /// `shutdownDelay` + `shutdownTimeout` (+ `drainTimeout` with `updateStrategy: drain`).
     #[serde(default = "default_termination_grace")]
     #[schemars(range(min = 10, max = 3600))]
     pub termination_grace_period_seconds: i64,
+    /// `--shutdown-delay`: how long a stopping broker keeps serving while it reports not-ready,
+    /// so Services stop sending it clients before it closes (the lame-duck delay).
+    #[serde(default = "default_shutdown_delay")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub shutdown_delay: String,
+    /// `--shutdown-timeout`: the longest a broker takes to close and flush its queues to disk
+    /// (and, when draining, to finish its handoff) once it stops serving.
+    #[serde(default = "default_shutdown_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub shutdown_timeout: String,
+    /// `--drain-timeout`: how long a draining broker leaves its messages to its consumers before
+    /// handing the rest off to the other brokers (scale-down, and rolls with
+    /// `updateStrategy: drain`).
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub drain_timeout: String,
+    /// What a broker does when its pod is stopped (rolling updates, evictions):
+    /// `clean-shutdown` keeps its messages on its volume for the pod that replaces it, `drain`
+    /// lets consumers empty it and hands the rest off to the other brokers (`--sigterm`).
+    #[serde(default)]
+    #[schemars(schema_with = "update_strategy_schema")]
+    pub update_strategy: UpdateStrategy,
     /// TLS with clients (TCP upgrade through IDENTIFY, and HTTPS on port 4152); off when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<BrokerTlsSpec>,
@@ -172,6 +204,24 @@ pub struct BrokerTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "tls_version_schema")]
     pub min_version: Option<TlsVersion>,
+}
+
+/// What a broker does on SIGTERM, as `--sigterm` takes it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateStrategy {
+    #[default]
+    CleanShutdown,
+    Drain,
+}
+
+impl UpdateStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateStrategy::CleanShutdown => "clean-shutdown",
+            UpdateStrategy::Drain => "drain",
+        }
+    }
 }
 
 /// Values of nsqd's `--tls-required`, strings as the flag takes them.
@@ -218,6 +268,9 @@ pub struct ClusterTlsSpec {
 // least) rejects; these give the plain string enum instead.
 fn string_enum(values: &[&str]) -> schemars::Schema {
     schemars::json_schema!({"type": "string", "enum": values})
+}
+fn update_strategy_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["clean-shutdown", "drain"], "default": "clean-shutdown"})
 }
 fn tls_required_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     string_enum(&["false", "true", "tcp-https"])
@@ -401,6 +454,11 @@ pub struct StorageSpec {
     /// StorageClass of the claims; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+    /// Delete the claims of brokers removed by a scale-down once they are empty (whatever is
+    /// left on one is first handed off to the other brokers); `false` keeps them for a later
+    /// scale-up.
+    #[serde(default = "enabled")]
+    pub delete_claim_on_scale_down: bool,
 }
 
 /// The nsqd options users tune, passed to every broker under nsqd's flag names.
@@ -555,6 +613,64 @@ pub struct NSQClusterStatus {
     /// Where clients connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
+    /// A scale-down of the brokers under way: the leaving brokers drain before the StatefulSet
+    /// is lowered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<ScaleDownStatus>,
+    /// Claims of brokers that are gone, being emptied by an offline handoff Job before they are
+    /// deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_recovery: Vec<VolumeRecovery>,
+    /// The lookupd addresses every running broker was last seen to use (they change at runtime,
+    /// without restarting the brokers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lookupd_addresses: Vec<String>,
+}
+
+/// The brokers a scale-down removes, draining until they are empty.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDownStatus {
+    /// Broker replicas when the scale-down began.
+    pub from: i32,
+    /// The replicas the spec asks for.
+    pub to: i32,
+    /// The leaving brokers, highest ordinal first.
+    #[serde(default)]
+    pub brokers: Vec<DrainingBroker>,
+}
+
+/// One leaving broker's drain as the operator last saw it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainingBroker {
+    /// The pod's name.
+    pub name: String,
+    /// The pod asked to drain, and its container's restart count then: a pod replaced, or a
+    /// broker restarted by a crash, is asked again; a broker that exited 0 after the request
+    /// has drained.
+    pub pod_uid: String,
+    pub restarts: i32,
+    /// `draining`, `handing_off`, `drained` or `blocked` as the broker reports it;
+    /// `unreachable` while it cannot be asked.
+    pub state: String,
+    /// Messages still on the broker.
+    pub remaining_messages: u64,
+    /// Why the broker cannot finish, when blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the drain was asked for, or `remainingMessages` last went down (RFC 3339).
+    pub progressed_at: String,
+}
+
+/// A claim with no broker to come back to, being emptied by an offline handoff Job.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRecovery {
+    pub claim: String,
+    pub job: String,
+    /// `running`, or `failed` (retried with a new Job).
+    pub state: String,
 }
 
 /// Replica counts of one StatefulSet.
@@ -601,6 +717,10 @@ impl Default for BrokerSpec {
             settings: BrokerSettings::default(),
             pdb: PdbSpec::default(),
             termination_grace_period_seconds: default_termination_grace(),
+            shutdown_delay: default_shutdown_delay(),
+            shutdown_timeout: default_shutdown_timeout(),
+            drain_timeout: default_drain_timeout(),
+            update_strategy: UpdateStrategy::default(),
             tls: None,
         }
     }
@@ -623,6 +743,7 @@ impl Default for StorageSpec {
             ephemeral: false,
             size: default_storage_size(),
             storage_class_name: None,
+            delete_claim_on_scale_down: true,
         }
     }
 }
@@ -678,10 +799,19 @@ impl Default for ServiceMonitorSpec {
 impl NSQCluster {
     /// Whether the pause annotation stops reconciliation.
     pub fn is_paused(&self) -> bool {
+        self.annotation_true(PAUSE_ANNOTATION)
+    }
+
+    /// Whether the force annotation lowers the brokers without draining them.
+    pub fn forces_scale_down(&self) -> bool {
+        self.annotation_true(FORCE_SCALE_DOWN_ANNOTATION)
+    }
+
+    fn annotation_true(&self, name: &str) -> bool {
         self.metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(PAUSE_ANNOTATION))
+            .and_then(|a| a.get(name))
             .is_some_and(|v| v == "true")
     }
 }
@@ -821,6 +951,15 @@ fn default_lookupd_replicas() -> i32 {
 }
 fn default_termination_grace() -> i64 {
     60
+}
+fn default_shutdown_delay() -> String {
+    "10s".to_owned()
+}
+fn default_shutdown_timeout() -> String {
+    "20s".to_owned()
+}
+fn default_drain_timeout() -> String {
+    "30s".to_owned()
 }
 fn default_storage_size() -> Quantity {
     Quantity("10Gi".to_owned())

@@ -5,6 +5,9 @@
 //! - [`children`]: pure builders of the objects a cluster owns;
 //! - [`alerts`]: the Prometheus alerts;
 //! - [`status`]: status computation;
+//! - [`pods`], [`scale_down`], [`rollout`], [`recovery`]: what the brokers' day-2 operations
+//!   decide (a scale-down that drains, rolls paced by registration, orphaned claims);
+//! - [`knsq_http`]: the brokers' and lookupds' own HTTP APIs;
 //! - [`controller`]: the reconciler;
 //! - [`leader`]: Lease-based leader election;
 //! - [`server`], [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
@@ -16,9 +19,14 @@ pub mod controller;
 // visibility, which the lint reports as unreachable.
 #[allow(unreachable_pub)]
 pub mod crd;
+pub mod knsq_http;
 pub mod leader;
 pub mod metrics;
+pub mod pods;
 pub mod quantity;
+pub mod recovery;
+pub mod rollout;
+pub mod scale_down;
 pub mod server;
 pub mod status;
 pub mod validation;

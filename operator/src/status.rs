@@ -5,11 +5,19 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::children::{ADMIN_HTTP, BROKER_HTTP, BROKER_TCP, Component, LOOKUPD_HTTP};
-use crate::crd::{ComponentStatus, Endpoints, NSQCluster, NSQClusterStatus, StorageStatus};
+use crate::crd::{
+    ComponentStatus, Endpoints, FORCE_SCALE_DOWN_ANNOTATION, NSQCluster, NSQClusterStatus,
+    ScaleDownStatus, StorageStatus, VolumeRecovery,
+};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+pub const SCALING_DOWN: &str = "ScalingDown";
+pub const SCALE_DOWN_BLOCKED: &str = "ScaleDownBlocked";
+/// A draining broker's state when it cannot finish (the broker's own word, and the operator's
+/// when it stops making progress).
+pub const BLOCKED: &str = "blocked";
 /// The `Degraded` reason of a spec the operator refuses.
 pub const INVALID_SPEC: &str = "InvalidSpec";
 
@@ -34,6 +42,12 @@ pub struct Observed<'a> {
     pub broker: Option<&'a StatefulSet>,
     pub admin: Option<ComponentStatus>,
     pub storage: Option<StorageStatus>,
+    /// The scale-down under way, if any.
+    pub scale_down: Option<ScaleDownStatus>,
+    /// Claims being emptied by handoff Jobs.
+    pub volume_recovery: Vec<VolumeRecovery>,
+    /// The lookupd addresses every running broker uses.
+    pub lookupd_addresses: Vec<String>,
 }
 
 /// Replica counts of nsqadmin's Deployment.
@@ -56,6 +70,18 @@ struct Rollout {
     in_progress: bool,
 }
 
+/// Whether the StatefulSet controller has yet to catch up with a StatefulSet's spec, or its pods
+/// still run an older revision.
+pub fn rolling(sts: &StatefulSet) -> bool {
+    let status = sts.status.clone().unwrap_or_default();
+    let observed = status.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
+    let revision_done = match (&status.current_revision, &status.update_revision) {
+        (Some(current), Some(update)) => current == update,
+        _ => true,
+    };
+    !observed || !revision_done
+}
+
 fn rollout(sts: Option<&StatefulSet>, desired: i32) -> Rollout {
     let Some(sts) = sts else {
         return Rollout {
@@ -70,15 +96,8 @@ fn rollout(sts: Option<&StatefulSet>, desired: i32) -> Rollout {
         ready_replicas: status.ready_replicas.unwrap_or(0),
         updated_replicas: status.updated_replicas.unwrap_or(0),
     };
-    let observed = status.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
-    let revision_done = match (&status.current_revision, &status.update_revision) {
-        (Some(current), Some(update)) => current == update,
-        _ => true,
-    };
-    let in_progress = !observed
-        || !revision_done
-        || counts.updated_replicas < desired
-        || counts.replicas != desired;
+    let in_progress =
+        rolling(sts) || counts.updated_replicas < desired || counts.replicas != desired;
     Rollout {
         desired,
         counts,
@@ -186,6 +205,17 @@ pub fn compute(
             &now,
         )
     };
+    let recovering: Vec<&str> = observed
+        .volume_recovery
+        .iter()
+        .map(|r| r.claim.as_str())
+        .collect();
+    let failed_recovery: Vec<&str> = observed
+        .volume_recovery
+        .iter()
+        .filter(|r| r.state == "failed")
+        .map(|r| r.claim.as_str())
+        .collect();
     let progressing = match outcome {
         Outcome::Paused => condition(
             PROGRESSING,
@@ -195,6 +225,14 @@ pub fn compute(
                 "the {} annotation is \"true\"",
                 crate::crd::PAUSE_ANNOTATION
             ),
+            generation,
+            &now,
+        ),
+        _ if observed.scale_down.is_some() => condition(
+            PROGRESSING,
+            true,
+            "ScalingDown",
+            "draining the brokers a scale-down removes".to_owned(),
             generation,
             &now,
         ),
@@ -215,6 +253,14 @@ pub fn compute(
                 resizing.join(", "),
                 observed.storage.as_ref().map_or("", |s| s.size.as_str())
             ),
+            generation,
+            &now,
+        ),
+        _ if !recovering.is_empty() => condition(
+            PROGRESSING,
+            true,
+            "RecoveringVolumes",
+            format!("handing off what is left on {}", recovering.join(", ")),
             generation,
             &now,
         ),
@@ -244,11 +290,24 @@ pub fn compute(
             generation,
             &now,
         ),
-        _ if !not_ready.is_empty() && rolling.is_empty() => condition(
+        _ if !not_ready.is_empty() && rolling.is_empty() && observed.scale_down.is_none() => {
+            condition(
+                DEGRADED,
+                true,
+                "ReplicasUnavailable",
+                not_ready.join(", "),
+                generation,
+                &now,
+            )
+        }
+        _ if !failed_recovery.is_empty() => condition(
             DEGRADED,
             true,
-            "ReplicasUnavailable",
-            not_ready.join(", "),
+            "VolumeRecoveryFailed",
+            format!(
+                "the handoff of {} failed; it is retried (see the Jobs' pods' logs)",
+                failed_recovery.join(", ")
+            ),
             generation,
             &now,
         ),
@@ -261,7 +320,36 @@ pub fn compute(
             &now,
         ),
     };
-    let mut conditions = vec![ready, progressing, degraded];
+    let (scaling_down, blocked) = scale_down_conditions(observed.scale_down.as_ref());
+    let mut conditions = vec![
+        ready,
+        progressing,
+        degraded,
+        condition(
+            SCALING_DOWN,
+            scaling_down.is_some(),
+            if scaling_down.is_some() {
+                "Draining"
+            } else {
+                "NoScaleDown"
+            },
+            scaling_down.unwrap_or_else(|| "no broker is leaving".to_owned()),
+            generation,
+            &now,
+        ),
+        condition(
+            SCALE_DOWN_BLOCKED,
+            blocked.is_some(),
+            if blocked.is_some() {
+                "DrainBlocked"
+            } else {
+                "NotBlocked"
+            },
+            blocked.unwrap_or_else(|| "no drain is blocked".to_owned()),
+            generation,
+            &now,
+        ),
+    ];
     let previous = cluster
         .status
         .as_ref()
@@ -282,7 +370,54 @@ pub fn compute(
             .map(|_| observed.admin.clone().unwrap_or_default()),
         storage: observed.storage.clone(),
         endpoints: Some(endpoints(cluster)),
+        scale_down: observed.scale_down.clone(),
+        volume_recovery: observed.volume_recovery.clone(),
+        lookupd_addresses: observed.lookupd_addresses.clone(),
     }
+}
+
+/// The messages of `ScalingDown` and, when a leaving broker cannot finish, `ScaleDownBlocked`.
+fn scale_down_conditions(scale_down: Option<&ScaleDownStatus>) -> (Option<String>, Option<String>) {
+    let Some(scale_down) = scale_down else {
+        return (None, None);
+    };
+    let brokers: Vec<String> = scale_down
+        .brokers
+        .iter()
+        .map(|b| match b.state.as_str() {
+            "drained" => format!("{} (drained)", b.name),
+            state => format!(
+                "{} ({state}, {} messages left)",
+                b.name, b.remaining_messages
+            ),
+        })
+        .collect();
+    let scaling = format!(
+        "from {} to {} brokers: the StatefulSet stays at {} until {} are empty",
+        scale_down.from,
+        scale_down.to,
+        scale_down.from,
+        brokers.join(", ")
+    );
+    let blocked: Vec<String> = scale_down
+        .brokers
+        .iter()
+        .filter(|b| b.state == BLOCKED)
+        .map(|b| {
+            format!(
+                "{}: {}",
+                b.name,
+                b.reason.as_deref().unwrap_or("the drain cannot finish")
+            )
+        })
+        .collect();
+    let blocked = (!blocked.is_empty()).then(|| {
+        format!(
+            "{}; nothing is lost meanwhile. Annotate {FORCE_SCALE_DOWN_ANNOTATION}=true to lower the StatefulSet anyway (what is left is then handed off from the volumes)",
+            blocked.join("; ")
+        )
+    });
+    (Some(scaling), blocked)
 }
 
 /// Where clients reach the cluster.
@@ -310,7 +445,7 @@ pub fn endpoints(cluster: &NSQCluster) -> Endpoints {
 mod tests {
     use super::*;
     use crate::children::tests::cluster;
-    use crate::crd::NSQClusterSpec;
+    use crate::crd::{DrainingBroker, NSQClusterSpec};
     use k8s_openapi::api::apps::v1::StatefulSetStatus;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use k8s_openapi::jiff::Timestamp;
@@ -387,17 +522,32 @@ mod tests {
         (t.to_owned(), s.to_owned(), r.to_owned())
     }
 
+    /// `Ready`, `Progressing` and `Degraded` as given, and no scale-down.
+    fn without_scale_down(
+        ready: (&str, &str),
+        progressing: (&str, &str),
+        degraded: (&str, &str),
+    ) -> [(String, String, String); 5] {
+        [
+            triple(READY, ready.0, ready.1),
+            triple(PROGRESSING, progressing.0, progressing.1),
+            triple(DEGRADED, degraded.0, degraded.1),
+            triple(SCALING_DOWN, "False", "NoScaleDown"),
+            triple(SCALE_DOWN_BLOCKED, "False", "NotBlocked"),
+        ]
+    }
+
     #[test]
     fn new_cluster_without_statefulsets_is_progressing() {
         let c = cluster(NSQClusterSpec::default());
         let status = compute(&c, &seen(None, None), &Outcome::Applied, at(0));
         assert_eq!(
             summary(&status),
-            [
-                triple(READY, "False", "ReplicasNotReady"),
-                triple(PROGRESSING, "True", "RollingUpdate"),
-                triple(DEGRADED, "False", "AsExpected")
-            ]
+            without_scale_down(
+                ("False", "ReplicasNotReady"),
+                ("True", "RollingUpdate"),
+                ("False", "AsExpected")
+            )
         );
         assert_eq!(
             get(&status, READY).message,
@@ -413,11 +563,11 @@ mod tests {
         let status = applied(&c, &healthy(3));
         assert_eq!(
             summary(&status),
-            [
-                triple(READY, "True", "AllReplicasReady"),
-                triple(PROGRESSING, "False", "RolloutComplete"),
-                triple(DEGRADED, "False", "AsExpected")
-            ]
+            without_scale_down(
+                ("True", "AllReplicasReady"),
+                ("False", "RolloutComplete"),
+                ("False", "AsExpected")
+            )
         );
         assert_eq!(
             status.broker,
@@ -445,11 +595,11 @@ mod tests {
         let status = applied(&c, &broker);
         assert_eq!(
             summary(&status),
-            [
-                triple(READY, "False", "RollingUpdate"),
-                triple(PROGRESSING, "True", "RollingUpdate"),
-                triple(DEGRADED, "False", "AsExpected")
-            ]
+            without_scale_down(
+                ("False", "RollingUpdate"),
+                ("True", "RollingUpdate"),
+                ("False", "AsExpected")
+            )
         );
         assert_eq!(get(&status, PROGRESSING).message, "rolling out broker");
     }
@@ -480,11 +630,11 @@ mod tests {
         let status = applied(&c, &broker);
         assert_eq!(
             summary(&status),
-            [
-                triple(READY, "False", "ReplicasNotReady"),
-                triple(PROGRESSING, "False", "RolloutComplete"),
-                triple(DEGRADED, "True", "ReplicasUnavailable")
-            ]
+            without_scale_down(
+                ("False", "ReplicasNotReady"),
+                ("False", "RolloutComplete"),
+                ("True", "ReplicasUnavailable")
+            )
         );
         assert_eq!(get(&status, DEGRADED).message, "1/3 brokers ready");
     }
@@ -533,6 +683,100 @@ mod tests {
         );
         assert_eq!(get(&ready, READY).last_transition_time, at(20));
         assert_eq!(get(&ready, DEGRADED).last_transition_time, at(0));
+    }
+
+    fn draining(name: &str, state: &str, remaining: u64, reason: Option<&str>) -> DrainingBroker {
+        DrainingBroker {
+            name: name.to_owned(),
+            pod_uid: "u".to_owned(),
+            restarts: 0,
+            state: state.to_owned(),
+            remaining_messages: remaining,
+            reason: reason.map(str::to_owned),
+            progressed_at: "2027-01-01T00:00:00Z".to_owned(),
+        }
+    }
+
+    #[test]
+    fn scale_down_in_progress_and_blocked() {
+        let mut spec = NSQClusterSpec::default();
+        spec.broker.replicas = 1;
+        let c = cluster(spec);
+        let lookupd = healthy(3);
+        let broker = sts(1, 1, 3, 2, 3, ("r1", "r1"));
+        let mut observed = seen(Some(&lookupd), Some(&broker));
+        observed.scale_down = Some(ScaleDownStatus {
+            from: 3,
+            to: 1,
+            brokers: vec![
+                draining("events-broker-2", "drained", 0, None),
+                draining("events-broker-1", "handing_off", 120, None),
+            ],
+        });
+        let status = compute(&c, &observed, &Outcome::Applied, at(0));
+        assert_eq!(
+            summary(&status),
+            [
+                triple(READY, "False", "RollingUpdate"),
+                triple(PROGRESSING, "True", "ScalingDown"),
+                triple(DEGRADED, "False", "AsExpected"),
+                triple(SCALING_DOWN, "True", "Draining"),
+                triple(SCALE_DOWN_BLOCKED, "False", "NotBlocked"),
+            ]
+        );
+        assert_eq!(
+            get(&status, SCALING_DOWN).message,
+            "from 3 to 1 brokers: the StatefulSet stays at 3 until events-broker-2 (drained), events-broker-1 (handing_off, 120 messages left) are empty"
+        );
+        assert_eq!(status.scale_down, observed.scale_down);
+
+        observed.scale_down = Some(ScaleDownStatus {
+            from: 3,
+            to: 1,
+            brokers: vec![draining(
+                "events-broker-1",
+                BLOCKED,
+                120,
+                Some("no peer can take the messages"),
+            )],
+        });
+        let status = compute(&c, &observed, &Outcome::Applied, at(0));
+        let blocked = get(&status, SCALE_DOWN_BLOCKED);
+        assert_eq!(
+            (blocked.status.as_str(), blocked.reason.as_str()),
+            ("True", "DrainBlocked")
+        );
+        assert!(
+            blocked
+                .message
+                .starts_with("events-broker-1: no peer can take the messages; nothing is lost"),
+            "{}",
+            blocked.message
+        );
+        assert!(blocked.message.contains("knsq.io/force-scale-down=true"));
+    }
+
+    #[test]
+    fn volume_recovery_progresses_and_failures_degrade() {
+        let c = cluster(NSQClusterSpec::default());
+        let (lookupd, broker) = (healthy(3), healthy(3));
+        let mut observed = seen(Some(&lookupd), Some(&broker));
+        observed.volume_recovery = vec![VolumeRecovery {
+            claim: "data-events-broker-3".to_owned(),
+            job: "events-broker-3-handoff".to_owned(),
+            state: "running".to_owned(),
+        }];
+        let status = compute(&c, &observed, &Outcome::Applied, at(0));
+        assert_eq!(get(&status, PROGRESSING).reason, "RecoveringVolumes");
+        assert_eq!(
+            get(&status, PROGRESSING).message,
+            "handing off what is left on data-events-broker-3"
+        );
+        assert_eq!(get(&status, DEGRADED).status, "False");
+        observed.volume_recovery[0].state = "failed".to_owned();
+        let status = compute(&c, &observed, &Outcome::Applied, at(0));
+        assert_eq!(get(&status, DEGRADED).reason, "VolumeRecoveryFailed");
+        assert_eq!(status.volume_recovery, observed.volume_recovery);
     }
 
     #[test]

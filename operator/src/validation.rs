@@ -10,7 +10,10 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::ResourceExt;
 
 use crate::children::{CLUSTER_TLS_VOLUME, Component, DATA_VOLUME, TLS_VOLUME, reserved_env};
-use crate::crd::{NSQCluster, STORAGE_SIZE_ANNOTATION, TlsRequired, Violation, messages};
+use crate::crd::{
+    BrokerSpec, NSQCluster, STORAGE_SIZE_ANNOTATION, TlsRequired, UpdateStrategy, Violation,
+    messages,
+};
 use crate::quantity::{bytes, requested_storage};
 
 fn violation(field: impl Into<String>, message: impl Into<String>) -> Violation {
@@ -21,7 +24,7 @@ fn violation(field: impl Into<String>, message: impl Into<String>) -> Violation 
 }
 
 /// Nanoseconds of a Go duration (`1m30s`, `500ms`); the schema's pattern guarantees the form.
-fn go_duration(text: &str) -> Option<u128> {
+pub fn go_duration(text: &str) -> Option<u128> {
     let mut total = 0u128;
     let mut rest = text;
     while !rest.is_empty() {
@@ -100,6 +103,15 @@ fn cel_twins(cluster: &NSQCluster) -> Vec<Violation> {
             messages::MSG_TIMEOUT,
         ));
     }
+    if let Some(budget) = stopping_budget(broker)
+        && budget
+            > u128::from(broker.termination_grace_period_seconds.unsigned_abs()) * 1_000_000_000
+    {
+        out.push(violation(
+            "spec.broker.terminationGracePeriodSeconds",
+            messages::GRACE_BUDGET,
+        ));
+    }
     if settings.max_deflate_level.is_some() && settings.deflate == Some(false) {
         out.push(violation(
             "spec.broker.settings.maxDeflateLevel",
@@ -107,6 +119,18 @@ fn cel_twins(cluster: &NSQCluster) -> Vec<Violation> {
         ));
     }
     out
+}
+
+/// Nanoseconds a stopping broker may take: the lame-duck delay, then the shutdown (after the
+/// drain, when SIGTERM drains).
+fn stopping_budget(broker: &BrokerSpec) -> Option<u128> {
+    let drain = match broker.update_strategy {
+        UpdateStrategy::Drain => go_duration(&broker.drain_timeout)?,
+        UpdateStrategy::CleanShutdown => 0,
+    };
+    go_duration(&broker.shutdown_delay)?
+        .checked_add(go_duration(&broker.shutdown_timeout)?)?
+        .checked_add(drain)
 }
 
 /// Names the user's pod settings may not take, because the operator's would clash with them.

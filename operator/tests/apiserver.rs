@@ -459,13 +459,15 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
         (owner.kind.as_str(), owner.name.as_str(), owner.controller),
         ("NSQCluster", "events", Some(true))
     );
-    let args = container(&broker).args.expect("args");
+    // The lookupd list reaches the brokers through the ConfigMap, outside their template.
+    let env = container(&broker).env.expect("env");
     assert!(
-        args.contains(
-            &"--lookupd-grpc-address=events-lookupd-0.events-lookupd-headless.knsq-test.svc:4160"
-                .to_owned()
-        ),
-        "{args:?}"
+        env.iter().any(|e| e.name == "KNSQ_LOOKUPD_GRPC_ADDRESSES"
+            && e.value_from
+                .as_ref()
+                .and_then(|v| v.config_map_key_ref.as_ref())
+                .is_some_and(|r| r.name == "events-config")),
+        "{env:?}"
     );
     assert!(
         broker
@@ -494,7 +496,12 @@ async fn operator_runs_a_cluster_on_a_real_api_server() {
     }
     let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), NS);
     let config = eventually("the ConfigMap", || get(&configmaps, "events-config")).await;
-    assert_eq!(config.data.expect("data")["BROKER_MEM_QUEUE_SIZE"], "10000");
+    let data = config.data.expect("data");
+    assert_eq!(data["BROKER_MEM_QUEUE_SIZE"], "10000");
+    assert_eq!(
+        data["KNSQ_LOOKUPD_GRPC_ADDRESSES"],
+        "events-lookupd-0.events-lookupd-headless.knsq-test.svc:4160"
+    );
     // 1.20 serves PodDisruptionBudgets only as policy/v1beta1: the operator must have noticed.
     let pdb_resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("policy", "v1beta1", "PodDisruptionBudget"),

@@ -128,6 +128,37 @@ fn cel_rejects_cross_field_mistakes() {
 }
 
 #[test]
+fn grace_period_budget_counts_the_drain_only_when_sigterm_drains() {
+    for (spec, fits) in [
+        (json!({}), true),
+        (json!({"broker": {"updateStrategy": "drain"}}), true),
+        (
+            json!({"broker": {"updateStrategy": "drain", "drainTimeout": "1m"}}),
+            false,
+        ),
+        (json!({"broker": {"drainTimeout": "1m"}}), true),
+        (
+            json!({"broker": {"updateStrategy": "drain", "drainTimeout": "1m", "terminationGracePeriodSeconds": 90}}),
+            true,
+        ),
+        (
+            json!({"broker": {"shutdownDelay": "1m", "shutdownTimeout": "1ms"}}),
+            false,
+        ),
+        (
+            json!({"broker": {"shutdownDelay": "0s", "shutdownTimeout": "1m", "terminationGracePeriodSeconds": 60}}),
+            true,
+        ),
+    ] {
+        let object = object(spec.clone());
+        let cel = cel_failures(&object, None);
+        let twin = validation::check(&typed(&object));
+        assert_eq!(cel.is_empty(), fits, "CEL on {spec}: {cel:?}");
+        assert_eq!(twin.is_empty(), fits, "the operator on {spec}: {twin:?}");
+    }
+}
+
+#[test]
 fn cel_rejects_long_names() {
     let mut long = object(json!({}));
     long["metadata"]["name"] = json!("a".repeat(41));
@@ -236,6 +267,19 @@ fn the_operator_refuses_what_every_cel_rule_refuses() {
             object(json!({"broker": {"settings": {"deflate": false, "maxDeflateLevel": 4}}})),
             "spec.broker.settings.maxDeflateLevel",
             messages::DEFLATE_LEVEL,
+        ),
+        (
+            object(
+                json!({"broker": {"terminationGracePeriodSeconds": 30, "shutdownDelay": "15s", "shutdownTimeout": "16s"}}),
+            ),
+            "spec.broker.terminationGracePeriodSeconds",
+            messages::GRACE_BUDGET,
+        ),
+        (
+            // The default budget (10s + 20s) with a 30s drain no longer fits the default 60s.
+            object(json!({"broker": {"updateStrategy": "drain", "drainTimeout": "31s"}})),
+            "spec.broker.terminationGracePeriodSeconds",
+            messages::GRACE_BUDGET,
         ),
     ];
     let mut covered = BTreeSet::new();

@@ -1,11 +1,18 @@
 //! How a knsq server binary runs, so each `main` only parses its flags and names its server:
 //! checked options (a bad one exits with status 2 and the flag's name), logs on stderr at
-//! `--log-level`, a multi-threaded runtime, the server until it stops, and the exit status.
+//! `--log-level`, each line starting with `--log-prefix` (which names the process, as nsqd's
+//! `[nsqd] ` does, rather than the module of the shared crate a line came from), warnings
+//! about flags accepted but deprecated or not used, a multi-threaded runtime, the server until
+//! it stops, and the exit status.
 
 use crate::flags::ConfigError;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*, reload};
 
 /// Changes the process's log level at runtime (the broker's `PUT /config/log_level`).
@@ -15,8 +22,15 @@ pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 pub trait ServerOptions {
     /// nsqd's level: `debug`, `info`, `warn`, `error` or `fatal`.
     fn log_level(&self) -> &str;
+    /// nsqd's `--log-prefix`: what every log line starts with.
+    fn log_prefix(&self) -> &str;
     /// nsqd's deprecated `--verbose`: accepted, warned about, ignored.
     fn verbose(&self) -> bool;
+    /// Said once at start, when logging has begun: flags accepted but deprecated, or that
+    /// knsq does not use, and what takes their place.
+    fn startup_warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Runs the server `serve` builds from `checked` options; `name` prefixes what is said on
@@ -38,10 +52,13 @@ where
             return ExitCode::from(2);
         }
     };
+    let set_log_level = init_logging(options.log_level(), options.log_prefix());
     if options.verbose() {
-        eprintln!("{name}: --verbose is deprecated and ignored; use --log-level=debug");
+        tracing::warn!("--verbose is deprecated and ignored; use --log-level=debug");
     }
-    let set_log_level = init_logging(options.log_level());
+    for warning in options.startup_warnings() {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,14 +85,18 @@ fn filter_for(level: &str) -> EnvFilter {
     EnvFilter::new(format!("{level},hyper=warn,h2=warn,tonic=warn"))
 }
 
-fn init_logging(level: &str) -> LogLevelSetter {
+fn init_logging(level: &str, prefix: &str) -> LogLevelSetter {
     let (filter, handle) = reload::Layer::new(filter_for(level));
     tracing_subscriber::registry()
         .with(filter)
         .with(
             fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal()),
+                .with_ansi(std::io::stderr().is_terminal())
+                .event_format(Prefixed {
+                    prefix: prefix.to_string(),
+                    inner: fmt::format().with_target(false),
+                }),
         )
         .init();
     Arc::new(move |level: &str| {
@@ -83,4 +104,27 @@ fn init_logging(level: &str) -> LogLevelSetter {
             .modify(|f| *f = filter_for(level))
             .map_err(|e| e.to_string())
     })
+}
+
+/// A log line format that starts every line with the process's `--log-prefix`.
+struct Prefixed<F> {
+    prefix: String,
+    inner: F,
+}
+
+impl<S, N, F> FormatEvent<S, N> for Prefixed<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: format::Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        writer.write_str(&self.prefix)?;
+        self.inner.format_event(ctx, writer, event)
+    }
 }

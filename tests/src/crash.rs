@@ -28,6 +28,15 @@ pub struct Ledger {
     pub fin_sent: BTreeSet<u64>,
 }
 
+impl Ledger {
+    /// Count a delivery of the message carrying `body`, with the attempts it carried.
+    pub fn delivered(&mut self, body: &[u8], attempts: u16) -> u64 {
+        let n = number(body).unwrap_or(u64::MAX);
+        self.deliveries.entry(n).or_default().push(attempts);
+        n
+    }
+}
+
 /// A body carrying `n`, padded to [`BODY_LEN`].
 pub fn body(n: u64) -> Vec<u8> {
     let mut b = format!("crash-{n:012}-").into_bytes();
@@ -169,14 +178,10 @@ async fn consume_until_error(
         };
         match frame {
             Frame::Message(m) => {
-                let n = number(&m.body).unwrap_or(u64::MAX);
-                ledger
+                let n = ledger
                     .lock()
                     .expect("ledger")
-                    .deliveries
-                    .entry(n)
-                    .or_default()
-                    .push(m.attempts);
+                    .delivered(&m.body, m.attempts);
                 conn.send(&Command::Fin(m.id)).await?;
                 ledger.lock().expect("ledger").fin_sent.insert(n);
             }

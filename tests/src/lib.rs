@@ -4,6 +4,8 @@
 
 pub mod certs;
 pub mod crash;
+pub mod e2e;
+pub mod kubelet;
 pub mod lookupd;
 mod process;
 pub mod prometheus;

@@ -13,6 +13,8 @@ pub struct ChildProcess {
     name: &'static str,
     child: Child,
     log: mpsc::Receiver<String>,
+    /// Every line read so far, for [`ChildProcess::find_log`].
+    history: Vec<String>,
 }
 
 impl ChildProcess {
@@ -54,7 +56,12 @@ impl ChildProcess {
                 }
             }
         });
-        Ok(ChildProcess { name, child, log })
+        Ok(ChildProcess {
+            name,
+            child,
+            log,
+            history: Vec::new(),
+        })
     }
 
     /// Waits for a log line containing `needle` and returns it.
@@ -63,10 +70,23 @@ impl ChildProcess {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(_) => continue,
+                Ok(line) => {
+                    self.history.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
                 Err(_) => bail!("{} did not log {needle:?} in time", self.name),
             }
+        }
+    }
+
+    /// The first log line containing `needle`, among those read already (while waiting for
+    /// another line, say) or, if none has it yet, the next one.
+    pub fn find_log(&mut self, needle: &str) -> Result<String> {
+        match self.history.iter().find(|line| line.contains(needle)) {
+            Some(line) => Ok(line.clone()),
+            None => self.wait_for_log(needle),
         }
     }
 

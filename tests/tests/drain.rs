@@ -658,3 +658,33 @@ async fn a_paused_topic_is_handed_off_after_the_drain_timeout() -> Result<()> {
     ensure!(got.len() == 30, "{} of 30", got.len());
     Ok(())
 }
+
+/// SIGTERM while a batch is out with a peer that never answers: the shutdown puts the batch
+/// back and persists it, so the broker restarted on its data directory still has every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_handoff_keeps_the_batch_out_with_the_peer() -> Result<()> {
+    // A peer that accepts connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = silent.local_addr()?.port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let mut a = BrokerProcess::start(&[&format!("--handoff-peer=127.0.0.1:{port}")])?;
+    post_ok(a.http_address, "/topic/create?topic=t").await?;
+    post_ok(a.http_address, "/channel/create?topic=t&channel=c").await?;
+    let bodies: Vec<Vec<u8>> = (0..100).map(|i| numbered("held", i)).collect();
+    publish(a.tcp_address, "t", &bodies).await?;
+    post_ok(a.http_address, "/drain").await?;
+    // The batch is out, waiting for an ack that never comes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.signal("TERM")?;
+    let status = a.wait_exit(Duration::from_secs(20))?;
+    ensure!(status.success(), "exited with {status}");
+    let b = a.restart_on_new_ports(&[])?;
+    let depth = channel_stats(b.http_address, "t", "c").await?["depth"].clone();
+    ensure!(depth == 100, "depth {depth} after the restart");
+    Ok(())
+}

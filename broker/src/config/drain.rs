@@ -3,7 +3,7 @@
 
 use super::ConfigError;
 use clap::Args;
-use server_kit::flags::{parse_go_bool, parse_go_duration};
+use server_kit::flags::{DURATION, parse_go_bool, parse_go_duration};
 use server_kit::tls;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,13 +34,13 @@ pub struct DrainOptions {
 
     /// knsq only: on SIGTERM, first report not ready on /readyz and keep serving this long, so
     /// that load balancers stop sending clients before the broker stops or drains
-    #[arg(long, env = "KNSQ_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_SHUTDOWN_DELAY", default_value = "0s", value_name = DURATION, value_parser = parse_go_duration)]
     pub shutdown_delay: Duration,
 
     /// knsq only: how long a draining broker waits for consumers to take what it holds before
     /// handing everything left to peer brokers (channels without consumers are handed off at
     /// once)
-    #[arg(long, env = "KNSQ_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_DRAIN_TIMEOUT", default_value = "60s", value_name = DURATION, value_parser = parse_go_duration)]
     pub drain_timeout: Duration,
 
     /// knsq only: once drained, stay up (unregistered, idle) instead of exiting 0

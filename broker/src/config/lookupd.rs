@@ -153,7 +153,7 @@ mod tests {
         assert!(e.reason.starts_with("no PEM private key in"), "{e}");
         let e = error(&["--lookupd-tls-server-name=x".into()]);
         assert_eq!(e.flag, "lookupd-tls-server-name");
-        let e = error(&[ca.clone(), "--lookupd-tls-server-name=".into()]);
+        let e = error(&[ca.clone(), "--lookupd-tls-server-name= ".into()]);
         assert_eq!(e.flag, "lookupd-tls-server-name");
         let e = error(&[ca, "--lookupd-grpc-address=http://l:4160".into()]);
         assert_eq!(e.flag, "lookupd-grpc-address");

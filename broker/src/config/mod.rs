@@ -1,22 +1,27 @@
 //! The broker's options: nsqd's flag names and defaults, each also settable from a
-//! `KNSQ_<FLAG>` environment variable, parsed with Go's flag syntax as well as GNU's.
+//! `KNSQ_<FLAG>` environment variable or from nsqd's TOML config file (`--config`), parsed
+//! with Go's flag syntax as well as GNU's. Every nsqd flag is accepted: those knsq has no use
+//! for are in [`replaced`].
 
 mod auth;
 mod drain;
 mod lookupd;
+mod replaced;
 mod tls;
 
 pub(crate) use auth::{AuthSettings, RequestMethod};
 pub use drain::{DrainOptions, SigtermMode};
 pub(crate) use lookupd::TLS_FLAG as LOOKUPD_TLS_FLAG;
+pub use replaced::ReplacedOptions;
 pub use server_kit::NSQ_COMPAT_VERSION;
 pub use server_kit::flags::ConfigError;
 pub use tls::{ClientAuthPolicy, TlsMinVersion, TlsOptions, TlsRequired};
 
 use clap::Parser;
+use clap::parser::ValueSource;
 use server_kit::flags::{
-    default_hostname, format_go_duration, parse_go_bool, parse_go_command_line, parse_go_duration,
-    parse_log_level,
+    DURATION, FileOrigins, default_hostname, format_go_duration, parse_go_bool,
+    parse_go_command_line, parse_go_duration, parse_log_level,
 };
 use server_kit::process::ServerOptions;
 use server_kit::tls::client::GrpcClientTls;
@@ -44,8 +49,53 @@ impl ServerOptions for Config {
         &self.options.log_level
     }
 
+    fn log_prefix(&self) -> &str {
+        &self.options.log_prefix
+    }
+
     fn verbose(&self) -> bool {
         self.options.verbose
+    }
+
+    fn startup_warnings(&self) -> Vec<String> {
+        self.options.startup_warnings.clone()
+    }
+}
+
+/// nsqd's config file keys that are not a flag's name with `_` for `-` (its options' `cfg`
+/// names).
+const CONFIG_KEYS: &[(&str, &str)] = &[
+    ("id", "node-id"),
+    ("nsqlookupd_tcp_addresses", "lookupd-tcp-address"),
+    ("auth_http_addresses", "auth-http-address"),
+    (
+        "e2e_processing_latency_percentiles",
+        "e2e-processing-latency-percentile",
+    ),
+];
+
+/// nsqd's experiments (`--enable-experiment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Experiment {
+    /// In nsqd, delivery to consumers in its `--topology-zone` first, then its
+    /// `--topology-region`. knsq accepts it and warns: its delivery does not prefer yet.
+    TopologyAwareConsumption,
+}
+
+impl Experiment {
+    pub fn name(self) -> &'static str {
+        match self {
+            Experiment::TopologyAwareConsumption => "topology-aware-consumption",
+        }
+    }
+}
+
+fn parse_experiment(text: &str) -> Result<Experiment, String> {
+    match text.trim() {
+        "topology-aware-consumption" => Ok(Experiment::TopologyAwareConsumption),
+        _ => Err(format!(
+            "{text:?} is not an experiment (valid: \"topology-aware-consumption\")"
+        )),
     }
 }
 
@@ -57,10 +107,36 @@ impl ServerOptions for Config {
     after_help = "Flags take nsqd's names and Go's syntax too: -flag=value, -flag value, --flag, --flag=false."
 )]
 pub struct Options {
+    /// Path to an nsqd TOML config file (options named as flags with `_` for `-`, as nsqd
+    /// reads them); flags on the command line or in the environment override it
+    #[arg(long, env = "KNSQ_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Unique id of this broker, in [0,1024): part of every message ID. Also takes a
     /// StatefulSet pod name (`events-broker-2`), whose trailing ordinal is the id
     #[arg(long, env = "KNSQ_NODE_ID", default_value_t = default_node_id(), value_parser = parse_node_id)]
     pub node_id: u16,
+
+    /// Deprecated name of --node-id (`--worker-id=5`); bare, as nsqd 1.x takes it, it does
+    /// nothing
+    #[arg(long, env = "KNSQ_WORKER_ID", num_args = 0..=1, default_missing_value = "true",
+          value_parser = parse_worker_id)]
+    pub worker_id: Option<WorkerId>,
+
+    /// Region of this broker, reported to clients (IDENTIFY, /info) and lookupds (their
+    /// /nodes and /lookup show it)
+    #[arg(long, env = "KNSQ_TOPOLOGY_REGION", default_value = "")]
+    pub topology_region: String,
+
+    /// Zone of this broker, reported like --topology-region
+    #[arg(long, env = "KNSQ_TOPOLOGY_ZONE", default_value = "")]
+    pub topology_zone: String,
+
+    /// nsqd's experimental features (valid: topology-aware-consumption); accepted, with a
+    /// warning at start: knsq's delivery does not prefer consumers by topology
+    #[arg(long = "enable-experiment", env = "KNSQ_ENABLE_EXPERIMENT", value_delimiter = ',',
+          value_parser = parse_experiment)]
+    pub experiments: Vec<Experiment>,
 
     /// <addr>:<port> to listen on for TCP clients
     #[arg(long, env = "KNSQ_TCP_ADDRESS", default_value = "0.0.0.0:4150")]
@@ -123,11 +199,11 @@ pub struct Options {
     pub auth_http_request_method: String,
 
     /// Timeout for connecting to an auth server
-    #[arg(long, env = "KNSQ_HTTP_CLIENT_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_HTTP_CLIENT_CONNECT_TIMEOUT", default_value = "2s", value_name = DURATION, value_parser = parse_go_duration)]
     pub http_client_connect_timeout: Duration,
 
     /// Timeout for an auth server's answer
-    #[arg(long, env = "KNSQ_HTTP_CLIENT_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_HTTP_CLIENT_REQUEST_TIMEOUT", default_value = "5s", value_name = DURATION, value_parser = parse_go_duration)]
     pub http_client_request_timeout: Duration,
 
     /// TCP port told to lookupds (0 = the port --tcp-address listens on)
@@ -139,7 +215,7 @@ pub struct Options {
     pub broadcast_http_port: u16,
 
     /// knsq only: how often the broker sends a heartbeat to each lookupd
-    #[arg(long, env = "KNSQ_LOOKUPD_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_LOOKUPD_HEARTBEAT_INTERVAL", default_value = "15s", value_name = DURATION, value_parser = parse_go_duration)]
     pub lookupd_heartbeat_interval: Duration,
 
     /// Directory for the broker's data
@@ -151,11 +227,11 @@ pub struct Options {
     pub mem_queue_size: u64,
 
     /// Default time a message may be in flight before it is requeued
-    #[arg(long, env = "KNSQ_MSG_TIMEOUT", default_value = "60s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_MSG_TIMEOUT", default_value = "60s", value_name = DURATION, value_parser = parse_go_duration)]
     pub msg_timeout: Duration,
 
     /// Largest msg_timeout a client may ask for, and cap of TOUCH since delivery
-    #[arg(long, env = "KNSQ_MAX_MSG_TIMEOUT", default_value = "15m", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_MAX_MSG_TIMEOUT", default_value = "15m", value_name = DURATION, value_parser = parse_go_duration)]
     pub max_msg_timeout: Duration,
 
     /// Largest message body, in bytes
@@ -167,11 +243,11 @@ pub struct Options {
     pub max_body_size: u64,
 
     /// Largest REQ and DPUB delay
-    #[arg(long, env = "KNSQ_MAX_REQ_TIMEOUT", default_value = "1h", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_MAX_REQ_TIMEOUT", default_value = "1h", value_name = DURATION, value_parser = parse_go_duration)]
     pub max_req_timeout: Duration,
 
     /// Largest heartbeat interval a client may ask for
-    #[arg(long, env = "KNSQ_MAX_HEARTBEAT_INTERVAL", default_value = "60s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_MAX_HEARTBEAT_INTERVAL", default_value = "60s", value_name = DURATION, value_parser = parse_go_duration)]
     pub max_heartbeat_interval: Duration,
 
     /// Largest RDY count a client may set
@@ -183,15 +259,15 @@ pub struct Options {
     pub max_output_buffer_size: u64,
 
     /// Largest output buffer timeout a client may ask for
-    #[arg(long, env = "KNSQ_MAX_OUTPUT_BUFFER_TIMEOUT", default_value = "30s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_MAX_OUTPUT_BUFFER_TIMEOUT", default_value = "30s", value_name = DURATION, value_parser = parse_go_duration)]
     pub max_output_buffer_timeout: Duration,
 
     /// Smallest output buffer timeout a client may ask for
-    #[arg(long, env = "KNSQ_MIN_OUTPUT_BUFFER_TIMEOUT", default_value = "25ms", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_MIN_OUTPUT_BUFFER_TIMEOUT", default_value = "25ms", value_name = DURATION, value_parser = parse_go_duration)]
     pub min_output_buffer_timeout: Duration,
 
     /// Default output buffer timeout of a client
-    #[arg(long, env = "KNSQ_OUTPUT_BUFFER_TIMEOUT", default_value = "250ms", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_OUTPUT_BUFFER_TIMEOUT", default_value = "250ms", value_name = DURATION, value_parser = parse_go_duration)]
     pub output_buffer_timeout: Duration,
 
     /// Most consumers of one channel (0 = no limit)
@@ -224,7 +300,7 @@ pub struct Options {
     pub sync_publish: bool,
 
     /// Longest time between fsyncs of a disk queue that has changed
-    #[arg(long, env = "KNSQ_SYNC_TIMEOUT", default_value = "2s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_SYNC_TIMEOUT", default_value = "2s", value_name = DURATION, value_parser = parse_go_duration)]
     pub sync_timeout: Duration,
 
     /// End-to-end processing latency quantile to report, in (0,1]; repeatable or comma-separated
@@ -233,24 +309,28 @@ pub struct Options {
     pub e2e_processing_latency_percentiles: Vec<f64>,
 
     /// Window over which the e2e latency quantiles are computed
-    #[arg(long, env = "KNSQ_E2E_PROCESSING_LATENCY_WINDOW_TIME", default_value = "10m", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_E2E_PROCESSING_LATENCY_WINDOW_TIME", default_value = "10m", value_name = DURATION, value_parser = parse_go_duration)]
     pub e2e_processing_latency_window_time: Duration,
 
     /// Log level: debug, info, warn, error or fatal
     #[arg(long, env = "KNSQ_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     pub log_level: String,
 
+    /// What every log line starts with
+    #[arg(long, env = "KNSQ_LOG_PREFIX", default_value = "[knsq-broker] ")]
+    pub log_prefix: String,
+
     /// Time allowed for a clean shutdown after SIGTERM before the broker exits anyway
-    #[arg(long, env = "KNSQ_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_SHUTDOWN_TIMEOUT", default_value = "20s", value_name = DURATION, value_parser = parse_go_duration)]
     pub shutdown_timeout: Duration,
 
     /// knsq only: time an HTTP client has to send a request's headers, counted from the
     /// connection being opened or going idle (so also the keep-alive idle timeout)
-    #[arg(long, env = "KNSQ_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_HTTP_HEADER_TIMEOUT", default_value = "10s", value_name = DURATION, value_parser = parse_go_duration)]
     pub http_header_timeout: Duration,
 
     /// knsq only: time an HTTP client has to send a /pub or /mpub body
-    #[arg(long, env = "KNSQ_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_go_duration)]
+    #[arg(long, env = "KNSQ_HTTP_BODY_TIMEOUT", default_value = "30s", value_name = DURATION, value_parser = parse_go_duration)]
     pub http_body_timeout: Duration,
 
     /// knsq only: largest HTTP request line and headers, in bytes (at least 8192)
@@ -272,16 +352,76 @@ pub struct Options {
 
     #[command(flatten)]
     pub drain: DrainOptions,
+
+    #[command(flatten)]
+    pub replaced: ReplacedOptions,
+
+    /// What to warn about once logging starts: deprecated and unused flags that were given.
+    #[arg(skip)]
+    pub startup_warnings: Vec<String>,
+
+    /// Which flags `--config`'s file set, to blame it for a value found wrong.
+    #[arg(skip)]
+    pub config_file: FileOrigins,
+}
+
+/// `--worker-id`: nsqd before 1.0 took the node id by this name; nsqd 1.x keeps it as a
+/// boolean that does nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerId {
+    Bare,
+    Id(u16),
+}
+
+fn parse_worker_id(text: &str) -> Result<WorkerId, String> {
+    match parse_go_bool(text) {
+        Ok(_) => Ok(WorkerId::Bare),
+        Err(_) => parse_node_id(text).map(WorkerId::Id),
+    }
 }
 
 impl Options {
-    /// Parses a command line (nsqd's Go syntax included) and checks the values.
+    /// Parses a command line (nsqd's Go syntax included) and the config file it names.
     pub fn from_args<I, T>(args: I) -> Result<Options, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<String>,
     {
-        parse_go_command_line(args)
+        let (mut options, matches, origins) =
+            parse_go_command_line::<Options, T>(args, CONFIG_KEYS)?;
+        options.config_file = origins;
+        match options.worker_id {
+            Some(WorkerId::Id(id)) => {
+                // --node-id, when also given, wins.
+                if matches.value_source("node_id") == Some(ValueSource::DefaultValue) {
+                    options.node_id = id;
+                }
+                options
+                    .startup_warnings
+                    .push("--worker-id is deprecated; use --node-id".into());
+            }
+            Some(WorkerId::Bare) => options.startup_warnings.push(
+                "--worker-id is deprecated and does nothing without a value; use --node-id".into(),
+            ),
+            None => {}
+        }
+        if options.has_experiment(Experiment::TopologyAwareConsumption) {
+            options.startup_warnings.push(
+                "--enable-experiment=topology-aware-consumption is accepted but not implemented: \
+                 consumers are served without preferring those in this broker's zone or region \
+                 (which /info and the lookupds report)"
+                    .into(),
+            );
+        }
+        options
+            .startup_warnings
+            .extend(ReplacedOptions::warning(&matches));
+        Ok(options)
+    }
+
+    /// Whether `--enable-experiment` turned `experiment` on.
+    pub fn has_experiment(&self, experiment: Experiment) -> bool {
+        self.experiments.contains(&experiment)
     }
 
     /// The e2e latency quantiles in nsqd's order, highest first: its flag sorts them so, and
@@ -295,6 +435,11 @@ impl Options {
     /// Checks what a flag's type cannot (ranges and relations between flags) and reads the
     /// files the flags name: every check of the options is here, and happens once.
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.validate_values()
+            .map_err(|e| self.config_file.blame(e))
+    }
+
+    fn validate_values(&self) -> Result<Config, ConfigError> {
         let fail = |flag, reason: String| Err(ConfigError { flag, reason });
         if self.node_id >= 1024 {
             return fail("node-id", format!("{} is not in [0,1024)", self.node_id));
@@ -469,6 +614,17 @@ impl Options {
             "e2e_processing_latency_percentiles" => json!(self.e2e_quantiles()),
             "e2e_processing_latency_window_time" => ns(self.e2e_processing_latency_window_time),
             "log_level" => json!(self.log_level),
+            "log_prefix" => json!(self.log_prefix),
+            "topology_region" => json!(self.topology_region),
+            "topology_zone" => json!(self.topology_zone),
+            "enable_experiment" => {
+                json!(
+                    self.experiments
+                        .iter()
+                        .map(|e| e.name())
+                        .collect::<Vec<_>>()
+                )
+            }
             "verbose" => json!(self.verbose),
             _ => return self.tls.config_value(name),
         })

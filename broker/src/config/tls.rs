@@ -263,10 +263,11 @@ fn parse_tls_required(text: &str) -> Result<TlsRequired, String> {
     }
 }
 
+/// nsqd's versions; empty keeps the default (`tls_min_version = ""` in nsqd's example config).
 fn parse_tls_min_version(text: &str) -> Result<TlsMinVersion, String> {
     match text.to_ascii_lowercase().as_str() {
         "ssl3.0" => Ok(TlsMinVersion::Ssl30),
-        "tls1.0" => Ok(TlsMinVersion::Tls10),
+        "tls1.0" | "" => Ok(TlsMinVersion::Tls10),
         "tls1.1" => Ok(TlsMinVersion::Tls11),
         "tls1.2" => Ok(TlsMinVersion::Tls12),
         "tls1.3" => Ok(TlsMinVersion::Tls13),

@@ -96,7 +96,12 @@ pub(crate) async fn drain(
             );
             evicted = true;
         }
-        let pass = hand_off(&broker, &mut peers, timed_out).await;
+        // Cancelled mid-batch (shutdown), the batch goes back to its queue (see `Taken`), in
+        // time for the shutdown to persist it.
+        let pass = tokio::select! {
+            pass = hand_off(&broker, &mut peers, timed_out) => pass,
+            _ = stop.cancelled() => return false,
+        };
         status.handed_off_messages += pass.handed_off;
         status.remaining_messages = broker.messages_held();
         status.state = if status.remaining_messages == 0 {
@@ -167,6 +172,23 @@ async fn hand_off(broker: &Broker, peers: &mut Peers, everything: bool) -> Pass 
     pass
 }
 
+/// A batch out of its queue while a peer is asked to store it. Should the send be cancelled
+/// (the broker shutting down, the offline handoff's time limit), dropping it puts the batch
+/// back, so nothing taken from memory is lost: a peer that stored it meanwhile only makes a
+/// duplicate (at least once).
+struct Taken<'a> {
+    source: &'a Source<'a>,
+    batch: Vec<Handed>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.batch.is_empty() {
+            self.source.give_back(std::mem::take(&mut self.batch));
+        }
+    }
+}
+
 /// Hands off everything `source` gives until it is empty or no peer takes a batch.
 async fn send_all(
     source: Source<'_>,
@@ -176,11 +198,16 @@ async fn send_all(
     pass: &mut Pass,
 ) {
     loop {
-        let batch = source.take();
-        if batch.is_empty() {
+        let mut taken = Taken {
+            source: &source,
+            batch: source.take(),
+        };
+        if taken.batch.is_empty() {
             return;
         }
-        match peers.send(topic, channel, &batch).await {
+        let sent = peers.send(topic, channel, &taken.batch).await;
+        let batch = std::mem::take(&mut taken.batch);
+        match sent {
             Ok(stored) => {
                 tracing::debug!(
                     %topic,

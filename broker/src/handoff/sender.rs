@@ -24,6 +24,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 const FAILED_PEER_PAUSE: Duration = Duration::from_secs(5);
 /// How long asking a lookupd for the brokers may take.
 const BROKERS_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the peers found at the lookupds are used before asking them again: asking for
+/// every batch would cost a connection per lookupd per batch.
+const PEERS_REFRESH: Duration = Duration::from_secs(1);
 
 /// Where peers come from.
 #[derive(Debug, Clone)]
@@ -48,6 +51,8 @@ pub(crate) struct Peers {
     links: BTreeMap<String, Link>,
     /// Where the round-robin goes next.
     turn: usize,
+    /// The peers last found, and when; forgotten when none of them took a batch.
+    found: Option<(Instant, BTreeSet<String>)>,
 }
 
 #[derive(Debug, Default)]
@@ -80,7 +85,23 @@ impl Peers {
             sender,
             links: BTreeMap::new(),
             turn: 0,
+            found: None,
         }
+    }
+
+    /// The peers' handoff addresses, asked again once [`PEERS_REFRESH`] has passed (or when
+    /// none was found or none took the last batch).
+    async fn current_addresses(&mut self) -> Result<BTreeSet<String>, String> {
+        if let Some((at, found)) = &self.found
+            && at.elapsed() < PEERS_REFRESH
+        {
+            return Ok(found.clone());
+        }
+        let found = self.addresses().await?;
+        if !found.is_empty() {
+            self.found = Some((Instant::now(), found.clone()));
+        }
+        Ok(found)
     }
 
     /// The peers' handoff addresses as of now.
@@ -139,7 +160,7 @@ impl Peers {
         channel: &str,
         batch: &[Handed],
     ) -> Result<Stored, String> {
-        let addresses = self.addresses().await?;
+        let addresses = self.current_addresses().await?;
         if addresses.is_empty() {
             return Err(match self.source {
                 PeerSource::Listed(_) => "no --handoff-peer".into(),
@@ -184,6 +205,7 @@ impl Peers {
                 }
             }
         }
+        self.found = None;
         Err(format!(
             "no peer can take the messages: {}",
             problems.join("; ")

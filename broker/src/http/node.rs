@@ -82,8 +82,8 @@ struct Info<'a> {
     max_output_buffer_size: u64,
     max_output_buffer_timeout: u64,
     max_deflate_level: u8,
-    topology_zone: &'static str,
-    topology_region: &'static str,
+    topology_zone: &'a str,
+    topology_region: &'a str,
     /// knsq only, and only while draining.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     draining: bool,
@@ -116,8 +116,8 @@ pub(super) async fn info(State(s): State<AppState>) -> Response {
         max_output_buffer_size: o.max_output_buffer_size,
         max_output_buffer_timeout: o.max_output_buffer_timeout.as_nanos() as u64,
         max_deflate_level: 6,
-        topology_zone: "",
-        topology_region: "",
+        topology_zone: &o.topology_zone,
+        topology_region: &o.topology_region,
         draining: b.is_draining(),
         drain_remaining_messages: b.is_draining().then(|| b.drain_status().remaining_messages),
     })

@@ -189,8 +189,8 @@ impl PeerTask {
             version: server_kit::NSQ_COMPAT_VERSION.to_string(),
             node_id: u32::from(o.node_id),
             hostname: server_kit::flags::default_hostname(),
-            topology_zone: String::new(),
-            topology_region: String::new(),
+            topology_zone: o.topology_zone.clone(),
+            topology_region: o.topology_region.clone(),
             handoff_port: u32::from(b.handoff_port),
         }
     }

@@ -27,6 +27,10 @@ pub(crate) struct Identity {
     pub(crate) output_buffer_timeout: Duration,
     pub(crate) msg_timeout: Duration,
     pub(crate) sample_rate: u8,
+    /// Where the client says it runs (IDENTIFY's `topology_region`/`topology_zone`), shown in
+    /// `/stats` as nsqd does.
+    pub(crate) topology_region: String,
+    pub(crate) topology_zone: String,
 }
 
 /// What `/stats` shows of a client's AUTH.
@@ -189,8 +193,8 @@ impl Client {
             authed: auth.authed,
             auth_identity: auth.identity,
             auth_identity_url: auth.identity_url,
-            topology_zone: String::new(),
-            topology_region: String::new(),
+            topology_zone: id.topology_zone,
+            topology_region: id.topology_region,
             pub_counts,
             tls: is_tls,
             tls_cipher_suite: tls.cipher_suite,

@@ -30,6 +30,8 @@ pub(crate) struct IdentifyRequest {
     deflate: bool,
     snappy: bool,
     tls_v1: bool,
+    topology_region: String,
+    topology_zone: String,
 }
 
 /// The connection upgrades agreed on: what the IDENTIFY response offers and the connection
@@ -44,7 +46,7 @@ pub(crate) struct Negotiated {
 }
 
 #[derive(Debug, Serialize)]
-struct Response {
+struct Response<'a> {
     max_rdy_count: u64,
     version: &'static str,
     max_msg_timeout: u64,
@@ -58,8 +60,9 @@ struct Response {
     auth_required: bool,
     output_buffer_size: usize,
     output_buffer_timeout: u64,
-    topology_region: &'static str,
-    topology_zone: &'static str,
+    /// This broker's `--topology-region` and `--topology-zone`.
+    topology_region: &'a str,
+    topology_zone: &'a str,
 }
 
 fn bad_body(text: impl Into<String>) -> ProtocolError {
@@ -95,9 +98,8 @@ impl IdentifyRequest {
                 "deflate" => req.deflate = flag()?,
                 "snappy" => req.snappy = flag()?,
                 "tls_v1" => req.tls_v1 = flag()?,
-                "topology_region" | "topology_zone" => {
-                    text()?;
-                }
+                "topology_region" => req.topology_region = text()?,
+                "topology_zone" => req.topology_zone = text()?,
                 _ => {}
             }
         }
@@ -112,6 +114,8 @@ impl IdentifyRequest {
         next.client_id = self.client_id.clone();
         next.hostname = self.hostname.clone();
         next.user_agent = self.user_agent.clone();
+        next.topology_region = self.topology_region.clone();
+        next.topology_zone = self.topology_zone.clone();
 
         match self.heartbeat_interval {
             -1 => next.heartbeat_interval = None,
@@ -223,8 +227,8 @@ impl IdentifyRequest {
             auth_required: !o.auth_http_addresses.is_empty(),
             output_buffer_size: applied.output_buffer_size,
             output_buffer_timeout: applied.output_buffer_timeout.as_millis() as u64,
-            topology_region: "",
-            topology_zone: "",
+            topology_region: &o.topology_region,
+            topology_zone: &o.topology_zone,
         };
         serde_json::to_vec(&resp).unwrap_or_else(|_| proto::wire::OK.to_vec())
     }
@@ -248,6 +252,8 @@ mod tests {
             output_buffer_timeout: Duration::from_millis(250),
             msg_timeout: Duration::from_secs(60),
             sample_rate: 0,
+            topology_region: String::new(),
+            topology_zone: String::new(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// A disk queue operation that failed. Every I/O variant names the file it was working on.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StorageError {
-    #[error("disk queue name {name:?} cannot be used in a file name")]
+    #[error("{name:?} is not a valid topic or channel name")]
     InvalidName { name: String },
     #[error("message body of {len} bytes is larger than --max-msg-size {max}")]
     RecordTooLarge { len: u64, max: u64 },

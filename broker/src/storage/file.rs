@@ -56,21 +56,55 @@ pub(super) enum FileKind {
     Journal,
 }
 
-/// The queue's own file names: `<name>.diskqueue.<n, 6 digits or more>.dat` for segments,
-/// `<name>.diskqueue.meta` for the metadata, `<name>.diskqueue.journal.<0|1>` for the progress
-/// journals and `<segment>.<offset>.bad` for damaged bytes set aside.
+/// The queue's own file names: `<stem>.diskqueue.<n, 6 digits or more>.dat` for segments,
+/// `<stem>.diskqueue.meta` for the metadata, `<stem>.diskqueue.journal.<0|1>` for the progress
+/// journals and `<segment>.<offset>.bad` for damaged bytes set aside, where the stem is
+/// [`file_stem`] of the queue's name.
 #[derive(Debug, Clone)]
 pub(super) struct Names {
     dir: PathBuf,
     prefix: String,
 }
 
+/// The stem of queue `name`'s file names: the name with every character but `a`-`z`, `0`-`9`,
+/// `_`, `-` and `:` (which joins a topic and a channel) written as `%` and two upper-case hex
+/// digits per byte. Any name thus becomes a file name (`.` is `%2E`, `..` is `%2E%2E`), names
+/// that differ only in case or punctuation never share files, even on a case-insensitive file
+/// system, and the `.diskqueue.` that follows cannot be part of a stem. The usual lower-case
+/// names (`orders`, `orders:archive`) are their own stems, as in nsqd's layout.
+pub(super) fn file_stem(name: &str) -> String {
+    let mut stem = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        match byte {
+            b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b':' => stem.push(char::from(byte)),
+            _ => stem.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    stem
+}
+
 impl Names {
     pub(super) fn new(dir: &Path, name: &str) -> Names {
+        Names::with_stem(dir, &file_stem(name))
+    }
+
+    /// The names the files of queue `name` had when they were named after it verbatim, as
+    /// knsq's first versions and nsqd name them; `None` when that is the encoded name too.
+    pub(super) fn verbatim(dir: &Path, name: &str) -> Option<Names> {
+        (file_stem(name) != name).then(|| Names::with_stem(dir, name))
+    }
+
+    fn with_stem(dir: &Path, stem: &str) -> Names {
         Names {
             dir: dir.to_path_buf(),
-            prefix: format!("{name}.diskqueue."),
+            prefix: format!("{stem}.diskqueue."),
         }
+    }
+
+    /// Where `file_name`, one of `other`'s files, goes under these names.
+    pub(super) fn renamed_from(&self, other: &Names, file_name: &str) -> Option<PathBuf> {
+        let rest = file_name.strip_prefix(&other.prefix)?;
+        Some(self.dir.join(format!("{}{rest}", self.prefix)))
     }
 
     pub(super) fn dir(&self) -> &Path {
@@ -99,6 +133,25 @@ impl Names {
     pub(super) fn journal(&self, parity: u64) -> PathBuf {
         self.dir
             .join(format!("{}journal.{}", self.prefix, parity % 2))
+    }
+
+    /// This queue's files in its directory: name, kind and path of each.
+    pub(super) fn files(&self) -> Result<Vec<(String, FileKind, PathBuf)>, StorageError> {
+        let list_error = |source| StorageError::ListDir {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(list_error)? {
+            let entry = entry.map_err(list_error)?;
+            let Ok(file_name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if let Some(kind) = self.classify(&file_name) {
+                files.push((file_name, kind, entry.path()));
+            }
+        }
+        Ok(files)
     }
 
     pub(super) fn classify(&self, file_name: &str) -> Option<FileKind> {
@@ -449,5 +502,32 @@ mod tests {
         assert_eq!(names.classify("t.diskqueue.000007.dat"), None);
         assert_eq!(names.classify("t:c.diskqueue..dat"), None);
         assert_eq!(names.classify("t:c.diskqueue.000007.dat.tmp"), None);
+    }
+
+    #[test]
+    fn file_stems_encode_the_name() {
+        assert_eq!(file_stem("orders"), "orders");
+        assert_eq!(file_stem("orders_v2-x:archive"), "orders_v2-x:archive");
+        assert_eq!(file_stem("."), "%2E");
+        assert_eq!(file_stem(".."), "%2E%2E");
+        assert_eq!(file_stem("Orders.v1"), "%4Frders%2Ev1");
+        assert_eq!(file_stem("t:c#ephemeral"), "t:c%23ephemeral");
+        assert_eq!(file_stem("a/b"), "a%2Fb");
+        // Names differing only in case or in `.` get distinct stems, also when the file
+        // system folds case.
+        let folded = |n: &str| file_stem(n).to_ascii_lowercase();
+        assert_ne!(folded("Orders"), folded("orders"));
+        assert_ne!(folded("a.b"), folded("a_b"));
+        let names = Names::new(Path::new("/d"), "..");
+        assert_eq!(
+            names.segment(0),
+            Path::new("/d/%2E%2E.diskqueue.000000.dat").to_path_buf()
+        );
+        assert!(Names::verbatim(Path::new("/d"), "orders").is_none());
+        let old = Names::verbatim(Path::new("/d"), "a.b").unwrap();
+        assert_eq!(
+            Names::new(Path::new("/d"), "a.b").renamed_from(&old, "a.b.diskqueue.meta"),
+            Some(Path::new("/d/a%2Eb.diskqueue.meta").to_path_buf())
+        );
     }
 }

@@ -3,9 +3,12 @@
 //!
 //! # Files
 //!
-//! Queue `name` keeps its records in segment files `<name>.diskqueue.<n>.dat` (`n` with at least
-//! six digits, counting up from 0), a snapshot of where it stands in `<name>.diskqueue.meta`
-//! and what happened since that snapshot in `<name>.diskqueue.journal.<0|1>`. Every segment
+//! Queue `name` keeps its records in segment files `<stem>.diskqueue.<n>.dat` (`n` with at least
+//! six digits, counting up from 0), a snapshot of where it stands in `<stem>.diskqueue.meta`
+//! and what happened since that snapshot in `<stem>.diskqueue.journal.<0|1>`, where the stem
+//! is an encoding of the name that any name can take ([`file::file_stem`]: `orders` is
+//! `orders`, `..` is `%2E%2E`). Files a queue left under its verbatim name (knsq before the
+//! encoding, or nsqd's layout) are renamed to the encoded one when it opens. Every segment
 //! starts with an 8-byte header (magic and format version) followed by records; the exact
 //! layouts are in the [`record`], [`meta`] and [`journal`] modules. A 200-byte message takes
 //! 229 bytes.
@@ -287,12 +290,15 @@ impl DiskQueue {
         name: &str,
         options: DiskQueueOptions,
     ) -> Result<(DiskQueue, OpenReport), StorageError> {
-        if name.is_empty() || name.contains(['/', '\\', '\0']) || name == "." || name == ".." {
+        if name.is_empty() {
             return Err(StorageError::InvalidName {
                 name: name.to_string(),
             });
         }
         let names = Names::new(dir, name);
+        if let Some(verbatim) = Names::verbatim(dir, name) {
+            recovery::rename_verbatim_files(&verbatim, &names)?;
+        }
         let recovered = recover(&names, &options)?;
         let state = recovered.state;
         let report = recovered.report;
@@ -572,26 +578,13 @@ impl DiskQueue {
 
     /// Deletes all files of the queue: segments, set-aside damage, metadata and journals.
     pub(crate) fn delete(self) -> Result<(), StorageError> {
-        let dir = self.names.dir().to_path_buf();
         let names = self.names.clone();
         // A sync job still running writes nothing once this is set.
         sync::mark_deleted(&self.io);
         drop(self);
-        let entries = std::fs::read_dir(&dir).map_err(|source| StorageError::ListDir {
-            path: dir.clone(),
-            source,
-        })?;
         let mut first_error = None;
-        for entry in entries {
-            let entry = entry.map_err(|source| StorageError::ListDir {
-                path: dir.clone(),
-                source,
-            })?;
-            let ours = entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| names.classify(n).is_some());
-            if ours && let Err(e) = remove_if_present(&entry.path()) {
+        for (_, _, path) in names.files()? {
+            if let Err(e) = remove_if_present(&path) {
                 first_error.get_or_insert(e);
             }
         }

@@ -16,7 +16,7 @@
 //! - Segments before the read position (consumed, but not yet deleted when the process died)
 //!   are removed, and so are left-over metadata temp files.
 
-use super::file::{FileKind, Names, QueueFile, remove_if_present};
+use super::file::{FaultSwitch, FileKind, Names, QueueFile, remove_if_present, rename, sync_dir};
 use super::journal;
 use super::meta::{Loaded, Meta};
 use super::progress::Resume;
@@ -47,30 +47,40 @@ pub(super) struct Recovered {
 
 /// Reads the snapshot, its journal and the directory, repairs what needs it and tells where the
 /// queue stands.
+/// Renames the files a queue has under its verbatim name (`verbatim`) to its encoded names
+/// (`names`), so that a data directory written before names were encoded keeps its messages.
+/// Each file is renamed on its own; after a crash half-way the next open renames the rest.
+pub(super) fn rename_verbatim_files(verbatim: &Names, names: &Names) -> Result<(), StorageError> {
+    let mut renamed = 0usize;
+    for (file_name, _, path) in verbatim.files()? {
+        if let Some(to) = names.renamed_from(verbatim, &file_name) {
+            rename(&path, &to)?;
+            renamed += 1;
+        }
+    }
+    let dir = names.dir();
+    if renamed > 0 {
+        sync_dir(dir, &FaultSwitch::default())?;
+        tracing::info!(
+            files = renamed,
+            dir = %dir.display(),
+            "disk queue files renamed to the encoded form of their queue's name"
+        );
+    }
+    Ok(())
+}
+
 pub(super) fn recover(
     names: &Names,
     options: &DiskQueueOptions,
 ) -> Result<Recovered, StorageError> {
     let mut segments = BTreeSet::new();
-    let dir = names.dir();
-    let entries = std::fs::read_dir(dir).map_err(|source| StorageError::ListDir {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| StorageError::ListDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let file_name = entry.file_name();
-        let Some(file_name) = file_name.to_str() else {
-            continue;
-        };
-        match names.classify(file_name) {
-            Some(FileKind::Segment(n)) => {
+    for (_, kind, path) in names.files()? {
+        match kind {
+            FileKind::Segment(n) => {
                 segments.insert(n);
             }
-            Some(FileKind::MetaTemp) => remove_if_present(&entry.path())?,
+            FileKind::MetaTemp => remove_if_present(&path)?,
             _ => {}
         }
     }

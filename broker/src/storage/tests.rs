@@ -976,14 +976,62 @@ fn delete_removes_every_file_of_the_queue_and_only_those() {
 }
 
 #[test]
-fn names_that_are_not_file_names_are_refused() {
+fn any_name_is_a_queue_of_its_own_and_only_the_empty_name_is_refused() {
     let dir = TempDir::new().unwrap();
-    for name in ["", "a/b", ".."] {
-        assert!(matches!(
-            DiskQueue::open(dir.path(), name, options(1000)),
-            Err(StorageError::InvalidName { .. })
-        ));
+    assert!(matches!(
+        DiskQueue::open(dir.path(), "", options(1000)),
+        Err(StorageError::InvalidName { .. })
+    ));
+    let names = [".", "..", "a.b", "a_b", "A.b", "a/b", "t:c#ephemeral"];
+    for (i, name) in names.iter().enumerate() {
+        let (mut queue, _) = DiskQueue::open(dir.path(), name, options(1000)).unwrap();
+        queue.append(&plains(i as u64..i as u64 + 1, 10)).unwrap();
+        queue.sync().unwrap();
     }
+    for (i, name) in names.iter().enumerate() {
+        let (mut queue, _) = DiskQueue::open(dir.path(), name, options(1000)).unwrap();
+        assert_eq!(
+            consume_all(&mut queue),
+            plains(i as u64..i as u64 + 1, 10),
+            "{name}"
+        );
+    }
+    // Nothing outside the directory, no hidden files.
+    assert!(files_ending(&dir, "").iter().all(|n| !n.starts_with('.')));
+}
+
+#[test]
+fn files_named_after_the_queue_verbatim_are_taken_over() {
+    let dir = TempDir::new().unwrap();
+    let encoded = DiskQueue::open(dir.path(), "Orders.v1", options(1000))
+        .unwrap()
+        .0;
+    drop(encoded);
+    let (mut queue, _) = DiskQueue::open(dir.path(), "x", options(1000)).unwrap();
+    queue.append(&plains(0..3, 10)).unwrap();
+    queue.sync().unwrap();
+    drop(queue);
+    // Give queue "x"'s files the verbatim name of "Orders.v1", as an older data directory has.
+    for file in std::fs::read_dir(dir.path()).unwrap() {
+        let name = file.unwrap().file_name().into_string().unwrap();
+        if let Some(rest) = name.strip_prefix("x.diskqueue.") {
+            std::fs::rename(
+                dir.path().join(&name),
+                dir.path().join(format!("Orders.v1.diskqueue.{rest}")),
+            )
+            .unwrap();
+        } else if name.starts_with("%4Frders%2Ev1.") {
+            std::fs::remove_file(dir.path().join(&name)).unwrap();
+        }
+    }
+    let (mut queue, _) = DiskQueue::open(dir.path(), "Orders.v1", options(1000)).unwrap();
+    assert_eq!(queue.depth(), 3);
+    assert_eq!(consume_all(&mut queue), plains(0..3, 10));
+    assert!(
+        files_ending(&dir, "")
+            .iter()
+            .all(|n| !n.starts_with("Orders"))
+    );
 }
 
 #[test]

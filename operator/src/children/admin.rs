@@ -9,7 +9,7 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use super::pod::{ProbeTarget, Workload, pod_template};
+use super::pod::{Health, ProbeTarget, Workload, pod_template};
 use super::{
     ADMIN_HTTP, Component, LOOKUPD_HTTP, child_meta, client_service, labels, selector_labels,
 };
@@ -67,6 +67,7 @@ pub fn admin_children(cluster: &NSQCluster) -> Result<AdminChildren, Violation> 
             env: Vec::new(),
             ports: component.ports(cluster),
             probe: ProbeTarget::Http(ADMIN_HTTP),
+            health: Health::PING,
             metrics_port: None,
             checksum: None,
             termination_grace_period_seconds: 30,

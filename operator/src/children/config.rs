@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use super::{Component, child_meta, cluster_labels};
-use crate::crd::NSQCluster;
+use super::{Component, LOOKUPD_GRPC, child_meta, cluster_labels};
+use crate::crd::{NSQCluster, UpdateStrategy};
 
 /// One setting: the command-line flag it feeds and the ConfigMap key (and environment variable)
 /// holding its value. The TLS Secrets' names are not settings: they are in the pod template
@@ -33,7 +33,8 @@ fn setting(flag: &'static str, key: &'static str, value: impl ToString) -> Setti
 pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Setting> {
     match component {
         Component::Broker => {
-            let s = &cluster.spec.broker.settings;
+            let broker = &cluster.spec.broker;
+            let s = &broker.settings;
             let mut settings = vec![
                 setting("mem-queue-size", "BROKER_MEM_QUEUE_SIZE", s.mem_queue_size),
                 setting("msg-timeout", "BROKER_MSG_TIMEOUT", &s.msg_timeout),
@@ -47,6 +48,33 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
                 setting("max-rdy-count", "BROKER_MAX_RDY_COUNT", s.max_rdy_count),
                 setting("sync-every", "BROKER_SYNC_EVERY", s.sync_every),
                 setting("sync-timeout", "BROKER_SYNC_TIMEOUT", &s.sync_timeout),
+                // How a broker stops: together with the pods' grace period (a CEL rule checks
+                // the budget fits).
+                setting(
+                    "shutdown-delay",
+                    "BROKER_SHUTDOWN_DELAY",
+                    &broker.shutdown_delay,
+                ),
+                setting(
+                    "shutdown-timeout",
+                    "BROKER_SHUTDOWN_TIMEOUT",
+                    &broker.shutdown_timeout,
+                ),
+                setting(
+                    "drain-timeout",
+                    "BROKER_DRAIN_TIMEOUT",
+                    &broker.drain_timeout,
+                ),
+                setting("sigterm", "BROKER_SIGTERM", broker.update_strategy.as_str()),
+                // A broker the operator drained for a scale-down stays up, idle, until the
+                // StatefulSet is lowered: exiting, it would be restarted as a fresh broker
+                // taking messages again. Not with SIGTERM draining, where a drained broker
+                // staying up would only wait to be killed at the end of its grace period.
+                setting(
+                    "stay-up-when-drained",
+                    "BROKER_STAY_UP_WHEN_DRAINED",
+                    broker.update_strategy == UpdateStrategy::CleanShutdown,
+                ),
             ];
             // Optional ones only when set: a new key would roll the pods of existing clusters.
             settings.extend(s.snappy.map(|v| setting("snappy", "BROKER_SNAPPY", v)));
@@ -109,6 +137,25 @@ pub(crate) fn settings(cluster: &NSQCluster, component: Component) -> Vec<Settin
     }
 }
 
+/// The ConfigMap key (and the brokers' environment variable, which `knsq-broker` reads as its
+/// `--lookupd-grpc-address` list) holding every lookupd pod's gRPC address. Outside the
+/// brokers' checksum: a broker takes the list at start, and the operator hands running brokers
+/// a changed list over HTTP, so scaling the lookupds restarts no broker.
+pub const LOOKUPD_ADDRESSES_KEY: &str = "KNSQ_LOOKUPD_GRPC_ADDRESSES";
+
+/// The lookupd gRPC addresses brokers register with: each lookupd pod's stable DNS name.
+pub fn lookupd_addresses(cluster: &NSQCluster) -> Vec<String> {
+    (0..cluster.spec.lookupd.replicas)
+        .map(|i| {
+            format!(
+                "{}:{}",
+                Component::Lookupd.pod_host(cluster, i),
+                LOOKUPD_GRPC.port
+            )
+        })
+        .collect()
+}
+
 /// Name of the cluster's ConfigMap.
 pub(crate) fn config_map_name(cluster: &NSQCluster) -> String {
     format!("{}-config", cluster.name_any())
@@ -116,11 +163,15 @@ pub(crate) fn config_map_name(cluster: &NSQCluster) -> String {
 
 /// The ConfigMap holding the settings of both components.
 pub fn config_map(cluster: &NSQCluster) -> ConfigMap {
-    let data = Component::STATEFUL
+    let mut data: BTreeMap<String, String> = Component::STATEFUL
         .into_iter()
         .flat_map(|c| settings(cluster, c))
         .map(|s| (s.key.to_owned(), s.value))
         .collect();
+    data.insert(
+        LOOKUPD_ADDRESSES_KEY.to_owned(),
+        lookupd_addresses(cluster).join(","),
+    );
     ConfigMap {
         metadata: child_meta(cluster, config_map_name(cluster), cluster_labels(cluster)),
         data: Some(data),
@@ -170,10 +221,19 @@ mod tests {
         let cm = config_map(&cluster(NSQClusterSpec::default()));
         assert_eq!(cm.metadata.name.as_deref(), Some("events-config"));
         let data = cm.data.expect("data");
-        assert_eq!(data.len(), 10);
+        assert_eq!(data.len(), 16);
+        assert_eq!(data["BROKER_STAY_UP_WHEN_DRAINED"], "true");
         assert!(
             !data.contains_key("BROKER_MAX_ATTEMPTS"),
             "no limit unless set"
+        );
+        assert_eq!(data["BROKER_SHUTDOWN_DELAY"], "10s");
+        assert_eq!(data["BROKER_SHUTDOWN_TIMEOUT"], "20s");
+        assert_eq!(data["BROKER_DRAIN_TIMEOUT"], "30s");
+        assert_eq!(data["BROKER_SIGTERM"], "clean-shutdown");
+        assert_eq!(
+            data[LOOKUPD_ADDRESSES_KEY],
+            "events-lookupd-0.events-lookupd-headless.prod.svc:4160,events-lookupd-1.events-lookupd-headless.prod.svc:4160,events-lookupd-2.events-lookupd-headless.prod.svc:4160"
         );
         assert_eq!(data["BROKER_MEM_QUEUE_SIZE"], "10000");
         assert_eq!(data["BROKER_MSG_TIMEOUT"], "60s");
@@ -211,6 +271,37 @@ mod tests {
     }
 
     #[test]
+    fn scaling_lookupds_changes_no_checksum() {
+        let base = config_map(&cluster(NSQClusterSpec::default()));
+        let mut spec = NSQClusterSpec::default();
+        spec.lookupd.replicas = 1;
+        let scaled = config_map(&cluster(spec));
+        assert_ne!(base.data, scaled.data);
+        for component in Component::STATEFUL {
+            assert_eq!(
+                config_checksum(&base, component),
+                config_checksum(&scaled, component)
+            );
+        }
+    }
+
+    #[test]
+    fn drain_strategy_is_a_setting() {
+        let mut spec = NSQClusterSpec::default();
+        let base = config_map(&cluster(spec.clone()));
+        spec.broker.update_strategy = crate::crd::UpdateStrategy::Drain;
+        let drain = config_map(&cluster(spec));
+        assert_eq!(
+            drain.data.as_ref().expect("data")["BROKER_SIGTERM"],
+            "drain"
+        );
+        assert_ne!(
+            config_checksum(&base, Component::Broker),
+            config_checksum(&drain, Component::Broker)
+        );
+    }
+
+    #[test]
     fn optional_settings_and_tls_only_when_set() {
         let mut spec = NSQClusterSpec::default();
         spec.broker.settings.deflate = Some(false);
@@ -225,7 +316,7 @@ mod tests {
             secret_name: "events-mtls".to_owned(),
         });
         let data = config_map(&cluster(spec)).data.expect("data");
-        assert_eq!(data.len(), 15);
+        assert_eq!(data.len(), 21);
         assert_eq!(data["BROKER_DEFLATE"], "false");
         assert_eq!(data["BROKER_MAX_ATTEMPTS"], "5");
         assert!(!data.contains_key("BROKER_SNAPPY"));

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod handoff;
 mod monitor;
 mod pdb;
 mod pod;
@@ -23,13 +24,17 @@ use crate::crd::Violation;
 use crate::crd::{NSQCluster, PodSettings};
 
 pub use admin::{ADMIN_IMAGE, AdminChildren, admin_children};
-pub use config::{config_checksum, config_map};
+pub use config::{LOOKUPD_ADDRESSES_KEY, config_checksum, config_map, lookupd_addresses};
+pub use handoff::{
+    CLAIM_LABEL, HANDOFF_COMPONENT, broker_claim_name, claim_ordinal, handoff_job,
+    handoff_job_name, handoff_labels,
+};
 pub use monitor::{MONITORING_API_VERSION, service_monitor};
 pub use pdb::pod_disruption_budget;
 pub use rules::prometheus_rule;
 pub use services::{client_service, headless_service};
 pub(crate) use statefulset::{CLUSTER_TLS_VOLUME, DATA_VOLUME, TLS_VOLUME, reserved_env};
-pub use statefulset::{broker_statefulset, lookupd_statefulset};
+pub use statefulset::{TEMPLATE_HASH_ANNOTATION, broker_statefulset, lookupd_statefulset};
 
 /// Pod annotation holding a digest of a component's settings, so a change restarts its pods.
 pub const CHECKSUM_ANNOTATION: &str = "knsq.io/config-checksum";
@@ -68,6 +73,12 @@ pub const BROKER_HTTPS: PortSpec = PortSpec {
     name: "https",
     port: 4152,
     app_protocol: "https",
+};
+/// Broker-to-broker gRPC: drained brokers hand their messages off to their peers here.
+pub const BROKER_HANDOFF: PortSpec = PortSpec {
+    name: "handoff",
+    port: 4153,
+    app_protocol: "kubernetes.io/h2c",
 };
 pub const LOOKUPD_GRPC: PortSpec = PortSpec {
     name: "grpc",
@@ -122,8 +133,13 @@ impl Component {
     /// Every port the component's container listens on.
     pub fn ports(self, cluster: &NSQCluster) -> Vec<PortSpec> {
         match self {
-            Component::Broker | Component::Admin => self.client_ports(cluster),
-            Component::Lookupd => vec![lookupd_grpc(cluster), LOOKUPD_HTTP],
+            Component::Broker => {
+                let mut ports = self.client_ports(cluster);
+                ports.push(cluster_grpc(cluster, BROKER_HANDOFF));
+                ports
+            }
+            Component::Admin => self.client_ports(cluster),
+            Component::Lookupd => vec![cluster_grpc(cluster, LOOKUPD_GRPC), LOOKUPD_HTTP],
         }
     }
 
@@ -165,15 +181,16 @@ impl Component {
     }
 }
 
-/// The lookupds' gRPC port: HTTP/2 in clear text, or over TLS (`https`) with `spec.clusterTls`.
-fn lookupd_grpc(cluster: &NSQCluster) -> PortSpec {
+/// A gRPC port between knsq's own servers (registration, handoff): HTTP/2 in clear text, or
+/// over TLS (`https`) with `spec.clusterTls`.
+fn cluster_grpc(cluster: &NSQCluster, port: PortSpec) -> PortSpec {
     if cluster.spec.cluster_tls.is_some() {
         PortSpec {
             app_protocol: "https",
-            ..LOOKUPD_GRPC
+            ..port
         }
     } else {
-        LOOKUPD_GRPC
+        port
     }
 }
 

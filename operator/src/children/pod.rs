@@ -23,14 +23,50 @@ const RUN_AS: i64 = 65532;
 /// What the kubelet's probes hit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum ProbeTarget {
-    /// `GET /ping` on a port.
+    /// An HTTP `GET` on a port.
     Http(PortSpec),
-    /// `GET /ping` over TLS (the kubelet does not verify the certificate).
+    /// An HTTPS `GET` (the kubelet does not verify the certificate).
     Https(PortSpec),
     /// A TCP connect: brokers requiring client certificates refuse the kubelet's HTTPS, since it
     /// cannot show one.
     Tcp(PortSpec),
 }
+
+/// The endpoints behind a component's probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Health {
+    /// Readiness: whether the Service may send the pod clients.
+    pub(super) readiness: &'static str,
+    /// Failed readiness checks in a row before the pod leaves its Services.
+    pub(super) readiness_failures: i32,
+    /// Liveness: whether the process still serves; failing it restarts the container.
+    pub(super) liveness: &'static str,
+    /// A startup probe on this path holds liveness back while the process starts (a broker
+    /// recovering a large disk queue).
+    pub(super) startup: Option<&'static str>,
+}
+
+impl Health {
+    /// nsqlookupd's and nsqadmin's one health check, `/ping`.
+    pub(super) const PING: Health = Health {
+        readiness: "/ping",
+        readiness_failures: 2,
+        liveness: "/ping",
+        startup: None,
+    };
+    /// The broker keeps `/ping` as nsqd's disk health: a full disk must not restart it, and a
+    /// draining or stopping broker must leave its Services at once.
+    pub(super) const BROKER: Health = Health {
+        readiness: "/readyz",
+        readiness_failures: 1,
+        liveness: "/livez",
+        startup: Some("/livez"),
+    };
+}
+
+/// A startup probe's allowance: an hour of checks every 5 s.
+const STARTUP_PERIOD: i32 = 5;
+const STARTUP_FAILURES: i32 = 720;
 
 /// What differs between the components' pods.
 pub(super) struct Workload<'a> {
@@ -43,6 +79,7 @@ pub(super) struct Workload<'a> {
     pub(super) env: Vec<EnvVar>,
     pub(super) ports: Vec<PortSpec>,
     pub(super) probe: ProbeTarget,
+    pub(super) health: Health,
     /// The port serving `/metrics`, announced in the `prometheus.io/*` annotations.
     pub(super) metrics_port: Option<PortSpec>,
     /// Digest of the component's settings: a change rolls the pods.
@@ -66,10 +103,10 @@ pub(super) fn field_env(name: &str, field_path: &str) -> EnvVar {
     }
 }
 
-fn ping_probe(target: ProbeTarget, period_seconds: i32, failure_threshold: i32) -> Probe {
+fn probe(target: ProbeTarget, path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
     // The scheme stays unset (HTTP) for plain probes, as before TLS existed.
     let http_get = |port: PortSpec, scheme: Option<&str>| HTTPGetAction {
-        path: Some("/ping".to_owned()),
+        path: Some(path.to_owned()),
         port: IntOrString::String(port.name.to_owned()),
         scheme: scheme.map(str::to_owned),
         ..HTTPGetAction::default()
@@ -116,6 +153,33 @@ fn default_affinity(cluster: &NSQCluster, component: Component) -> Affinity {
         }),
         ..Affinity::default()
     }
+}
+
+/// What every pod of a component runs with, the handoff Jobs' included: where it may run, as
+/// whom, and with which credentials.
+pub(super) fn pod_basics(pod: &PodSettings) -> PodSpec {
+    let scheduling = &pod.scheduling;
+    PodSpec {
+        node_selector: non_empty_map(scheduling.node_selector.clone()),
+        tolerations: non_empty(scheduling.tolerations.clone()),
+        enable_service_links: Some(false),
+        image_pull_secrets: non_empty(pod.image_pull_secrets.clone()),
+        priority_class_name: pod.priority_class_name.clone(),
+        service_account_name: pod.service_account_name.clone(),
+        security_context: Some(
+            pod.pod_security_context
+                .clone()
+                .unwrap_or_else(default_pod_security_context),
+        ),
+        ..PodSpec::default()
+    }
+}
+
+/// The main container's security context: the user's, or the operator's default.
+pub(super) fn container_security_context(pod: &PodSettings) -> SecurityContext {
+    pod.security_context
+        .clone()
+        .unwrap_or_else(default_security_context)
 }
 
 fn default_pod_security_context() -> PodSecurityContext {
@@ -279,15 +343,20 @@ fn generated(cluster: &NSQCluster, w: Workload<'_>) -> PodTemplateSpec {
         args: Some(w.args),
         env: non_empty(env),
         ports: Some(ports),
-        readiness_probe: Some(ping_probe(w.probe, 5, 2)),
-        liveness_probe: Some(ping_probe(w.probe, 10, 6)),
+        readiness_probe: Some(probe(
+            w.probe,
+            w.health.readiness,
+            5,
+            w.health.readiness_failures,
+        )),
+        liveness_probe: Some(probe(w.probe, w.health.liveness, 10, 6)),
+        startup_probe: w
+            .health
+            .startup
+            .map(|path| probe(w.probe, path, STARTUP_PERIOD, STARTUP_FAILURES)),
         resources: pod.resources.clone(),
         volume_mounts: non_empty(volume_mounts),
-        security_context: Some(
-            pod.security_context
-                .clone()
-                .unwrap_or_else(default_security_context),
-        ),
+        security_context: Some(container_security_context(pod)),
         ..Container::default()
     };
     let mut containers = vec![main];
@@ -298,8 +367,6 @@ fn generated(cluster: &NSQCluster, w: Workload<'_>) -> PodTemplateSpec {
         init_containers: non_empty(pod.init_containers.clone()),
         termination_grace_period_seconds: Some(w.termination_grace_period_seconds),
         volumes: non_empty(volumes),
-        node_selector: non_empty_map(scheduling.node_selector.clone()),
-        tolerations: non_empty(scheduling.tolerations.clone()),
         affinity: Some(
             scheduling
                 .affinity
@@ -307,16 +374,7 @@ fn generated(cluster: &NSQCluster, w: Workload<'_>) -> PodTemplateSpec {
                 .unwrap_or_else(|| default_affinity(cluster, component)),
         ),
         topology_spread_constraints: non_empty(scheduling.topology_spread_constraints.clone()),
-        enable_service_links: Some(false),
-        image_pull_secrets: non_empty(pod.image_pull_secrets.clone()),
-        priority_class_name: pod.priority_class_name.clone(),
-        service_account_name: pod.service_account_name.clone(),
-        security_context: Some(
-            pod.pod_security_context
-                .clone()
-                .unwrap_or_else(default_pod_security_context),
-        ),
-        ..PodSpec::default()
+        ..pod_basics(pod)
     };
     PodTemplateSpec {
         metadata: Some(ObjectMeta {

@@ -126,9 +126,19 @@ mod tests {
                     "http".into(),
                     "TCP".into(),
                     "http".into()
+                ),
+                (
+                    "handoff".into(),
+                    4153,
+                    "handoff".into(),
+                    "TCP".into(),
+                    "kubernetes.io/h2c".into()
                 )
             ]
         );
+        // Clients have no use for the brokers' handoff port.
+        let client = client_service(&cluster(NSQClusterSpec::default()), Component::Broker);
+        assert_eq!(port_summary(&client).len(), 2);
     }
 
     #[test]
@@ -187,9 +197,14 @@ mod tests {
             headless_service(&c, Component::Broker),
         ] {
             let ports = port_summary(&svc);
-            assert_eq!(ports.len(), 3);
             assert_eq!(ports[2], https);
         }
+        // The brokers' handoff runs over the cluster TLS.
+        let handoff = &port_summary(&headless_service(&c, Component::Broker))[3];
+        assert_eq!(
+            (handoff.0.as_str(), handoff.4.as_str()),
+            ("handoff", "https")
+        );
         let grpc = &port_summary(&headless_service(&c, Component::Lookupd))[0];
         assert_eq!((grpc.0.as_str(), grpc.4.as_str()), ("grpc", "https"));
     }

@@ -10,22 +10,25 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
-use super::config::{config_map_name, settings};
-use super::pod::{ProbeTarget, Workload, field_env, non_empty, pod_template};
-use super::{BROKER_HTTP, BROKER_HTTPS, BROKER_TCP, Component, LOOKUPD_GRPC, LOOKUPD_HTTP};
+use sha2::{Digest, Sha256};
+
+use super::config::{LOOKUPD_ADDRESSES_KEY, config_map_name, settings};
+use super::pod::{Health, ProbeTarget, Workload, field_env, non_empty, pod_template};
+use super::{BROKER_HANDOFF, BROKER_HTTP, BROKER_HTTPS, BROKER_TCP, Component};
+use super::{LOOKUPD_GRPC, LOOKUPD_HTTP};
 use super::{child_meta, config_checksum, labels, namespace, selector_labels};
 use crate::crd::{ClientAuthPolicy, NSQCluster};
 use crate::crd::{STORAGE_SIZE_ANNOTATION, Violation};
 
 /// Where a broker keeps its queues.
-const DATA_PATH: &str = "/data";
+pub(crate) const DATA_PATH: &str = "/data";
 pub(crate) const DATA_VOLUME: &str = "data";
 /// The brokers' client TLS Secret (`spec.broker.tls`).
 pub(crate) const TLS_VOLUME: &str = "tls";
 const TLS_PATH: &str = "/etc/knsq/tls";
 /// The broker↔lookupd mutual TLS Secret (`spec.clusterTls`), mounted by both components.
 pub(crate) const CLUSTER_TLS_VOLUME: &str = "cluster-tls";
-const CLUSTER_TLS_PATH: &str = "/etc/knsq/cluster-tls";
+pub(crate) const CLUSTER_TLS_PATH: &str = "/etc/knsq/cluster-tls";
 /// Owner and group (the pods' fsGroup) may read the keys, nobody else.
 const SECRET_MODE: i32 = 0o440;
 
@@ -73,6 +76,7 @@ pub fn lookupd_statefulset(
                 env: Vec::new(),
                 ports: component.ports(cluster),
                 probe: ProbeTarget::Http(LOOKUPD_HTTP),
+                health: Health::PING,
                 metrics_port: Some(LOOKUPD_HTTP),
                 checksum: None,
                 termination_grace_period_seconds: 30,
@@ -86,8 +90,9 @@ pub fn lookupd_statefulset(
 }
 
 /// The broker StatefulSet: a node id from the pod name's ordinal, the stable pod DNS name as
-/// broadcast address, every lookupd pod as a registration target, and data on a claim (or an
-/// emptyDir).
+/// broadcast address, every lookupd pod as a registration target (from the ConfigMap, so the
+/// list changes without a restart), and data on a claim (or an emptyDir). The StatefulSet
+/// carries a digest of its pod template, which tells the operator a rolling update begins.
 pub fn broker_statefulset(
     cluster: &NSQCluster,
     default_image: &str,
@@ -100,16 +105,10 @@ pub fn broker_statefulset(
     let mut args = vec![
         format!("--tcp-address=0.0.0.0:{}", BROKER_TCP.port),
         format!("--http-address=0.0.0.0:{}", BROKER_HTTP.port),
+        format!("--handoff-address=0.0.0.0:{}", BROKER_HANDOFF.port),
         format!("--data-path={DATA_PATH}"),
         "--node-id=$(POD_NAME)".to_owned(),
     ];
-    args.extend((0..cluster.spec.lookupd.replicas).map(|i| {
-        format!(
-            "--lookupd-grpc-address={}:{}",
-            Component::Lookupd.pod_host(cluster, i),
-            LOOKUPD_GRPC.port
-        )
-    }));
     let mut volume_mounts = vec![VolumeMount {
         name: DATA_VOLUME.to_owned(),
         mount_path: DATA_PATH.to_owned(),
@@ -133,12 +132,13 @@ pub fn broker_statefulset(
         tls_volumes.push(secret_volume(TLS_VOLUME, &tls.secret_name, &keys));
     }
     if let Some(tls) = &cluster.spec.cluster_tls {
-        // The lookupd addresses stay the pods' stable DNS names, which the certificate names,
-        // so no --lookupd-tls-server-name is needed.
+        args.extend(lookupd_tls_args());
+        // The handoff listener takes the same certificate, and peers dial it as they dial the
+        // lookupds: the certificate must also name the brokers' pods.
         args.extend([
-            format!("--lookupd-tls-root-ca-file={CLUSTER_TLS_PATH}/ca.crt"),
-            format!("--lookupd-tls-cert={CLUSTER_TLS_PATH}/tls.crt"),
-            format!("--lookupd-tls-key={CLUSTER_TLS_PATH}/tls.key"),
+            format!("--handoff-tls-cert={CLUSTER_TLS_PATH}/tls.crt"),
+            format!("--handoff-tls-key={CLUSTER_TLS_PATH}/tls.key"),
+            format!("--handoff-tls-client-ca-file={CLUSTER_TLS_PATH}/ca.crt"),
         ]);
         let (mount, volume) = cluster_tls_volume(&tls.secret_name);
         volume_mounts.push(mount);
@@ -192,9 +192,10 @@ pub fn broker_statefulset(
                 default_image,
                 command: None,
                 args,
-                env: Vec::new(),
+                env: vec![lookupd_addresses_env(cluster)],
                 ports: component.ports(cluster),
                 probe: broker_probe(cluster),
+                health: Health::BROKER,
                 metrics_port: Some(BROKER_HTTP),
                 checksum: None,
                 termination_grace_period_seconds: spec.termination_grace_period_seconds,
@@ -205,21 +206,69 @@ pub fn broker_statefulset(
             volume_claim_templates,
         },
     )?;
+    let mut annotations =
+        BTreeMap::from([(TEMPLATE_HASH_ANNOTATION.to_owned(), template_hash(&sts))]);
     if !storage.ephemeral {
         // The claim template keeps the size the claims were made with; this is what they were
         // last asked to grow to.
-        sts.metadata.annotations = Some(BTreeMap::from([(
-            STORAGE_SIZE_ANNOTATION.to_owned(),
-            storage.size.0.clone(),
-        )]));
+        annotations.insert(STORAGE_SIZE_ANNOTATION.to_owned(), storage.size.0.clone());
     }
+    sts.metadata.annotations = Some(annotations);
     Ok(sts)
+}
+
+/// Annotation on the broker StatefulSet: a digest of the pod template it was applied with. A
+/// new digest means the pods roll, which the operator then paces one broker at a time.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "knsq.io/template-hash";
+
+fn template_hash(sts: &StatefulSet) -> String {
+    let template = sts
+        .spec
+        .as_ref()
+        .and_then(|s| serde_json::to_vec(&s.template).ok())
+        .unwrap_or_default();
+    Sha256::digest(&template)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The flags with which a broker registers with lookupds requiring mutual TLS. The lookupd
+/// addresses stay the pods' stable DNS names, which the certificate names, so no
+/// `--lookupd-tls-server-name` is needed.
+pub(crate) fn lookupd_tls_args() -> [String; 3] {
+    [
+        format!("--lookupd-tls-root-ca-file={CLUSTER_TLS_PATH}/ca.crt"),
+        format!("--lookupd-tls-cert={CLUSTER_TLS_PATH}/tls.crt"),
+        format!("--lookupd-tls-key={CLUSTER_TLS_PATH}/tls.key"),
+    ]
+}
+
+/// The broker reads its lookupd list from this variable when no `--lookupd-grpc-address` is
+/// given; it comes from the ConfigMap, so a new list reaches new pods without a new template.
+fn lookupd_addresses_env(cluster: &NSQCluster) -> EnvVar {
+    EnvVar {
+        name: LOOKUPD_ADDRESSES_KEY.to_owned(),
+        value_from: Some(EnvVarSource {
+            config_map_key_ref: Some(ConfigMapKeySelector {
+                name: config_map_name(cluster),
+                key: LOOKUPD_ADDRESSES_KEY.to_owned(),
+                ..ConfigMapKeySelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
 }
 
 /// Names of the pod's volumes, containers and environment variables the operator sets for a
 /// component; the user's must not reuse them.
 pub(crate) fn reserved_env(cluster: &NSQCluster, component: Component) -> Vec<String> {
     let mut names = vec!["POD_NAME".to_owned()];
+    if component == Component::Broker {
+        names.push(LOOKUPD_ADDRESSES_KEY.to_owned());
+    }
     names.extend(
         settings(cluster, component)
             .into_iter()
@@ -228,8 +277,8 @@ pub(crate) fn reserved_env(cluster: &NSQCluster, component: Component) -> Vec<St
     names
 }
 
-/// The cluster TLS Secret as both components mount it.
-fn cluster_tls_volume(secret_name: &str) -> (VolumeMount, Volume) {
+/// The cluster TLS Secret as both components (and the handoff Jobs) mount it.
+pub(crate) fn cluster_tls_volume(secret_name: &str) -> (VolumeMount, Volume) {
     (
         secret_mount(CLUSTER_TLS_VOLUME, CLUSTER_TLS_PATH),
         secret_volume(
@@ -396,11 +445,9 @@ mod tests {
                 "--broadcast-address=$(POD_NAME).events-broker-headless.prod.svc",
                 "--tcp-address=0.0.0.0:4150",
                 "--http-address=0.0.0.0:4151",
+                "--handoff-address=0.0.0.0:4153",
                 "--data-path=/data",
                 "--node-id=$(POD_NAME)",
-                "--lookupd-grpc-address=events-lookupd-0.events-lookupd-headless.prod.svc:4160",
-                "--lookupd-grpc-address=events-lookupd-1.events-lookupd-headless.prod.svc:4160",
-                "--lookupd-grpc-address=events-lookupd-2.events-lookupd-headless.prod.svc:4160",
                 "--mem-queue-size=$(BROKER_MEM_QUEUE_SIZE)",
                 "--msg-timeout=$(BROKER_MSG_TIMEOUT)",
                 "--max-msg-timeout=$(BROKER_MAX_MSG_TIMEOUT)",
@@ -409,6 +456,11 @@ mod tests {
                 "--max-rdy-count=$(BROKER_MAX_RDY_COUNT)",
                 "--sync-every=$(BROKER_SYNC_EVERY)",
                 "--sync-timeout=$(BROKER_SYNC_TIMEOUT)",
+                "--shutdown-delay=$(BROKER_SHUTDOWN_DELAY)",
+                "--shutdown-timeout=$(BROKER_SHUTDOWN_TIMEOUT)",
+                "--drain-timeout=$(BROKER_DRAIN_TIMEOUT)",
+                "--sigterm=$(BROKER_SIGTERM)",
+                "--stay-up-when-drained=$(BROKER_STAY_UP_WHEN_DRAINED)",
             ]
         );
         let env = container(&sts).env.expect("env");
@@ -437,16 +489,59 @@ mod tests {
     }
 
     #[test]
-    fn broker_follows_the_lookupd_count() {
+    fn lookupds_come_from_the_config_map_so_scaling_them_restarts_no_broker() {
+        let base = build_broker(NSQClusterSpec::default());
+        let env = container(&base).env.expect("env");
+        let lookupds = env
+            .iter()
+            .find(|e| e.name == "KNSQ_LOOKUPD_GRPC_ADDRESSES")
+            .and_then(|e| e.value_from.clone())
+            .and_then(|v| v.config_map_key_ref)
+            .expect("configMapKeyRef");
+        assert_eq!(
+            (lookupds.name.as_str(), lookupds.key.as_str()),
+            ("events-config", "KNSQ_LOOKUPD_GRPC_ADDRESSES")
+        );
         let mut spec = NSQClusterSpec::default();
         spec.lookupd.replicas = 1;
-        let args = container(&build_broker(spec)).args.expect("args");
+        let scaled = build_broker(spec);
         assert_eq!(
-            args.iter()
-                .filter(|a| a.starts_with("--lookupd-grpc-address="))
-                .count(),
-            1
+            base.spec.as_ref().map(|s| &s.template),
+            scaled.spec.as_ref().map(|s| &s.template)
         );
+        assert_eq!(
+            base.metadata
+                .annotations
+                .as_ref()
+                .map(|a| &a[TEMPLATE_HASH_ANNOTATION]),
+            scaled
+                .metadata
+                .annotations
+                .as_ref()
+                .map(|a| &a[TEMPLATE_HASH_ANNOTATION])
+        );
+    }
+
+    #[test]
+    fn template_hash_follows_the_pod_template() {
+        let hash = |spec: NSQClusterSpec| {
+            build_broker(spec)
+                .metadata
+                .annotations
+                .expect("annotations")[TEMPLATE_HASH_ANNOTATION]
+                .clone()
+        };
+        let base = hash(NSQClusterSpec::default());
+        assert_eq!(base.len(), 16);
+        let mut scaled = NSQClusterSpec::default();
+        scaled.broker.replicas = 7;
+        assert_eq!(hash(scaled), base, "replicas are not the template");
+        let mut image = NSQClusterSpec::default();
+        image.broker.pod.image = Some("example/broker:2".to_owned());
+        assert_ne!(hash(image), base);
+        let mut settings = NSQClusterSpec::default();
+        settings.broker.shutdown_delay = "1s".to_owned();
+        assert_ne!(hash(settings), base, "through the settings checksum");
     }
 
     #[test]
@@ -508,10 +603,22 @@ mod tests {
         spec.broker.termination_grace_period_seconds = 300;
         let sts = build_broker(spec);
         let c = container(&sts);
-        for probe in [c.readiness_probe.clone(), c.liveness_probe.clone()] {
-            let get = probe.and_then(|p| p.http_get).expect("httpGet");
-            assert_eq!(get.path.as_deref(), Some("/ping"));
+        // Readiness follows draining and stopping; liveness only whether the process serves
+        // (a full disk is /ping's business, and must not restart the broker); the startup
+        // probe gives a large disk queue an hour to recover.
+        for (probe, path, period, failures) in [
+            (c.readiness_probe.clone(), "/readyz", 5, 1),
+            (c.liveness_probe.clone(), "/livez", 10, 6),
+            (c.startup_probe.clone(), "/livez", 5, 720),
+        ] {
+            let probe = probe.expect("probe");
+            let get = probe.http_get.expect("httpGet");
+            assert_eq!(get.path.as_deref(), Some(path));
             assert_eq!(get.port, IntOrString::String("http".to_owned()));
+            assert_eq!(
+                (probe.period_seconds, probe.failure_threshold),
+                (Some(period), Some(failures))
+            );
         }
         let ports: Vec<_> = c
             .ports
@@ -523,7 +630,8 @@ mod tests {
             ports,
             [
                 (Some("tcp".to_owned()), 4150, Some("TCP".to_owned())),
-                (Some("http".to_owned()), 4151, Some("TCP".to_owned()))
+                (Some("http".to_owned()), 4151, Some("TCP".to_owned())),
+                (Some("handoff".to_owned()), 4153, Some("TCP".to_owned()))
             ]
         );
         assert_eq!(pod(&sts).termination_grace_period_seconds, Some(300));
@@ -702,7 +810,8 @@ mod tests {
             [
                 ("tcp".to_owned(), 4150),
                 ("http".to_owned(), 4151),
-                ("https".to_owned(), 4152)
+                ("https".to_owned(), 4152),
+                ("handoff".to_owned(), 4153)
             ]
         );
     }
@@ -741,12 +850,17 @@ mod tests {
         assert_eq!(volume_keys(&sts, "tls").1, ["tls.crt", "tls.key", "ca.crt"]);
     }
 
-    fn probes(sts: &StatefulSet) -> [Probe; 2] {
+    /// Readiness, liveness and, when there is one, startup.
+    fn probes(sts: &StatefulSet) -> Vec<Probe> {
         let c = container(sts);
         [
-            c.readiness_probe.expect("readiness"),
-            c.liveness_probe.expect("liveness"),
+            c.readiness_probe.clone(),
+            c.liveness_probe.clone(),
+            c.startup_probe.clone(),
         ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     #[test]
@@ -769,12 +883,16 @@ mod tests {
             Some(TlsRequired::TcpHttps),
         ));
 
-        for p in probes(&build_broker(tls_spec(None, Some(TlsRequired::True)))) {
-            let get = p.http_get.expect("httpGet");
-            assert_eq!(get.port, IntOrString::String("https".to_owned()));
-            assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
-            assert_eq!(get.path.as_deref(), Some("/ping"));
-        }
+        let paths: Vec<_> = probes(&build_broker(tls_spec(None, Some(TlsRequired::True))))
+            .into_iter()
+            .map(|p| {
+                let get = p.http_get.expect("httpGet");
+                assert_eq!(get.port, IntOrString::String("https".to_owned()));
+                assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
+                get.path.expect("path")
+            })
+            .collect();
+        assert_eq!(paths, ["/readyz", "/livez", "/livez"]);
 
         // The kubelet has no client certificate to show.
         for policy in [ClientAuthPolicy::Require, ClientAuthPolicy::RequireVerify] {
@@ -803,8 +921,9 @@ mod tests {
             "--lookupd-tls-root-ca-file=/etc/knsq/cluster-tls/ca.crt",
             "--lookupd-tls-cert=/etc/knsq/cluster-tls/tls.crt",
             "--lookupd-tls-key=/etc/knsq/cluster-tls/tls.key",
-            // Still the pods' stable names: the certificate covers them.
-            "--lookupd-grpc-address=events-lookupd-0.events-lookupd-headless.prod.svc:4160",
+            "--handoff-tls-cert=/etc/knsq/cluster-tls/tls.crt",
+            "--handoff-tls-key=/etc/knsq/cluster-tls/tls.key",
+            "--handoff-tls-client-ca-file=/etc/knsq/cluster-tls/ca.crt",
         ] {
             assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
         }

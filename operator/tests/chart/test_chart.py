@@ -151,7 +151,7 @@ def test_cluster_role_is_the_rules_file():
     for needed in [("knsq.io", "nsqclusters"), ("knsq.io", "nsqclusters/status"), ("apps", "statefulsets"), ("", "services"),
                    ("", "configmaps"), ("policy", "poddisruptionbudgets"), ("events.k8s.io", "events"),
                    ("", "persistentvolumeclaims"), ("apps", "deployments"), ("networking.k8s.io", "ingresses"),
-                   ("monitoring.coreos.com", "prometheusrules")]:
+                   ("monitoring.coreos.com", "prometheusrules"), ("", "pods"), ("batch", "jobs")]:
         assert needed in granted
     assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules), "no wildcards"
     assert not any(("", "secrets") == (g, res) for g, res in granted), "the operator reads no Secrets"

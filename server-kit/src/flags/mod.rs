@@ -1,9 +1,12 @@
-//! Flags as nsqd and nsqlookupd take them: Go's syntax ([`parse_go_command_line`]), Go's
-//! durations and booleans, nsqd's log levels, and the error that names a bad flag.
+//! Flags as nsqd and nsqlookupd take them: Go's syntax ([`parse_go_command_line`]), their
+//! TOML config files (`--config`), Go's durations and booleans, nsqd's log levels, and the
+//! error that names a bad flag.
 
+mod config_file;
 mod duration;
 mod go_syntax;
 
+pub use config_file::{ConfigFileError, DURATION, FileOrigins};
 pub use duration::{format_go_duration, parse_go_duration};
 pub use go_syntax::{normalize_go_flags, parse_go_command_line};
 

@@ -86,6 +86,8 @@ pub(crate) async fn serve<R, W>(
         output_buffer_timeout: o.output_buffer_timeout,
         msg_timeout: o.msg_timeout,
         sample_rate: 0,
+        topology_region: String::new(),
+        topology_zone: String::new(),
     };
     let client = Arc::new(Client::new(
         shared.clients.next_id(),

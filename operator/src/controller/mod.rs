@@ -1,17 +1,22 @@
 //! The reconciler: server-side applies every child of an `NSQCluster`, records events for what
-//! changed, and writes the status.
+//! changed, and writes the status. The brokers' day-2 operations (draining scale-downs, paced
+//! rolls, orphaned claims, lookupd changes) are in [`brokers`].
+
+mod brokers;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::{
+    Deployment, RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -22,11 +27,12 @@ use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::children::{
-    AdminChildren, CHECKSUM_ANNOTATION, Children, Component, DATA_VOLUME, DefaultImages, MANAGER,
-    selector_labels,
+    AdminChildren, CHECKSUM_ANNOTATION, Children, Component, DefaultImages, MANAGER,
+    TEMPLATE_HASH_ANNOTATION, lookupd_addresses as lookupd_addresses_of,
 };
 use crate::crd::Violation;
 use crate::crd::{NSQCluster, StorageStatus};
+use crate::knsq_http::KnsqHttp;
 use crate::metrics::Metrics;
 use crate::quantity;
 use crate::status::{self, Observed, Outcome};
@@ -39,6 +45,9 @@ const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// How often claims asked to grow are looked at until their volumes have.
 const RESIZE_POLL: Duration = Duration::from_secs(15);
+/// How often a cluster is looked at while brokers drain, roll or hand off a volume: the
+/// operator follows those through the brokers' HTTP APIs, which send no events.
+const POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -130,6 +139,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub resources: Resources,
+    /// The brokers' and lookupds' own HTTP APIs.
+    pub http: KnsqHttp,
     failures: Mutex<HashMap<ObjectRef<NSQCluster>, u32>>,
 }
 
@@ -151,8 +162,15 @@ impl Context {
             recorder,
             metrics,
             resources,
+            http: KnsqHttp::default(),
             failures: Mutex::default(),
         }
+    }
+
+    /// The same context, reaching knsq's servers through `http` (tests script it).
+    pub fn with_http(mut self, http: KnsqHttp) -> Self {
+        self.http = http;
+        self
     }
 
     /// Consecutive failures of this cluster, after counting one more (or resetting on success).
@@ -215,11 +233,15 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
     let broker_name = Component::Broker.name(cluster);
     let before_lookupd = get_opt(&statefulsets, &lookupd_name).await?;
     let before_broker = get_opt(&statefulsets, &broker_name).await?;
+    let previous = cluster.status.clone().unwrap_or_default();
     let before = Observed {
         lookupd: before_lookupd.as_ref(),
         broker: before_broker.as_ref(),
-        admin: cluster.status.as_ref().and_then(|s| s.admin.clone()),
+        admin: previous.admin.clone(),
         storage: carried_storage(cluster),
+        scale_down: previous.scale_down.clone(),
+        volume_recovery: previous.volume_recovery.clone(),
+        lookupd_addresses: previous.lookupd_addresses.clone(),
     };
 
     if cluster.is_paused() {
@@ -253,12 +275,64 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
             .clone_from(&applied.volume_claim_templates);
     }
 
-    match apply_children(ctx, cluster, &namespace, &children).await {
+    let now = Timestamp::now();
+    let seen = brokers::observe(ctx, cluster, &namespace, before_broker.as_ref()).await?;
+    let scaling = brokers::scale(
+        ctx,
+        cluster,
+        &namespace,
+        before_broker.as_ref(),
+        &seen.pods,
+        now,
+    )
+    .await?;
+    let plan = brokers::recovery_plan(cluster, &seen, scaling.replicas, now);
+    let replicas = plan
+        .hold_below
+        .map_or(scaling.replicas, |h| scaling.replicas.min(h));
+    let hash = children
+        .broker
+        .annotations()
+        .get(TEMPLATE_HASH_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    let partition = brokers::partition(
+        ctx,
+        cluster,
+        &namespace,
+        before_broker.as_ref(),
+        &hash,
+        replicas,
+        &seen.pods,
+    )
+    .await?;
+    if let Some(spec) = children.broker.spec.as_mut() {
+        spec.replicas = Some(replicas);
+        spec.update_strategy = Some(StatefulSetUpdateStrategy {
+            type_: Some("RollingUpdate".to_owned()),
+            rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                partition: Some(partition),
+                ..RollingUpdateStatefulSetStrategy::default()
+            }),
+        });
+    }
+    // A drain under way keeps the broker StatefulSet as it is: rolling a draining broker would
+    // only bring it back serving.
+    let held = before_broker.as_ref().filter(|_| scaling.hold);
+
+    match apply_children(ctx, cluster, &namespace, &children, held).await {
         Ok(applied) => {
+            let broker_change = match held {
+                Some(_) => None,
+                None => Some((Component::Broker, &before_broker, &children.broker)),
+            };
             for (component, before, desired) in [
-                (Component::Lookupd, &before_lookupd, &children.lookupd),
-                (Component::Broker, &before_broker, &children.broker),
-            ] {
+                Some((Component::Lookupd, &before_lookupd, &children.lookupd)),
+                broker_change,
+            ]
+            .into_iter()
+            .flatten()
+            {
                 let related = desired.object_ref(&());
                 for (reason, note) in changes(component, before.as_ref(), desired) {
                     publish(
@@ -272,22 +346,41 @@ async fn reconcile_inner(cluster: &NSQCluster, ctx: &Context) -> Result<Action, 
                     .await;
                 }
             }
+            brokers::recover(ctx, cluster, &namespace, &plan).await?;
             let storage = match &applied_storage {
-                Some(AppliedStorage::Claims { .. }) => {
-                    Some(grow_claims(cluster, ctx, &namespace, &applied.broker).await?)
-                }
+                Some(AppliedStorage::Claims { .. }) => Some(
+                    grow_claims(cluster, ctx, &namespace, &applied.broker, &seen.claims).await?,
+                ),
                 _ => storage_status(cluster, Vec::new()),
             };
             let resizing = storage.as_ref().is_some_and(|s| !s.resizing.is_empty());
+            let lookupd_addresses = brokers::share_lookupds(ctx, cluster, &seen.pods).await;
+            let lookupds_pending = lookupd_addresses != lookupd_addresses_of(cluster);
+            let rolling = partition > 0 || status::rolling(&applied.broker);
+            let busy = scaling.status.is_some()
+                || scaling.restarted
+                || !plan.status.is_empty()
+                || !plan.delete_claims.is_empty()
+                || rolling
+                || lookupds_pending;
             let after = Observed {
                 lookupd: Some(&applied.lookupd),
                 broker: Some(&applied.broker),
                 admin: applied.admin.as_ref().map(status::deployment_status),
                 storage,
+                scale_down: scaling.status,
+                volume_recovery: plan.status,
+                lookupd_addresses,
             };
             write_status(cluster, ctx, &after, &Outcome::Applied).await?;
-            // Volume expansion is reported by the claims, which the operator does not watch.
-            Ok(Action::requeue(if resizing { RESIZE_POLL } else { RESYNC }))
+            Ok(Action::requeue(if busy {
+                POLL
+            } else if resizing {
+                // Volume expansion is reported by the claims, which the operator does not watch.
+                RESIZE_POLL
+            } else {
+                RESYNC
+            }))
         }
         Err(error) => {
             let message = error.chain();
@@ -369,6 +462,7 @@ async fn grow_claims(
     ctx: &Context,
     namespace: &str,
     broker: &StatefulSet,
+    listed: &[PersistentVolumeClaim],
 ) -> Result<StorageStatus, Error> {
     let size = &cluster.spec.broker.storage.size;
     let wanted = quantity::bytes(&size.0).unwrap_or(0.0);
@@ -387,27 +481,13 @@ async fn grow_claims(
         return Ok(storage_status(cluster, Vec::new()).unwrap_or_default());
     }
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
-    let selector = selector_labels(cluster, Component::Broker)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let prefix = format!("{DATA_VOLUME}-{}-", Component::Broker.name(cluster));
-    let listed = claims
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|source| Error::Get {
-            kind: "PersistentVolumeClaim",
-            name: format!("{prefix}*"),
-            source,
-        })?;
     let mut resizing = Vec::new();
-    for claim in listed.items {
+    for claim in listed {
         let name = claim.name_any();
-        if !name.starts_with(&prefix) {
+        if claim.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        if claim_request(&claim).is_some_and(|r| r < wanted) {
+        if claim_request(claim).is_some_and(|r| r < wanted) {
             let patch = json!({"spec": {"resources": {"requests": {"storage": size}}}});
             claims
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -458,7 +538,7 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(MANAGER).force()
 }
 
-async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
+pub(crate) async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
 where
     K: Resource + Serialize + DeserializeOwned + Clone + Debug,
     K::DynamicType: Default,
@@ -531,6 +611,7 @@ async fn apply_children(
     cluster: &NSQCluster,
     namespace: &str,
     children: &Children,
+    held_broker: Option<&StatefulSet>,
 ) -> Result<Applied, Error> {
     let client = &ctx.client;
     apply(
@@ -544,7 +625,10 @@ async fn apply_children(
     }
     let statefulsets = Api::namespaced(client.clone(), namespace);
     let lookupd = apply(&statefulsets, &children.lookupd).await?;
-    let broker = apply(&statefulsets, &children.broker).await?;
+    let broker = match held_broker {
+        Some(live) => live.clone(),
+        None => apply(&statefulsets, &children.broker).await?,
+    };
     for pdb in &children.pdbs {
         let value = serde_json::to_value(pdb).map_err(|source| Error::Encode {
             kind: "PodDisruptionBudget",
@@ -632,7 +716,7 @@ async fn delete_admin(
     Ok(())
 }
 
-fn replicas(sts: &StatefulSet) -> i32 {
+pub(crate) fn replicas(sts: &StatefulSet) -> i32 {
     sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
 }
 
@@ -708,7 +792,7 @@ pub fn changes(
 
 /// Record an event on the cluster; `related` names the child it concerns, which also keeps
 /// events about different children from being merged into one series.
-async fn publish(
+pub(crate) async fn publish(
     ctx: &Context,
     cluster: &NSQCluster,
     type_: EventType,
