@@ -25,9 +25,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, set_log_level: LogLevelSetter) -> Result<(), BrokerError> {
-    let listeners = Listeners::bind(&config.options).await?;
     let stop = CancellationToken::new();
-    tokio::spawn(watch_signals(stop.clone()));
+    let signals = watch_signals(stop.clone());
+    let listeners = Listeners::bind(&config.options).await?;
+    tokio::spawn(signals);
     broker::run(config, listeners, stop, Some(set_log_level)).await
 }
 

@@ -13,8 +13,9 @@ fn main() -> ExitCode {
 
 /// The lookupd has no runtime log level setting; the setter goes unused.
 async fn serve(config: Config, _: LogLevelSetter) -> Result<(), LookupdError> {
-    let listeners = Listeners::bind(&config.options).await?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    let signals = watch_signals(shutdown.clone());
+    let listeners = Listeners::bind(&config.options).await?;
+    tokio::spawn(signals);
     lookupd::run(config, listeners, shutdown).await
 }
