@@ -23,6 +23,7 @@ use crate::storage::{DiskQueue, DiskRecord, StorageError, Ticket};
 use dead_letters::{DeadState, Dying};
 use proto::wire::MessageId;
 use proto::wire::frame::write_message;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -235,7 +236,6 @@ impl Channel {
         if st.deleted {
             return Ok(false);
         }
-        let limit = self.settings.mem_queue_size;
         let mut added = msgs.len();
         // With --sync-publish deferred messages are stored too, to survive a crash.
         let deferred_on_disk = self.settings.sync_publish && st.disk.is_some();
@@ -247,13 +247,9 @@ impl Channel {
                 self.wake_timer_if_earlier(&mut st);
             }
             _ => {
-                let room = match &st.disk {
-                    Some(disk) => {
-                        self.settings
-                            .memory_room(st.queue.len(), disk.has_unread(), msgs.len())
-                    }
-                    None => limit.saturating_sub(st.queue.len()).min(msgs.len()),
-                };
+                let room = self
+                    .settings
+                    .memory_room(st.queue.len(), st.disk.as_ref(), msgs.len());
                 let (memory, spill) = msgs.split_at(room);
                 match st.disk.as_mut() {
                     Some(disk) if !spill.is_empty() => {
@@ -273,35 +269,34 @@ impl Channel {
         Ok(true)
     }
 
-    /// [`Channel::put`] for a batch published together and due at once, which the channel
-    /// queues as it is, shared with the topic's other channels.
-    pub(crate) fn put_batch(&self, batch: &Arc<Batch>) -> Result<bool, StorageError> {
+    /// [`Channel::put`] for messages `range` of a batch published together and due at once,
+    /// which the channel queues as they are, shared with the topic's other channels.
+    pub(crate) fn put_batch(
+        &self,
+        batch: &Arc<Batch>,
+        range: Range<usize>,
+    ) -> Result<bool, StorageError> {
         let mut st = self.lock();
         if st.deleted {
             return Ok(false);
         }
-        let n = batch.len();
-        let room = match &st.disk {
-            Some(disk) => self
-                .settings
-                .memory_room(st.queue.len(), disk.has_unread(), n),
-            None => self
-                .settings
-                .mem_queue_size
-                .saturating_sub(st.queue.len())
-                .min(n),
-        };
+        let n = range.len();
+        let room = self
+            .settings
+            .memory_room(st.queue.len(), st.disk.as_ref(), n);
+        let in_memory = range.start..range.start + room;
         let mut added = n;
         match st.disk.as_mut() {
             Some(disk) if room < n => {
-                let records: Vec<DiskRecord> =
-                    (room..n).map(|i| batch.get(i).to_record(0)).collect();
+                let records: Vec<DiskRecord> = (in_memory.end..range.end)
+                    .map(|i| batch.get(i).to_record(0))
+                    .collect();
                 self.settings.append(disk, &records)?;
             }
             // Ephemeral: what does not fit is dropped, as in nsqd.
             _ => added = room,
         }
-        st.queue.push_run(batch, 0..room);
+        st.queue.push_run(batch, in_memory);
         self.message_count.fetch_add(added as u64, Relaxed);
         self.dispatch(&mut st, Instant::now());
         Ok(true)

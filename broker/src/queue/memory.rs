@@ -1,4 +1,5 @@
-//! The in-memory queue of a channel, and the compact form of a published batch in it.
+//! The in-memory queue of a channel (and of a topic while it holds messages), and the compact
+//! form of a published batch in it.
 //!
 //! An MPUB's messages share their publish time and differ only in ID and body, so a
 //! [`Batch`] keeps them as one body buffer, the end of each body in it and the 64-bit IDs:
@@ -11,6 +12,7 @@ use super::message::Msg;
 use bytes::{Bytes, BytesMut};
 use proto::wire::MessageId;
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Messages published together (one MPUB), as they wait in memory.
@@ -59,8 +61,8 @@ impl Batch {
 }
 
 #[derive(Debug)]
-enum Item {
-    One(Msg),
+enum Item<T> {
+    One(T),
     /// Messages `next..end` of a batch.
     Run {
         batch: Arc<Batch>,
@@ -69,18 +71,40 @@ enum Item {
     },
 }
 
+/// What a queue holds one by one: a message, or a message with what the queue keeps beside it
+/// (a topic keeps its due time). A message of a batch is one of these when it leaves the queue.
+pub(crate) trait Queued: From<Msg> + Clone {}
+
+impl<T: From<Msg> + Clone> Queued for T {}
+
+/// What [`MemQueue::pop_item`] takes from the front: one message, or a run of a batch whole.
+#[derive(Debug)]
+pub(crate) enum Popped<T> {
+    One(T),
+    Run(Arc<Batch>, Range<usize>),
+}
+
 /// A first-in, first-out queue of messages, single or in runs of a batch.
-#[derive(Debug, Default)]
-pub(crate) struct MemQueue {
-    items: VecDeque<Item>,
+#[derive(Debug)]
+pub(crate) struct MemQueue<T = Msg> {
+    items: VecDeque<Item<T>>,
     len: usize,
+}
+
+impl<T> Default for MemQueue<T> {
+    fn default() -> Self {
+        MemQueue {
+            items: VecDeque::new(),
+            len: 0,
+        }
+    }
 }
 
 /// Below this many slots a drained queue keeps its room; above it, room for a burst that
 /// has passed is given back.
 const KEEP_SLOTS: usize = 1024;
 
-impl MemQueue {
+impl<T: Queued> MemQueue<T> {
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -89,24 +113,24 @@ impl MemQueue {
         self.len == 0
     }
 
-    pub(crate) fn push_back(&mut self, msg: Msg) {
+    pub(crate) fn push_back(&mut self, msg: T) {
         self.len += 1;
         self.items.push_back(Item::One(msg));
     }
 
-    pub(crate) fn push_front(&mut self, msg: Msg) {
+    pub(crate) fn push_front(&mut self, msg: T) {
         self.len += 1;
         self.items.push_front(Item::One(msg));
     }
 
-    pub(crate) fn extend(&mut self, msgs: impl IntoIterator<Item = Msg>) {
+    pub(crate) fn extend(&mut self, msgs: impl IntoIterator<Item = T>) {
         for msg in msgs {
             self.push_back(msg);
         }
     }
 
     /// Queues messages `range` of `batch`.
-    pub(crate) fn push_run(&mut self, batch: &Arc<Batch>, range: std::ops::Range<usize>) {
+    pub(crate) fn push_run(&mut self, batch: &Arc<Batch>, range: Range<usize>) {
         if range.is_empty() {
             return;
         }
@@ -119,7 +143,7 @@ impl MemQueue {
         });
     }
 
-    pub(crate) fn pop_front(&mut self) -> Option<Msg> {
+    pub(crate) fn pop_front(&mut self) -> Option<T> {
         let msg = match self.items.front_mut()? {
             Item::One(_) => match self.items.pop_front() {
                 Some(Item::One(msg)) => msg,
@@ -131,14 +155,48 @@ impl MemQueue {
                 if next == end {
                     self.items.pop_front();
                 }
-                msg
+                T::from(msg)
             }
         };
-        self.len -= 1;
+        self.taken(1);
+        Some(msg)
+    }
+
+    /// Takes the first message, or the first run of a batch whole (for moving runs on to
+    /// other queues without making a message of each).
+    pub(crate) fn pop_item(&mut self) -> Option<Popped<T>> {
+        let popped = match self.items.pop_front()? {
+            Item::One(msg) => Popped::One(msg),
+            Item::Run { batch, next, end } => Popped::Run(batch, next as usize..end as usize),
+        };
+        self.taken(match &popped {
+            Popped::One(_) => 1,
+            Popped::Run(_, range) => range.len(),
+        });
+        Some(popped)
+    }
+
+    /// Puts back in front what [`MemQueue::pop_item`] took.
+    pub(crate) fn push_front_item(&mut self, popped: Popped<T>) {
+        match popped {
+            Popped::One(msg) => self.push_front(msg),
+            Popped::Run(batch, range) if !range.is_empty() => {
+                self.len += range.len();
+                self.items.push_front(Item::Run {
+                    batch,
+                    next: range.start as u32,
+                    end: range.end as u32,
+                });
+            }
+            Popped::Run(..) => {}
+        }
+    }
+
+    fn taken(&mut self, n: usize) {
+        self.len -= n;
         if self.len == 0 {
             self.release_room();
         }
-        Some(msg)
     }
 
     pub(crate) fn clear(&mut self) {
@@ -148,7 +206,7 @@ impl MemQueue {
     }
 
     /// Takes up to `n` messages from the front, oldest first.
-    pub(crate) fn drain_front(&mut self, n: usize) -> DrainFront<'_> {
+    pub(crate) fn drain_front(&mut self, n: usize) -> DrainFront<'_, T> {
         DrainFront {
             queue: self,
             left: n,
@@ -156,7 +214,7 @@ impl MemQueue {
     }
 
     /// The first `max` messages, without taking them.
-    pub(crate) fn peek(&self, max: usize) -> Vec<Msg> {
+    pub(crate) fn peek(&self, max: usize) -> Vec<T> {
         let mut out = Vec::with_capacity(max.min(self.len));
         for item in &self.items {
             let left = max - out.len();
@@ -165,7 +223,7 @@ impl MemQueue {
                 Item::One(msg) => out.push(msg.clone()),
                 Item::Run { batch, next, end } => {
                     let upto = (*end as usize).min(*next as usize + left);
-                    out.extend((*next as usize..upto).map(|i| batch.get(i)));
+                    out.extend((*next as usize..upto).map(|i| T::from(batch.get(i))));
                 }
             }
         }
@@ -181,15 +239,15 @@ impl MemQueue {
 }
 
 /// The messages [`MemQueue::drain_front`] takes; those not iterated stay queued.
-pub(crate) struct DrainFront<'a> {
-    queue: &'a mut MemQueue,
+pub(crate) struct DrainFront<'a, T> {
+    queue: &'a mut MemQueue<T>,
     left: usize,
 }
 
-impl Iterator for DrainFront<'_> {
-    type Item = Msg;
+impl<T: Queued> Iterator for DrainFront<'_, T> {
+    type Item = T;
 
-    fn next(&mut self) -> Option<Msg> {
+    fn next(&mut self) -> Option<T> {
         if self.left == 0 {
             return None;
         }
@@ -224,7 +282,7 @@ mod tests {
 
     #[test]
     fn runs_and_single_messages_keep_their_order() {
-        let mut q = MemQueue::default();
+        let mut q: MemQueue = MemQueue::default();
         let single = |n| Msg::new(MessageId::from_u64(n), 0, Bytes::new());
         q.push_back(single(1));
         q.push_run(&batch(10, 4), 1..3);
@@ -246,14 +304,31 @@ mod tests {
     }
 
     #[test]
+    fn items_come_off_whole_and_go_back_in_front() {
+        let mut q: MemQueue = MemQueue::default();
+        let single = |n| Msg::new(MessageId::from_u64(n), 0, Bytes::new());
+        q.push_run(&batch(10, 4), 1..4);
+        q.push_back(single(1));
+        let Some(Popped::Run(run, range)) = q.pop_item() else {
+            panic!("the run comes off first, whole");
+        };
+        assert_eq!((run.len(), range.clone(), q.len()), (4, 1..4, 1));
+        q.push_front_item(Popped::Run(run, range));
+        assert_eq!(q.len(), 4);
+        let ids: Vec<_> = q.drain_front(10).map(|m| m.id).collect();
+        assert_eq!(ids, [11, 12, 13, 1].map(MessageId::from_u64));
+        assert!(q.pop_item().is_none());
+    }
+
+    #[test]
     fn a_queued_message_takes_no_more_room_than_before() {
         // A single message sits in the queue as it did in a `VecDeque<Msg>`.
-        assert_eq!(std::mem::size_of::<Item>(), std::mem::size_of::<Msg>());
+        assert_eq!(std::mem::size_of::<Item<Msg>>(), std::mem::size_of::<Msg>());
     }
 
     #[test]
     fn a_drained_queue_gives_its_room_back() {
-        let mut q = MemQueue::default();
+        let mut q: MemQueue = MemQueue::default();
         for n in 0..5000 {
             q.push_back(Msg::new(MessageId::from_u64(n), 0, Bytes::new()));
         }

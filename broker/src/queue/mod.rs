@@ -277,10 +277,11 @@ impl QueueSettings {
     }
 
     /// Messages that may stay in memory when `in_memory` are queued: none while records wait
-    /// on disk (a queue stays first in, first out), and none in `--sync-publish` mode, where
-    /// every message goes through disk.
-    fn memory_room(&self, in_memory: usize, disk_waiting: bool, wanted: usize) -> usize {
-        if self.sync_publish || disk_waiting {
+    /// on the queue's `disk` (a queue stays first in, first out), and none in `--sync-publish`
+    /// mode, where every message goes through disk. A queue without a disk (ephemeral) has
+    /// `--mem-queue-size`, and drops what does not fit.
+    fn memory_room(&self, in_memory: usize, disk: Option<&DiskQueue>, wanted: usize) -> usize {
+        if disk.is_some_and(|d| self.sync_publish || d.has_unread()) {
             return 0;
         }
         self.mem_queue_size.saturating_sub(in_memory).min(wanted)

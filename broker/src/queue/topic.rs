@@ -10,14 +10,14 @@ use super::consumer::Subscriber;
 use super::dead_letter::{DeadLetterError, DeadLetterSink};
 use super::e2e::Histogram;
 use super::guid::IdGenerator;
-use super::memory::Batch;
+use super::memory::{Batch, MemQueue, Popped};
 use super::message::{Msg, QueuedMessage};
 use super::{Handed, QueueSettings, due_instant, due_unix_ms, unix_nanos};
 use crate::persist::TopicMeta;
 use crate::stats::{E2eStats, TopicStats};
 use crate::storage::{DiskQueue, DiskRecord, StorageError};
 use bytes::Bytes;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -51,19 +51,26 @@ pub(crate) struct Topic {
 #[derive(Debug)]
 struct State {
     channels: BTreeMap<String, Arc<Channel>>,
-    /// Messages waiting for a channel or for the topic to be unpaused; older than those in
-    /// `disk`.
-    pending: VecDeque<Pending>,
+    /// Messages waiting for a channel or for the topic to be unpaused, an MPUB as one run of
+    /// its batch; older than those in `disk`.
+    pending: MemQueue<Pending>,
     disk: Option<DiskQueue>,
     paused: bool,
     deleted: bool,
     ids: IdGenerator,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Pending {
     msg: Msg,
     due: Option<Instant>,
+}
+
+/// A message of a batch: due at once.
+impl From<Msg> for Pending {
+    fn from(msg: Msg) -> Pending {
+        Pending { msg, due: None }
+    }
 }
 
 impl State {
@@ -96,7 +103,7 @@ impl Topic {
             ephemeral,
             state: Mutex::new(State {
                 channels: BTreeMap::new(),
-                pending: VecDeque::new(),
+                pending: MemQueue::default(),
                 disk,
                 paused: false,
                 deleted: false,
@@ -126,17 +133,19 @@ impl Topic {
         let due = (!defer.is_zero()).then(|| Instant::now() + defer);
         let bytes: usize = bodies.iter().map(Bytes::len).sum();
         if bodies.len() > 1 && due.is_none() {
+            // An MPUB is one compact batch, which the channels share or the topic holds.
+            let ids = bodies.iter().map(|_| st.ids.next_raw(now_ns)).collect();
+            let batch = Arc::new(Batch::new(now_ns, ids, bodies));
             self.release(&mut st);
-            if !(st.paused || st.channels.is_empty() || st.holds_messages()) {
-                // An MPUB straight to the channels: one compact batch they all share.
-                let ids = bodies.iter().map(|_| st.ids.next_raw(now_ns)).collect();
-                let batch = Arc::new(Batch::new(now_ns, ids, bodies));
+            if st.paused || st.channels.is_empty() || st.holds_messages() {
+                self.hold_batch(&mut st, &batch)?;
+            } else {
                 for channel in st.channels.values() {
-                    channel.put_batch(&batch)?;
+                    channel.put_batch(&batch, 0..batch.len())?;
                 }
-                self.count(bodies.len(), bytes);
-                return Ok(());
             }
+            self.count(bodies.len(), bytes);
+            return Ok(());
         }
         let msgs: Vec<Msg> = bodies
             .iter()
@@ -179,16 +188,9 @@ impl Topic {
         msgs: Vec<Msg>,
         due: Option<Instant>,
     ) -> Result<(), StorageError> {
-        let room = match st.disk {
-            Some(_) => self
-                .settings
-                .memory_room(st.pending.len(), st.disk_waiting(), msgs.len()),
-            None => self
-                .settings
-                .mem_queue_size
-                .saturating_sub(st.pending.len())
-                .min(msgs.len()),
-        };
+        let room = self
+            .settings
+            .memory_room(st.pending.len(), st.disk.as_ref(), msgs.len());
         if let Some(disk) = st.disk.as_mut()
             && room < msgs.len()
         {
@@ -202,6 +204,22 @@ impl Topic {
         Ok(())
     }
 
+    /// [`Topic::hold`] for an MPUB's batch, which waits in memory as one run.
+    fn hold_batch(&self, st: &mut State, batch: &Arc<Batch>) -> Result<(), StorageError> {
+        let n = batch.len();
+        let room = self
+            .settings
+            .memory_room(st.pending.len(), st.disk.as_ref(), n);
+        if let Some(disk) = st.disk.as_mut()
+            && room < n
+        {
+            let records: Vec<DiskRecord> = (room..n).map(|i| batch.get(i).to_record(0)).collect();
+            self.settings.append(disk, &records)?;
+        }
+        st.pending.push_run(batch, 0..room);
+        Ok(())
+    }
+
     /// Moves waiting messages to the channels: memory first, then disk. A record read from
     /// the topic's disk queue is finished there once the channels have it (and, in
     /// `--sync-publish` mode, once their copies are durable).
@@ -210,19 +228,40 @@ impl Topic {
             return;
         }
         let now = Instant::now();
+        let mut singles = Vec::new();
         loop {
             if st.pending.is_empty() && !self.read_disk(st, RELEASE_BATCH, now) {
                 return;
             }
-            let batch: Vec<Pending> = st.pending.drain(..).collect();
-            if let Err(e) = deliver(&st.channels, &batch) {
+            // Single messages go on a step at a time, runs of a batch whole.
+            let run = loop {
+                match st.pending.pop_item() {
+                    Some(Popped::One(p)) if singles.len() < RELEASE_BATCH => singles.push(p),
+                    item => break item,
+                }
+            };
+            let delivered = deliver(&st.channels, &singles).and_then(|()| match &run {
+                Some(Popped::Run(batch, range)) => st
+                    .channels
+                    .values()
+                    .try_for_each(|c| c.put_batch(batch, range.clone()).map(drop)),
+                _ => Ok(()),
+            });
+            if let Err(e) = delivered {
                 tracing::error!(topic = %self.name, error = %e, "moving messages to channels failed; will retry");
-                for p in batch.into_iter().rev() {
+                if let Some(item) = run {
+                    st.pending.push_front_item(item);
+                }
+                for p in singles.drain(..).rev() {
                     st.pending.push_front(p);
                 }
                 return;
             }
-            for mut p in batch {
+            if let Some(Popped::One(p)) = run {
+                // The step was full: this one starts the next.
+                st.pending.push_front(p);
+            }
+            for mut p in singles.drain(..) {
                 self.settings.finish(&mut st.disk, &mut p.msg, true);
             }
         }
@@ -484,7 +523,7 @@ impl Topic {
             return Ok(());
         };
         let records: Vec<DiskRecord> = pending
-            .drain(..)
+            .drain_front(pending.len())
             .map(|p| p.msg.to_record(p.due.map_or(0, |d| due_unix_ms(d, now))))
             .collect();
         if !records.is_empty() {
@@ -539,8 +578,8 @@ impl Topic {
             }
         }
         st.pending
+            .peek(max)
             .iter()
-            .take(max)
             .map(|p| QueuedMessage::of(&p.msg))
             .collect()
     }
@@ -611,6 +650,9 @@ fn deliver(
     channels: &BTreeMap<String, Arc<Channel>>,
     batch: &[Pending],
 ) -> Result<(), StorageError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
     let ready: Vec<Msg> = batch
         .iter()
         .filter(|p| p.due.is_none())

@@ -268,6 +268,39 @@ async fn pub_mpub_and_dpub_are_answered_ok_and_queued() {
     assert_eq!(h.depth("u"), 1);
 }
 
+/// A topic without channels holds PUBs one by one and MPUBs as runs of their batch, in memory
+/// up to --mem-queue-size and on disk past it; its first channel gets them all, in order.
+#[tokio::test]
+async fn what_a_topic_holds_reaches_its_first_channel_in_order() {
+    let h = Harness::with(|o| o.mem_queue_size = 5);
+    let mut producer = h.connect().await;
+    let mpub = |bodies: &[&'static [u8]]| Command::Mpub {
+        topic: name("t"),
+        bodies: bodies.iter().map(|b| Bytes::from_static(b)).collect(),
+    };
+    producer.send_ok(&publish("t", b"a")).await;
+    producer.send_ok(&mpub(&[b"b", b"c", b"d"])).await;
+    // One fits in memory, the rest of this batch and all after it go to disk.
+    producer.send_ok(&mpub(&[b"e", b"f", b"g"])).await;
+    producer.send_ok(&publish("t", b"h")).await;
+    producer.send_ok(&mpub(&[b"i", b"j"])).await;
+    assert_eq!(h.depth("t"), 10);
+    let topic = h.shared.broker.existing_topic("t").unwrap();
+    let peeked: Vec<String> = topic.peek(3).into_iter().map(|m| m.body).collect();
+    assert_eq!(peeked, ["YQ==", "Yg==", "Yw=="]); // a, b, c in base64
+
+    let mut c = h.subscribed("t", "ch").await;
+    c.send(&Command::Rdy(20)).await;
+    let mut bodies = Vec::new();
+    for _ in 0..10 {
+        let m = c.message().await;
+        bodies.push(String::from_utf8(m.body.to_vec()).unwrap());
+        c.send(&Command::Fin(m.id)).await;
+    }
+    assert_eq!(bodies, ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]);
+    assert_eq!(h.depth("t"), 0);
+}
+
 #[tokio::test]
 async fn bad_publishes_are_fatal_errors() {
     let h = Harness::new();
