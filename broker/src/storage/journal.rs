@@ -5,7 +5,10 @@
 //! Each snapshot has a generation; the entries that continue it go to
 //! `<name>.diskqueue.journal.<generation % 2>`, which is emptied when the snapshot is begun. The
 //! other file still continues the previous snapshot until the new one is durable, so a crash
-//! while a snapshot is written finds the old snapshot with its journal intact.
+//! while a snapshot is written finds the old snapshot with its journal intact, followed by the
+//! new snapshot's journal (what happened while it was being written): recovery replays both.
+//! Snapshots prepared while one of the same generation is still being written share its
+//! journal, which goes on rather than starting again empty.
 //!
 //! Entries are appended with one `pwrite` each and never fsynced: they reach the page cache
 //! before the records they describe reach a consumer, which is what survives a process crash;
@@ -166,8 +169,14 @@ impl Journal {
     }
 
     /// Starts the file continuing the snapshot of `generation`, emptying it. Entries written
-    /// before go on counting for the previous snapshot, in the other file.
+    /// before go on counting for the previous snapshot, in the other file. When the journal
+    /// already continues `generation` (a snapshot of it was begun and is not on disk yet, or
+    /// failed), it goes on: what it holds is still needed if this snapshot does not land
+    /// either.
     pub(super) fn begin(&mut self, names: &Names, generation: u64, faults: &FaultSwitch) {
+        if self.file.is_some() && self.generation == generation {
+            return;
+        }
         self.generation = generation;
         self.len = 0;
         self.file = match QueueFile::open_write(names.journal(generation), true, faults) {

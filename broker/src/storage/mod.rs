@@ -54,7 +54,10 @@
 //! A sync is prepared under the owner's lock ([`DiskQueue::prepare_sync`]), run without it
 //! ([`SyncJob::run`]: fdatasync of what was written, and for a full sync a new snapshot,
 //! replaced atomically), and completed under the lock again ([`DiskQueue::complete_sync`]), so
-//! fsyncs never hold up publishers or consumers. The owner syncs when
+//! fsyncs never hold up publishers or consumers. Several syncs may run at once (a publisher
+//! waiting for its fsync while the timer's full sync runs): none takes for done what an earlier
+//! one is still doing (the directory fsync, a snapshot), and what is handed out or finished
+//! while a snapshot is written is journaled for it (see [`journal`]). The owner syncs when
 //! [`DiskQueue::sync_due`] says so, on its sync timer, before acknowledging a publish in
 //! fsync-before-acknowledge mode, and before dropping the queue at shutdown (dropping does no
 //! I/O). After a process crash nothing written is lost (the kernel still has it); after a
@@ -229,8 +232,11 @@ pub(crate) struct DiskQueue {
     unsynced: Vec<(Arc<QueueFile>, u64)>,
     /// Segments fully read, deleted once the snapshot's read position is past them.
     consumed: Vec<u64>,
-    /// A segment file was created since the directory was last fsynced.
-    dir_dirty: bool,
+    /// Segment files created so far, and how many of them a directory fsync covers: a new
+    /// segment's name is durable only after one. Counted rather than flagged, so that a sync
+    /// finishing while an earlier one still runs cannot take the directory as done.
+    dirs_created: u64,
+    dirs_synced: u64,
     progress: Progress,
     journal: Journal,
     /// Generation of the newest snapshot known to be on disk.
@@ -239,6 +245,8 @@ pub(crate) struct DiskQueue {
     io: Arc<Mutex<sync::IoState>>,
     /// Sync jobs prepared, to tell a newer snapshot from an older one.
     jobs: u64,
+    /// Snapshots prepared and not completed: until one lands, a full sync writes its own.
+    snapshots_pending: u32,
     encode_buf: Vec<u8>,
     scan_buf: Vec<u8>,
     #[cfg(test)]
@@ -335,12 +343,14 @@ impl DiskQueue {
                 .map(|f| (Arc::new(f), 1))
                 .collect(),
             consumed: Vec::new(),
-            dir_dirty: false,
+            dirs_created: 0,
+            dirs_synced: 0,
             progress: Progress::resuming(state.resume),
             journal: Journal::new(),
             generation: state.generation,
             io: Arc::default(),
             jobs: 0,
+            snapshots_pending: 0,
             encode_buf: Vec::new(),
             scan_buf: Vec::new(),
             options,
@@ -349,6 +359,15 @@ impl DiskQueue {
         };
         if queue.read.pos >= SEGMENT_HEADER_LEN {
             queue.read.format = queue.segment_format(queue.read.segment)?;
+        }
+        if let Some(entry) = state.restate {
+            // What the unfinished snapshot's journal said counts until the snapshot this sync
+            // writes says it.
+            let generation = queue.generation + 1;
+            queue
+                .journal
+                .begin(&queue.names, generation, &queue.options.faults);
+            queue.journal.append(entry.popped, &entry.finished);
         }
         queue.sync()?;
         if !queue.journal.is_started() {
@@ -466,7 +485,7 @@ impl DiskQueue {
             Some(file) => file,
             None => {
                 // A new segment's name is durable only after a directory fsync.
-                self.dir_dirty |= offset == 0;
+                self.dirs_created += u64::from(offset == 0);
                 Arc::new(QueueFile::open_write(
                     self.names.segment(self.write.segment),
                     offset == 0,

@@ -6,7 +6,8 @@
 //!   incomplete batch at the end of a segment is cut off. The journal that continues the
 //!   snapshot is replayed (up to its first damaged entry, and never past the data that
 //!   survived): records handed out since the snapshot and finished are skipped, those not
-//!   finished are handed out again.
+//!   finished are handed out again. So is the journal of the next snapshot when that one was
+//!   begun and never landed: what happened while it was being written is there.
 //! - Segments missing before the first one present were consumed (they are deleted only once
 //!   every record in them is finished): reading starts at the first one present.
 //! - Snapshot missing, damaged, or pointing at files that are not there: every segment from the
@@ -32,6 +33,11 @@ pub(super) struct OpenState {
     pub(super) read: Pos,
     pub(super) write: Pos,
     pub(super) resume: Option<Resume>,
+    /// What the journals say beyond the snapshot, when the next snapshot's journal had entries
+    /// (it was begun and never landed): to be said again in a fresh journal before that
+    /// snapshot is written anew, so that a crash meanwhile loses none of it. The old file may
+    /// also describe records a power loss took, whose positions new records will reuse.
+    pub(super) restate: Option<journal::Entry>,
 }
 
 /// The state a queue opens with.
@@ -270,14 +276,18 @@ impl Recovery<'_> {
             }
         }
 
-        // What was handed out and finished since the snapshot. It says nothing of data past
-        // what survived (a machine crash can lose what was written and handed out since the
-        // last fsync; new records will be written there), so it stops at the end of the data.
+        // What was handed out and finished since the snapshot: its journal, then the journal of
+        // the next snapshot if one was begun (entries go there from the moment it is prepared,
+        // and it may not have reached the disk). It says nothing of data past what survived (a
+        // machine crash can lose what was written and handed out since the last fsync; new
+        // records will be written there), so it stops at the end of the data.
         let mut popped = meta.popped;
         let mut finished = HashSet::new();
         let entries = journal::replay(self.names, meta.generation)?;
-        let replayed = !entries.is_empty();
-        for entry in entries {
+        let next = journal::replay(self.names, meta.generation + 1)?;
+        let next_begun = !next.is_empty();
+        let replayed = !entries.is_empty() || next_begun;
+        for entry in entries.into_iter().chain(next) {
             popped = popped.max(entry.popped);
             finished.extend(entry.finished);
         }
@@ -327,12 +337,18 @@ impl Recovery<'_> {
             until: popped,
             again,
         });
+        let restate = next_begun.then(|| {
+            let mut finished: Vec<Pos> = finished.into_iter().collect();
+            finished.sort_unstable();
+            journal::Entry { popped, finished }
+        });
         let state = OpenState {
             generation: meta.generation,
             depth: depth.saturating_sub(finished_count),
             read: meta.read,
             write,
             resume,
+            restate,
         };
         let current = !replayed && write == meta.write;
         Ok((state, current))
@@ -360,6 +376,7 @@ impl Recovery<'_> {
                 read: start,
                 write: start,
                 resume: None,
+                restate: None,
             });
         };
         let last = present.last().copied().unwrap_or(first);
@@ -395,6 +412,7 @@ impl Recovery<'_> {
             read,
             write,
             resume: None,
+            restate: None,
         })
     }
 }

@@ -58,7 +58,8 @@ pub(crate) struct SyncJob {
     faults: FaultSwitch,
     /// Files to fdatasync, with the generation of the last write each had when prepared.
     pub(super) files: Vec<(Arc<QueueFile>, u64)>,
-    sync_dir: bool,
+    /// Fsync the directory, covering this many segment files created.
+    sync_dir: Option<u64>,
     snapshot: Option<Meta>,
     /// Consumed segments to delete once the snapshot is on disk.
     remove: Vec<u64>,
@@ -129,7 +130,7 @@ impl SyncJob {
         for (file, _) in &self.files {
             file.sync()?;
         }
-        if self.sync_dir {
+        if self.sync_dir.is_some() {
             sync_dir(self.names.dir(), &self.faults)?;
         }
         Ok(())
@@ -150,8 +151,10 @@ impl DiskQueue {
         {
             files.push((file.clone(), self.write.written));
         }
-        let snapshot_wanted = full && (self.meta_dirty || !self.consumed.is_empty());
-        if files.is_empty() && !self.dir_dirty && !snapshot_wanted {
+        let snapshot_wanted =
+            full && (self.meta_dirty || !self.consumed.is_empty() || self.snapshots_pending > 0);
+        let dir_dirty = self.dirs_created > self.dirs_synced;
+        if files.is_empty() && !dir_dirty && !snapshot_wanted {
             self.ops_since_sync = 0;
             return None;
         }
@@ -162,7 +165,7 @@ impl DiskQueue {
             names: self.names.clone(),
             faults: self.options.faults.clone(),
             files,
-            sync_dir: std::mem::take(&mut self.dir_dirty),
+            sync_dir: dir_dirty.then_some(self.dirs_created),
             snapshot: None,
             remove: Vec::new(),
             done: None,
@@ -184,6 +187,7 @@ impl DiskQueue {
             // From here on the journal continues the new snapshot.
             self.journal
                 .begin(&self.names, generation, &self.options.faults);
+            self.snapshots_pending += 1;
             self.meta_dirty = false;
             self.ops_since_sync = 0;
         }
@@ -210,10 +214,12 @@ impl DiskQueue {
                 self.unsynced
                     .retain(|(f, g)| !(Arc::ptr_eq(f, file) && *g <= *generation));
             }
-        } else {
-            self.dir_dirty |= job.sync_dir;
+            if let Some(created) = job.sync_dir {
+                self.dirs_synced = self.dirs_synced.max(created);
+            }
         }
         if let Some(snapshot) = &job.snapshot {
+            self.snapshots_pending -= 1;
             if done.snapshot_written {
                 self.generation = self.generation.max(snapshot.generation);
             } else if result.is_err() {

@@ -1200,8 +1200,14 @@ enum Op {
     Requeue(usize),
     /// A sync pass: data only, or full.
     Sync(bool),
-    /// Drop without syncing (a process crash) and open again.
-    Crash,
+    /// A sync prepared and left to run later, as the syncer does without the queue's lock
+    /// while publishers and consumers go on: data only, or full.
+    Prepare(bool),
+    /// Runs and completes the n-th prepared sync (modulo how many wait).
+    Complete(usize),
+    /// Drop without syncing (a process crash) and open again; prepared syncs whose bit is set
+    /// had run (their snapshot written) but not completed.
+    Crash(u8),
     /// Lose what was not fsynced, keeping a random part of what was written since.
     PowerLoss(u8),
     /// An append while the fault switch is on.
@@ -1217,7 +1223,9 @@ fn op() -> impl Strategy<Value = Op> {
         6 => any::<usize>().prop_map(Op::Finish),
         2 => any::<usize>().prop_map(Op::Requeue),
         3 => any::<bool>().prop_map(Op::Sync),
-        2 => Just(Op::Crash),
+        2 => any::<bool>().prop_map(Op::Prepare),
+        2 => any::<usize>().prop_map(Op::Complete),
+        2 => any::<u8>().prop_map(Op::Crash),
         2 => any::<u8>().prop_map(Op::PowerLoss),
         1 => (1usize..5).prop_map(Op::FailedAppend),
         1 => Just(Op::Empty),
@@ -1314,6 +1322,14 @@ fn run_model(max_bytes_per_file: u64, ops: Vec<Op>) -> Result<(), TestCaseError>
     let mut model = Model {
         records: Vec::new(),
         next: 0,
+    };
+    // Syncs prepared and not yet completed. The model counts nothing they do as done (no
+    // record durable, no finish in a snapshot): what may come back stays a superset.
+    let mut prepared: Vec<sync::SyncJob> = Vec::new();
+    let complete = |queue: &mut DiskQueue, mut job: sync::SyncJob| {
+        let result = job.run();
+        queue.complete_sync(job, &result);
+        result
     };
     for op in ops {
         match op {
@@ -1430,7 +1446,31 @@ fn run_model(max_bytes_per_file: u64, ops: Vec<Op>) -> Result<(), TestCaseError>
                     }
                 }
             }
-            Op::Crash | Op::PowerLoss(_) => {
+            Op::Prepare(full) => {
+                model.finish_durable(passes.completed());
+                if let Some(job) = queue.prepare_sync(full) {
+                    prepared.push(job);
+                }
+                model.journal();
+                if prepared.len() > 3 {
+                    let job = prepared.remove(0);
+                    complete(&mut queue, job).unwrap();
+                }
+            }
+            Op::Complete(n) => {
+                if !prepared.is_empty() {
+                    let job = prepared.remove(n % prepared.len());
+                    complete(&mut queue, job).unwrap();
+                }
+            }
+            Op::Crash(_) | Op::PowerLoss(_) => {
+                for (i, mut job) in prepared.drain(..).enumerate() {
+                    if let Op::Crash(ran) = op
+                        && ran & (1 << i) != 0
+                    {
+                        job.run().unwrap();
+                    }
+                }
                 drop(queue);
                 let power_loss = matches!(op, Op::PowerLoss(_));
                 if let Op::PowerLoss(seed) = op {
@@ -1465,12 +1505,18 @@ fn run_model(max_bytes_per_file: u64, ops: Vec<Op>) -> Result<(), TestCaseError>
                 prop_assert!(result.is_err());
             }
             Op::Empty => {
+                for job in prepared.drain(..) {
+                    complete(&mut queue, job).unwrap();
+                }
                 queue.empty().unwrap();
                 for m in &mut model.records {
                     m.status = Status::Gone;
                 }
             }
         }
+    }
+    for job in prepared.drain(..) {
+        complete(&mut queue, job).unwrap();
     }
     // Consumers finish what they hold; then everything still to come, in order: required
     // records in full, optional ones maybe.
@@ -1541,6 +1587,57 @@ proptest! {
         ops in prop::collection::vec(op(), 1..(std::env::var("KNSQ_MODEL_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(80))),
     ) {
         run_model(max_bytes_per_file, ops)?;
+    }
+}
+
+/// A snapshot is prepared under the owner's lock and written without it, while consumers go
+/// on: what they were handed and finished meanwhile goes to the next snapshot's journal. A
+/// crash before that snapshot lands (or between two snapshots of the same generation) must
+/// still count it: handed out again with one more attempt, finished not handed out again.
+#[test]
+fn a_crash_while_snapshots_are_written_keeps_what_happened_meanwhile() {
+    for ran in [None, Some(false), Some(true)] {
+        let dir = TempDir::new().unwrap();
+        let options = options(100_000);
+        let (mut queue, _) = open(&dir, &options);
+        let all = plains(0..9, 100);
+        queue.append(&all).unwrap();
+        queue.sync().unwrap();
+        let first = pop(&mut queue, 3);
+        queue.finish(first[0].1);
+        let mut a = queue.prepare_sync(true).expect("a snapshot to write");
+        // While `a` is written: a record finished, three more handed out, one finished.
+        queue.finish(first[1].1);
+        let second = pop(&mut queue, 3);
+        queue.finish(second[0].1);
+        // A second snapshot prepared before the first completed: the same generation.
+        let mut b = queue.prepare_sync(true).expect("another snapshot to write");
+        let third = pop(&mut queue, 1);
+        match ran {
+            // Neither snapshot reached the disk.
+            None => {}
+            // The first did and was taken in; the second never ran.
+            Some(false) => {
+                let result = a.run();
+                queue.complete_sync(a, &result);
+                result.unwrap();
+            }
+            // Both ran, the second without being taken in.
+            Some(true) => {
+                let result = a.run();
+                queue.complete_sync(a, &result);
+                result.unwrap();
+                b.run().unwrap();
+            }
+        }
+        drop(queue);
+        let (mut queue, report) = open(&dir, &options);
+        let unfinished = [&first[2], &second[1], &second[2], &third[0]];
+        assert_eq!(report.handed_out_again, 4, "{ran:?}");
+        let back = consume_all(&mut queue);
+        let mut expected: Vec<DiskRecord> = unfinished.iter().map(|(r, _)| again(r)).collect();
+        expected.extend(all[7..].iter().cloned());
+        assert_eq!(back, expected, "{ran:?}");
     }
 }
 
