@@ -1,6 +1,6 @@
 //! AUTH, and the permission checks of SUB, PUB, MPUB and DPUB with `--auth-http-address`.
 
-use super::Connection;
+use super::{Connection, ReadNow};
 use crate::auth::{AuthError, AuthState, Permission, Query};
 use crate::protocol::client::AuthSummary;
 use bytes::Bytes;
@@ -86,7 +86,7 @@ impl Auth {
     }
 }
 
-impl<R: AsyncRead + Unpin + Send> Connection<R> {
+impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
     /// Asks the auth server about the client's secret, then answers the AUTH or runs the
     /// command whose authorizations had expired. False when the connection must close.
     pub(super) async fn authorize(&mut self, command: Command) -> bool {

@@ -1,14 +1,14 @@
 //! Consuming: SUB, RDY, FIN, REQ, TOUCH and CLS, and leaving the channel at the end.
 
-use super::Connection;
 use super::state::{ClientState, Subscription};
+use super::{Connection, ReadNow};
 use crate::queue::{Channel, Consumer, SubscribeError, Subscriber};
 use proto::wire::{CommandName, ErrorCode, MessageId, ProtocolError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncRead;
 
-impl<R: AsyncRead + Unpin + Send> Connection<R> {
+impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
     pub(super) fn subscribe(
         &mut self,
         topic_name: &str,

@@ -1,11 +1,11 @@
 //! IDENTIFY: the client's settings, and the upgrades it agrees on.
 
-use super::{Connection, Step};
+use super::{Connection, ReadNow, Step};
 use crate::protocol::identify::IdentifyRequest;
 use proto::wire::{ErrorCode, ProtocolError};
 use tokio::io::AsyncRead;
 
-impl<R: AsyncRead + Unpin + Send> Connection<R> {
+impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
     pub(super) fn identify(&mut self, body: &[u8]) -> Result<(), ProtocolError> {
         let request = IdentifyRequest::parse(body)?;
         let options = &self.shared.broker.options;

@@ -17,6 +17,7 @@ mod auth;
 mod consume;
 mod identify;
 mod publish;
+mod spin;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,8 @@ mod upgrade;
 
 use self::auth::Auth;
 use self::publish::Held;
+use self::spin::ReadNow;
+use self::spin::Spin;
 use self::state::ClientState;
 use super::Shared;
 use super::client::{Client, Identity};
@@ -58,7 +61,7 @@ pub(crate) async fn serve<R, W>(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) where
-    R: AsyncRead + Unpin + Send,
+    R: AsyncRead + ReadNow + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut magic = [0u8; 4];
@@ -163,9 +166,11 @@ struct Input<R> {
     heartbeat: Option<Duration>,
     /// The subject common name of the client's TLS certificate, for the auth server.
     common_name: String,
+    /// Whether a publisher's next command is waited for without parking first.
+    spin: Spin,
 }
 
-impl<R: AsyncRead + Unpin + Send> Connection<R> {
+impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
     fn new(reader: R, shared: Arc<Shared>, client: Arc<Client>) -> Connection<R> {
         let input = Input {
             reader,
@@ -176,6 +181,7 @@ impl<R: AsyncRead + Unpin + Send> Connection<R> {
             peer_closed: false,
             heartbeat: client.identity().heartbeat_interval,
             common_name: String::new(),
+            spin: Spin::default(),
         };
         let auth = match shared.auth {
             Some(_) => Auth::Required,
@@ -362,6 +368,7 @@ impl<R: AsyncRead + Unpin + Send> Connection<R> {
             layers,
             read_size,
             heartbeat,
+            spin,
             ..
         } = &mut self.input;
         // An upgraded connection's bytes go through its layers before the decoder.
@@ -374,8 +381,26 @@ impl<R: AsyncRead + Unpin + Send> Connection<R> {
             self.state,
             ClientState::Subscribed(_) | ClientState::Closing(_)
         );
-        let Some(n) = read_some(reader, buf, *heartbeat, &self.client, !consumer).await else {
-            return false;
+        // The next command of a publisher that sends one at a time (its reads never grew the
+        // buffer), if it comes at once; never for a connection that is to end (the waiting
+        // read below sees to that). Publishers that pipeline find their next bytes there
+        // anyway.
+        let one_at_a_time = !consumer && *read_size == MIN_READ;
+        let ending =
+            self.client.closed.is_cancelled() || self.client.leave_when_idle.is_cancelled();
+        let want = (buf.capacity() - before).min(MIN_READ);
+        let spun = spin.read(one_at_a_time && !ending, reader, buf, want);
+        let n = match spun {
+            Some(Ok(0)) => return false,
+            Some(Ok(n)) => n,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "read failed");
+                return false;
+            }
+            None => match read_some(reader, buf, *heartbeat, &self.client, !consumer).await {
+                Some(n) => n,
+                None => return false,
+            },
         };
         // Grow the buffer while reads fill it: a busy publisher gets big reads.
         if before + n >= buf.capacity() && *read_size < MAX_READ {

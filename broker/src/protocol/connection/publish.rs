@@ -1,7 +1,7 @@
 //! PUB, MPUB and DPUB, and with `--sync-publish` the answers held until the messages are on
 //! disk.
 
-use super::Connection;
+use super::{Connection, ReadNow};
 use crate::queue::PublishError;
 use bytes::{Bytes, BytesMut};
 use proto::wire::{Command, CommandName, ErrorCode, ProtocolError};
@@ -32,7 +32,7 @@ impl Held {
     }
 }
 
-impl<R: AsyncRead + Unpin + Send> Connection<R> {
+impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
     pub(super) fn publish_one(&mut self, topic: &str, body: Bytes) -> Result<(), ProtocolError> {
         self.publish(CommandName::Pub, topic, &[body], Duration::ZERO)
     }

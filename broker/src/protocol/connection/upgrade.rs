@@ -1,7 +1,7 @@
 //! The upgrades IDENTIFY agrees on, and reading an upgraded connection: TLS first, then
 //! snappy or deflate, as nsqd orders them.
 
-use super::{Connection, Input};
+use super::{Connection, Input, ReadNow};
 use crate::protocol::client::TransportSummary;
 use crate::protocol::identify::Negotiated;
 use crate::protocol::transport::{Inbound, deliver};
@@ -17,7 +17,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Room for a whole TLS record (16 KiB of data and its overhead) in a socket read.
 const TLS_RECORD: usize = 17 * 1024;
 
-impl<R: AsyncRead + Unpin + Send> Connection<R> {
+impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
     /// Passes what was read from an upgraded connection through its layers: decrypted into
     /// the decompressor or the decoder's buffer. False when the stream is bad.
     pub(super) fn take_layered_input(&mut self) -> bool {
