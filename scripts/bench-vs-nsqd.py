@@ -342,7 +342,12 @@ def scaling(ctx):
             point = {"n": n}
             for kind in ctx.kinds:
                 with serving(ctx, kind, MEMORY) as s:
-                    r = bench(ctx, s, "both", "--runfor", ctx.runfor, *args)
+                    try:
+                        r = bench(ctx, s, "both", "--runfor", ctx.runfor, *args)
+                    except RuntimeError as e:
+                        # One point that fails (a descriptor limit, say) costs that point only.
+                        point[kind] = {"error": str(e)}
+                        continue
                     point[kind] = {
                         "msgs_per_sec": r["reader"]["msgs_per_sec"],
                         "rss_mb": s.rss_kb() / 1024,
@@ -350,6 +355,7 @@ def scaling(ctx):
                     }
             out[curve].append(point)
             print(f"  {curve}={n}: " + ", ".join(
+                f"{k} failed: {point[k]['error']}" if "error" in point[k] else
                 f"{k} {point[k]['msgs_per_sec']:.0f} msgs/s {point[k]['rss_mb']:.0f} MB"
                 for k in ctx.kinds), flush=True)
     return out
@@ -495,9 +501,10 @@ def plot(results, out_dir):
     for curve, points in scaling.items():
         fig, (thr, rss) = plt.subplots(1, 2, figsize=(10, 4))
         for kind in results["kinds"]:
-            xs = [p["n"] for p in points]
-            thr.plot(xs, [p[kind]["msgs_per_sec"] for p in points], marker="o", label=kind)
-            rss.plot(xs, [p[kind]["peak_rss_mb"] for p in points], marker="o", label=kind)
+            ok = [p for p in points if "error" not in p[kind]]
+            xs = [p["n"] for p in ok]
+            thr.plot(xs, [p[kind]["msgs_per_sec"] for p in ok], marker="o", label=kind)
+            rss.plot(xs, [p[kind]["peak_rss_mb"] for p in ok], marker="o", label=kind)
         for ax, ylabel in ((thr, "messages delivered / s"), (rss, "peak RSS (MB)")):
             ax.set_xscale("log")
             ax.set_xlabel(titles[curve])

@@ -328,10 +328,10 @@ pub async fn run(
 }
 
 /// The HTTP limits from the flags, with connections capped by the file descriptor limit: HTTP
-/// and HTTPS get a quarter of what is left after the broker's own reserve.
+/// and HTTPS get an eighth each of what is left after the broker's own reserve.
 fn http_limits(o: &Options, fd_limit: Option<u64>) -> http::HttpLimits {
     let by_fds = fd_limit.map_or(u64::MAX, |limit| {
-        (limit.saturating_sub(reserved_fds(limit)) / 4).max(1)
+        (limit.saturating_sub(reserved_fds(limit)) / 8).max(1)
     });
     http::HttpLimits {
         header_timeout: o.http_header_timeout,
@@ -341,11 +341,12 @@ fn http_limits(o: &Options, fd_limit: Option<u64>) -> http::HttpLimits {
 }
 
 /// The most NSQ TCP connections at once: `--max-connections`, capped by the file descriptor
-/// limit (half of what is left after the broker's own reserve; HTTP and HTTPS get a quarter
-/// each), so clients past it are told why instead of the accept failing.
+/// limit (three quarters of what is left after the broker's own reserve, since clients are
+/// what a broker is for; HTTP and HTTPS get an eighth each), so clients past it are told why
+/// instead of the accept failing.
 fn tcp_connections(o: &Options, fd_limit: Option<u64>) -> usize {
     let by_fds = fd_limit.map_or(u64::MAX, |limit| {
-        (limit.saturating_sub(reserved_fds(limit)) / 2).max(1)
+        (limit.saturating_sub(reserved_fds(limit)) / 4 * 3).max(1)
     });
     usize::try_from(by_fds).map_or(o.max_connections, |by_fds| by_fds.min(o.max_connections))
 }

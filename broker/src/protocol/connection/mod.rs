@@ -168,6 +168,8 @@ struct Input<R> {
     common_name: String,
     /// Whether a publisher's next command is waited for without parking first.
     spin: Spin,
+    /// The last read filled the buffer: more was probably waiting.
+    last_read_full: bool,
 }
 
 impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
@@ -182,6 +184,7 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
             heartbeat: client.identity().heartbeat_interval,
             common_name: String::new(),
             spin: Spin::default(),
+            last_read_full: false,
         };
         let auth = match shared.auth {
             Some(_) => Auth::Required,
@@ -369,6 +372,7 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
             read_size,
             heartbeat,
             spin,
+            last_read_full,
             ..
         } = &mut self.input;
         // An upgraded connection's bytes go through its layers before the decoder.
@@ -381,15 +385,15 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
             self.state,
             ClientState::Subscribed(_) | ClientState::Closing(_)
         );
-        // The next command of a publisher that sends one at a time (its reads never grew the
-        // buffer), if it comes at once; never for a connection that is to end (the waiting
-        // read below sees to that). Publishers that pipeline find their next bytes there
-        // anyway.
-        let one_at_a_time = !consumer && *read_size == MIN_READ;
+        // The next command of a publisher that waits for each answer (its last read took
+        // everything there was), if it comes at once; never for a connection that is to end
+        // (the waiting read below sees to that). Publishers that pipeline fill their reads and
+        // find their next bytes there anyway.
+        let waits_for_answers = !consumer && !*last_read_full;
         let ending =
             self.client.closed.is_cancelled() || self.client.leave_when_idle.is_cancelled();
-        let want = (buf.capacity() - before).min(MIN_READ);
-        let spun = spin.read(one_at_a_time && !ending, reader, buf, want);
+        let want = (buf.capacity() - before).min(*read_size);
+        let spun = spin.read(waits_for_answers && !ending, reader, buf, want);
         let n = match spun {
             Some(Ok(0)) => return false,
             Some(Ok(n)) => n,
@@ -403,7 +407,8 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
             },
         };
         // Grow the buffer while reads fill it: a busy publisher gets big reads.
-        if before + n >= buf.capacity() && *read_size < MAX_READ {
+        *last_read_full = before + n >= buf.capacity();
+        if *last_read_full && *read_size < MAX_READ {
             *read_size *= 2;
         }
         !layered || self.take_layered_input()

@@ -1,7 +1,7 @@
 //! Waiting for a publisher's next command without parking the worker thread.
 //!
-//! A producer that publishes one message at a time sends its next command as soon as it has
-//! the previous `OK`. Parking the runtime worker in `epoll_wait` between the two and being
+//! A producer that waits for each answer (PUB one at a time, or MPUB batch by batch) sends its
+//! next command as soon as it has the previous `OK`. Parking the runtime worker in `epoll_wait` between the two and being
 //! woken again costs more than the round trip itself on a virtual machine whose idle CPUs halt:
 //! a halted virtual CPU takes tens of microseconds to wake. So after answering, the connection
 //! first asks the socket directly for a short while, as Go's scheduler spins before it parks.
