@@ -25,8 +25,7 @@ mod upgrade;
 
 use self::auth::Auth;
 use self::publish::Held;
-use self::spin::ReadNow;
-use self::spin::Spin;
+use self::spin::{ReadNow, Spin};
 use self::state::ClientState;
 use super::Shared;
 use super::client::{Client, Identity};

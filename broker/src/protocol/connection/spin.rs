@@ -1,9 +1,10 @@
 //! Waiting for a publisher's next command without parking the worker thread.
 //!
 //! A producer that waits for each answer (PUB one at a time, or MPUB batch by batch) sends its
-//! next command as soon as it has the previous `OK`. Parking the runtime worker in `epoll_wait` between the two and being
-//! woken again costs more than the round trip itself on a virtual machine whose idle CPUs halt:
-//! a halted virtual CPU takes tens of microseconds to wake. So after answering, the connection
+//! next command as soon as it has the previous `OK`. Parking the runtime worker in
+//! `epoll_wait` between the two and being woken again costs more than the round trip itself on
+//! a virtual machine whose idle CPUs halt: a halted virtual CPU takes tens of microseconds to
+//! wake. So after answering, the connection
 //! first asks the socket directly for a short while, as Go's scheduler spins before it parks.
 //! It spins only while that pays and harms no one: only while no other connection read
 //! anything since this one's last read (with many busy connections a worker has better things
@@ -79,8 +80,8 @@ impl Default for Spin {
 }
 
 impl Spin {
-    /// Called before every read of the connection: when it is `eligible` (a publisher sending
-    /// one command at a time) and worth it, asks `reader` for bytes until some arrive or the
+    /// Called before every read of the connection: when it is `eligible` (a publisher waiting
+    /// for each answer, not closing) and worth it, asks `reader` for bytes until some arrive or the
     /// budget is spent, appending them to `buf`; `None` when it did not spin or none came (the
     /// caller waits as usual).
     pub(super) fn read<R: ReadNow>(
