@@ -6,7 +6,8 @@
 //! wait for the auth server or the lookupds before running a command, which it owns
 //! meanwhile. Each family of commands has its file, as mini-redis's `cmd/`: [`identify`],
 //! [`auth`], [`publish`] and [`consume`]; the TLS and compression upgrades, and reading
-//! through them, are in [`upgrade`].
+//! through them, are in [`upgrade`]. How a read waits: [`spin`] (a publisher's next command
+//! without parking) and [`silence`] (nsqd's read deadline of two heartbeats).
 //!
 //! The connection is generic over the socket's halves, so its unit tests (`tests.rs`) drive it
 //! over `tokio::io::duplex`. The reader runs here; what the client is sent goes through its
@@ -17,6 +18,7 @@ mod auth;
 mod consume;
 mod identify;
 mod publish;
+mod silence;
 mod spin;
 mod state;
 #[cfg(test)]
@@ -25,6 +27,7 @@ mod upgrade;
 
 use self::auth::Auth;
 use self::publish::Held;
+use self::silence::Silence;
 use self::spin::{ReadNow, Spin};
 use self::state::ClientState;
 use super::Shared;
@@ -163,6 +166,8 @@ struct Input<R> {
     peer_closed: bool,
     /// The client's heartbeat interval (`None`: disabled): reads wait two of them at most.
     heartbeat: Option<Duration>,
+    /// How long the client has been silent, against that limit.
+    silence: Silence,
     /// The subject common name of the client's TLS certificate, for the auth server.
     common_name: String,
     /// Whether a publisher's next command is waited for without parking first.
@@ -181,6 +186,7 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
             layers: Inbound::default(),
             peer_closed: false,
             heartbeat: client.identity().heartbeat_interval,
+            silence: Silence::new(),
             common_name: String::new(),
             spin: Spin::default(),
             last_read_full: false,
@@ -370,6 +376,7 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
             layers,
             read_size,
             heartbeat,
+            silence,
             spin,
             last_read_full,
             ..
@@ -384,15 +391,21 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
             self.state,
             ClientState::Subscribed(_) | ClientState::Closing(_)
         );
+        // A connection that is to end reads nothing more (the reads below would take bytes
+        // that are there before they look at anything else).
+        if self.client.closed.is_cancelled() {
+            return false;
+        }
+        if !consumer && self.client.leave_when_idle.is_cancelled() {
+            log_leaving();
+            return false;
+        }
         // The next command of a publisher that waits for each answer (its last read took
-        // everything there was), if it comes at once; never for a connection that is to end
-        // (the waiting read below sees to that). Publishers that pipeline fill their reads and
-        // find their next bytes there anyway.
+        // everything there was), if it comes at once. Publishers that pipeline fill their
+        // reads and find their next bytes there anyway.
         let waits_for_answers = !consumer && !*last_read_full;
-        let ending =
-            self.client.closed.is_cancelled() || self.client.leave_when_idle.is_cancelled();
         let want = (buf.capacity() - before).min(*read_size);
-        let spun = spin.read(waits_for_answers && !ending, reader, buf, want);
+        let spun = spin.read(waits_for_answers, reader, buf, want);
         let n = match spun {
             Some(Ok(0)) => return false,
             Some(Ok(n)) => n,
@@ -400,11 +413,15 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
                 tracing::debug!(error = %e, "read failed");
                 return false;
             }
-            None => match read_some(reader, buf, *heartbeat, &self.client, !consumer).await {
-                Some(n) => n,
-                None => return false,
-            },
+            None => {
+                let limit = heartbeat.map(|hb| hb * 2);
+                match read_some(reader, buf, limit, silence, &self.client, !consumer).await {
+                    Some(n) => n,
+                    None => return false,
+                }
+            }
         };
+        silence.heard();
         // Grow the buffer while reads fill it: a busy publisher gets big reads.
         *last_read_full = before + n >= buf.capacity();
         if *last_read_full && *read_size < MAX_READ {
@@ -439,13 +456,14 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
     }
 }
 
-/// Reads what the socket has into `buf`, waiting at most two heartbeats (nsqd's read
-/// deadline). `None` when the connection is over: end of stream, a failed read, the deadline
-/// passed, or the client is being closed.
+/// Reads what the socket has into `buf`, waiting at most until the client was silent for
+/// `limit` (nsqd's read deadline, two heartbeats). `None` when the connection is over: end of
+/// stream, a failed read, the deadline passed, or the client is being closed.
 async fn read_some<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
-    heartbeat: Option<Duration>,
+    limit: Option<Duration>,
+    silence: &mut Silence,
     client: &Client,
     may_leave: bool,
 ) -> Option<usize> {
@@ -456,30 +474,37 @@ async fn read_some<R: AsyncRead + Unpin>(
             std::future::pending().await
         }
     };
-    let read = async {
-        match heartbeat {
-            Some(hb) => timeout(hb * 2, reader.read_buf(buf)).await,
-            None => Ok(reader.read_buf(buf).await),
+    let silent = async {
+        match limit {
+            Some(limit) => silence.longer_than(limit).await,
+            None => std::future::pending().await,
         }
     };
     let result = tokio::select! {
+        // The read first: when bytes are there, nothing else is polled, so a busy connection
+        // registers no waiter and arms no timer for its reads.
+        biased;
+        r = reader.read_buf(buf) => r,
         _ = client.closed.cancelled() => return None,
         () = leave => {
-            tracing::info!("broker draining: closing a connection that is not a consumer");
+            log_leaving();
             return None;
         }
-        r = read => r,
+        () = silent => {
+            tracing::info!("no command within two heartbeats; closing");
+            return None;
+        }
     };
     match result {
-        Ok(Ok(0)) => None,
-        Ok(Ok(n)) => Some(n),
-        Ok(Err(e)) => {
+        Ok(0) => None,
+        Ok(n) => Some(n),
+        Err(e) => {
             tracing::debug!(error = %e, "read failed");
             None
         }
-        Err(_) => {
-            tracing::info!("no command within two heartbeats; closing");
-            None
-        }
     }
+}
+
+fn log_leaving() {
+    tracing::info!("broker draining: closing a connection that is not a consumer");
 }
