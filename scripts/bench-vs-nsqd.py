@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -79,11 +80,15 @@ class Server:
                     return int(line.split()[1])
         return 0
 
-    def cpu_seconds(self):
-        """User and system time of every thread, those that ended included."""
+    def cpu_split(self):
+        """User and system (kernel) time of every thread, those that ended included."""
         with open(f"/proc/{self.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+
+    def cpu_seconds(self):
+        return sum(self.cpu_split())
 
     def post(self, path):
         req = urllib.request.Request(f"http://{self.http}{path}", data=b"", method="POST")
@@ -172,6 +177,27 @@ MEMORY = ("--mem-queue-size=10000000",)
 DISK = ("--mem-queue-size=0",)
 
 
+def children_cpu():
+    """CPU seconds of the finished child processes (the load tool's runs)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@contextlib.contextmanager
+def costs(ctx, kind, server):
+    """Where a run's CPU went, per message: the load tool's, and the server's in user space
+    and in the kernel (the syscalls that carry the messages, loopback delivery included).
+    The caller sets `msgs` on the yielded dict; the split lands in ctx.costs[kind]."""
+    client, (user, kernel) = children_cpu(), server.cpu_split()
+    run = {}
+    yield run
+    (user2, kernel2), client2 = server.cpu_split(), children_cpu()
+    per = 1e6 / max(run["msgs"], 1)
+    ctx.costs.setdefault(kind, []).append(
+        {"client": (client2 - client) * per, "user": (user2 - user) * per,
+         "kernel": (kernel2 - kernel) * per})
+
+
 def w_writer(flags, *args, wire=(), channels=0):
     def run(ctx, kind):
         with serving(ctx, kind, flags) as s:
@@ -179,6 +205,18 @@ def w_writer(flags, *args, wire=(), channels=0):
                 channel(s, name=f"ch{i}")
             r = bench(ctx, s, "writer", "--runfor", ctx.runfor, *args, wire=wire)
             return r["writer"]["msgs_per_sec"]
+    return run
+
+
+def w_round_trips(flags, *args):
+    """PUB one at a time from many producers, with the CPU split that bounds it: the load
+    tool and the server share the machine's CPUs, and every message costs the tool's CPU and
+    the server's kernel work whatever the server does in user space."""
+    def run(ctx, kind):
+        with serving(ctx, kind, flags) as s, costs(ctx, kind, s) as c:
+            r = bench(ctx, s, "writer", "--runfor", ctx.runfor, *args)["writer"]
+            c["msgs"] = r["msgs"]
+            return r["msgs_per_sec"]
     return run
 
 
@@ -232,11 +270,12 @@ def w_cpu(batch, writers):
     def run(ctx, kind):
         with serving(ctx, kind, MEMORY) as s:
             channel(s)
-            before = s.cpu_seconds()
-            r = bench(ctx, s, "both", "--rate", "50000", "--writers", str(writers),
-                      "--batch-size", str(batch), "--runfor", ctx.runfor)
-            used = s.cpu_seconds() - before
-            return used * 1e6 / max(r["writer"]["msgs"], 1)
+            with costs(ctx, kind, s) as c:
+                r = bench(ctx, s, "both", "--rate", "50000", "--writers", str(writers),
+                          "--batch-size", str(batch), "--runfor", ctx.runfor)
+                c["msgs"] = r["writer"]["msgs"]
+            split = ctx.costs[kind][-1]
+            return split["user"] + split["kernel"]
     return run
 
 
@@ -261,6 +300,20 @@ def w_floor(ctx, _kind):
             "writer"]["msgs_per_sec"]
 
 
+def w_floor_bench_writer(ctx, _kind):
+    with serving(ctx, "floor") as s:
+        return bench_writer(ctx, s, 1)
+
+
+# Rows measured against the floor too: (floor row's key, label, how, target share or None).
+FLOORS = {
+    "pub1": ("floor", "round-trip floor (do-nothing server), PUB one at a time", w_floor,
+             0.85),
+    "bw_pub1": ("bw_floor", "round-trip floor (do-nothing server), nsq's bench_writer PUB",
+                w_floor_bench_writer, None),
+}
+
+
 # (key, label, unit, higher is better, workload, target ratio or None)
 def workloads(ctx):
     sync = {"nsqd": ("--mem-queue-size=0", "--sync-every=1"), "knsq": ("--sync-publish",)}
@@ -270,7 +323,7 @@ def workloads(ctx):
         ("pub1", "PUB one at a time, 1 producer", "msgs/s", True,
          w_writer(MEMORY, "--batch-size", "1"), 1.5),
         ("pub100", "PUB one at a time, 100 producers", "msgs/s", True,
-         w_writer(MEMORY, "--batch-size", "1", "-c", "100"), 2.0),
+         w_round_trips(MEMORY, "--batch-size", "1", "-c", "100"), 2.0),
         ("consume", "consume RDY 2500 (memory)", "msgs/s", True, w_consume(MEMORY), 2.5),
         ("fanout", "fan-out 1 topic → 10 channels, 10 consumers", "deliveries/s", True,
          w_fanout, 2.0),
@@ -396,26 +449,34 @@ def measure(ctx):
             continue
         values = {k: [] for k in ctx.kinds}
         floor = []
+        ctx.costs = {}
         for r in range(ctx.rounds):
             order = ctx.kinds if r % 2 == 0 else list(reversed(ctx.kinds))
-            if key == "pub1":
+            if key in FLOORS:
                 # The floor in the same rounds, so that it meets the same load.
-                floor.append(w_floor(ctx, "floor"))
+                floor.append(FLOORS[key][2](ctx, "floor"))
             for kind in order:
                 # TLS rows need the certificate on the server's command line.
                 ctx.extra_flags = tls_flags if key.startswith("tls") else ()
                 values[kind].append(fn(ctx, kind))
         ctx.extra_flags = ()
-        row = _row(key, label, unit, higher, target, values)
-        results["rows"].append(row)
-        print(_line(row, ctx.kinds), flush=True)
-        if floor:
-            row = {"key": "floor",
-                   "label": "round-trip floor (do-nothing server), PUB one at a time",
-                   "unit": "msgs/s", "floor": statistics.median(floor), "values": floor}
-            row["knsq_vs_floor"] = results["rows"][-1]["median"]["knsq"] / row["floor"]
+        measured = _row(key, label, unit, higher, target, values)
+        results["rows"].append(measured)
+        print(_line(measured, ctx.kinds), flush=True)
+        if ctx.costs.keys() == values.keys():
+            row = _bound_row(key, measured, ctx.costs)
             results["rows"].append(row)
-            print(f"floor: {row['floor']:,.0f} msgs/s; knsq PUB at "
+            print(f"  {row['label']}: " + "; ".join(
+                f"{k} {row['split_text'][k]}" for k in ctx.kinds) + (
+                f"; best reachable ×{row['best_ratio']:.2f}" if "best_ratio" in row else ""),
+                flush=True)
+        if floor:
+            floor_key, floor_label, _, share = FLOORS[key]
+            row = {"key": floor_key, "label": floor_label, "unit": "msgs/s",
+                   "floor": statistics.median(floor), "values": floor, "target": share}
+            row["knsq_vs_floor"] = measured["median"]["knsq"] / row["floor"]
+            results["rows"].append(row)
+            print(f"{floor_label}: {row['floor']:,.0f} msgs/s; knsq at "
                   f"{row['knsq_vs_floor']:.0%} of it", flush=True)
     if not ctx.only or "rss" in ctx.only:
         rss = {k: [] for k in ctx.kinds}
@@ -448,6 +509,32 @@ def _row(key, label, unit, higher, target, values):
     return row
 
 
+def _bound_row(key, measured, split):
+    """Where a row's CPU went (medians of µs per message: the load tool, the server in user
+    space, the server's kernel work) and the best ratio to nsqd that knsq could reach with
+    its user space at zero, its syscalls as they are.
+
+    Throughput rows (`pub100`): the tool and the server share the machine's CPUs, so no more
+    than CPUs ÷ (tool + knsq kernel) messages a second get through. CPU rows: nsqd's CPU per
+    message ÷ knsq's kernel time per message."""
+    med = {k: {part: statistics.median(r[part] for r in runs) for part in runs[0]}
+           for k, runs in split.items()}
+    row = {"key": f"{key}_bound", "unit": "µs", "split": med,
+           "split_text": {k: f"{m['client']:.2g} / {m['user']:.2g} / {m['kernel']:.2g}"
+                          for k, m in med.items()}}
+    nsqd = measured["median"].get("nsqd")
+    knsq = med.get("knsq")
+    row["label"] = "↳ where its CPU goes, µs per message: load tool / server user / server kernel"
+    if key.startswith("cpu"):
+        if nsqd and knsq:
+            row["best_ratio"] = nsqd / knsq["kernel"]
+    elif knsq:
+        row["bound"] = os.cpu_count() * 1e6 / (knsq["client"] + knsq["kernel"])
+        if nsqd:
+            row["best_ratio"] = row["bound"] / nsqd
+    return row
+
+
 def _line(row, kinds):
     med = "  ".join(f"{k} {fmt(row['median'][k], row['unit'])}" for k in kinds)
     ratio = f"  ×{row['ratio']:.2f}" if "ratio" in row else ""
@@ -464,14 +551,25 @@ def table(results):
         "|---|---|" + "---|" * len(kinds) + "---|---|---|",
     ]
     for row in results["rows"]:
-        if row["key"] == "floor":
-            vs = row.get("knsq_vs_floor")
+        if row["key"].endswith("_bound"):
+            reach = []
+            if "bound" in row:
+                reach.append(f"knsq's user space at zero: {fmt(row['bound'], 'msgs/s')} msgs/s")
+            if "best_ratio" in row:
+                reach.append(f"best reachable ×{row['best_ratio']:.2f}")
+            lines.append(
+                f"| {row['label']} | µs | "
+                + " | ".join(row["split_text"].get(k, "–") for k in kinds)
+                + f" | {', '.join(reach) or '–'} | – | – |")
+            continue
+        if row["key"].endswith("floor"):
+            vs, share = row["knsq_vs_floor"], row.get("target", 0.85)
+            target_text, met = (f"≥ {share:.0%}", "yes" if vs >= share else "no") if share \
+                else ("–", "–")
             lines.append(
                 f"| {row['label']} | msgs/s | " + " | ".join(
                     fmt(row["floor"], "msgs/s") if k == "knsq" else "–" for k in kinds)
-                + f" | knsq PUB = {vs:.0%} of floor | ≥ 85 % | "
-                + ("yes" if vs and vs >= 0.85 else "no") + " |" if vs else
-                f"| {row['label']} | msgs/s | {fmt(row['floor'], 'msgs/s')} | | | |")
+                + f" | knsq = {vs:.0%} of floor | {target_text} | {met} |")
             continue
         ratio = row.get("ratio")
         target = row.get("target")

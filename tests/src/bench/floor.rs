@@ -2,10 +2,12 @@
 //! no upgrade) and every PUB, MPUB, DPUB and SUB with `OK`, and keeps nothing, so a publisher
 //! timed against it measures what this machine's loopback and the client cost on their own.
 //!
-//! Each connection gets a thread. After answering, it asks the socket for the next command
-//! without sleeping for a while ([`SPIN`], as long as the broker does: on a virtual machine a
-//! halted CPU is slow to wake) and only then sleeps in a blocking read, which the kernel wakes
-//! directly: the cheapest round trip a server can offer.
+//! Each connection gets a thread. After answering, a connection that is the only one asks the
+//! socket for the next command without sleeping for a while ([`SPIN`], as long as the broker
+//! does: on a virtual machine a halted CPU is slow to wake) and only then sleeps in a blocking
+//! read, which the kernel wakes directly: the cheapest round trip a server can offer. With
+//! more connections than one, spinning threads would take the CPUs their clients need (as the
+//! broker, the floor spins only alone).
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
@@ -13,10 +15,14 @@ use proto::wire::frame::{write_error, write_response};
 use proto::wire::{Command, Decoder, ErrorCode, Limits, MAGIC_V2, ProtocolError};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// How long a connection asks for its next command before it sleeps (the broker's budget).
 const SPIN: Duration = Duration::from_micros(50);
+
+/// Connections open now.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
 
 /// Serves on `address` until the process is killed; prints the address it listens on.
 pub(crate) fn serve(address: &str) -> Result<()> {
@@ -24,9 +30,11 @@ pub(crate) fn serve(address: &str) -> Result<()> {
     println!("floor: listening on {}", listener.local_addr()?);
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
+        OPEN.fetch_add(1, Relaxed);
         std::thread::spawn(move || {
             // A connection ends when its client goes; nothing to report.
             let _ = connection(stream);
+            OPEN.fetch_sub(1, Relaxed);
         });
     }
     Ok(())
@@ -60,10 +68,15 @@ fn connection(mut stream: TcpStream) -> Result<()> {
     }
 }
 
-/// Reads from the non-blocking `stream`: at once if bytes come within [`SPIN`], else
-/// sleeping until they do.
+/// Reads from the non-blocking `stream`: at once if bytes come within [`SPIN`] (only while
+/// this is the only connection), else sleeping until they do.
 fn read_soon(stream: &mut TcpStream, raw: &mut [u8]) -> io::Result<usize> {
-    let deadline = Instant::now() + SPIN;
+    let spin = if OPEN.load(Relaxed) == 1 {
+        SPIN
+    } else {
+        Duration::ZERO
+    };
+    let deadline = Instant::now() + spin;
     loop {
         match stream.read(raw) {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
