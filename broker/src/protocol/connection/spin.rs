@@ -4,13 +4,13 @@
 //! next command as soon as it has the previous `OK`. Parking the runtime worker in
 //! `epoll_wait` between the two and being woken again costs more than the round trip itself on
 //! a virtual machine whose idle CPUs halt: a halted virtual CPU takes tens of microseconds to
-//! wake. So after answering, the connection
-//! first asks the socket directly for a short while, as Go's scheduler spins before it parks.
-//! It spins only while that pays and harms no one: only while no other connection read
-//! anything since this one's last read (with many busy connections a worker has better things
-//! to do, and on a small machine the clients need the CPUs), and a publisher whose next command
-//! did not come in time is asked less and less often (exponential backoff), so paced or idle
-//! publishers cost little CPU for it.
+//! wake. So after answering, the connection first asks the socket directly for a short while,
+//! as Go's scheduler spins before it parks. It spins only while that pays and harms no one:
+//! only while no other such publisher read anything since this one's last read (with many of
+//! them a worker has better things to do, and on a small machine their clients need the
+//! CPUs; consumers' reads do not count: their messages wait for the publisher's round trips),
+//! and a publisher whose next command did not come in time is asked less and less often
+//! (exponential backoff), so paced or idle publishers cost little CPU for it.
 
 use bytes::BytesMut;
 use std::io::{self, Read};
@@ -24,8 +24,8 @@ const BUDGET: Duration = Duration::from_micros(50);
 /// The most reads a publisher that missed again and again waits before it is asked again.
 const MAX_SKIP: u32 = 64;
 
-/// Reads by every connection of the process: a connection that sees it moved by more than
-/// its own reads is not alone.
+/// Reads by every publisher of the process that waits for answers: one that sees it moved by
+/// more than its own reads is not alone.
 static READS: AtomicU64 = AtomicU64::new(0);
 
 /// A reader that can tell whether bytes are there without waiting or registering a waker.
@@ -58,7 +58,7 @@ impl<T> ReadNow for tokio::io::ReadHalf<T> {
 /// Whether the next read spins first.
 #[derive(Debug)]
 pub(super) struct Spin {
-    /// Every connection's reads ([`READS`]; a counter of their own in unit tests).
+    /// Every waiting publisher's reads ([`READS`]; a counter of their own in unit tests).
     reads: &'static AtomicU64,
     /// Reads left to wait without spinning.
     skip: u32,
@@ -91,10 +91,13 @@ impl Spin {
         buf: &mut BytesMut,
         want: usize,
     ) -> Option<io::Result<usize>> {
+        if !eligible {
+            return None;
+        }
         let before = self.reads.fetch_add(1, Relaxed);
         let alone = before == self.reads_seen;
         self.reads_seen = before + 1;
-        if !eligible || !alone {
+        if !alone {
             return None;
         }
         if self.skip > 0 {
@@ -214,13 +217,28 @@ mod tests {
         };
         let mut buf = BytesMut::new();
         assert!(spin.read(true, &mut reader, &mut buf, 64).is_some());
-        // Another connection read meanwhile: this read waits, the next may spin again.
+        // A consumer read meanwhile: this one still spins.
         assert!(other.read(false, &mut reader, &mut buf, 64).is_none());
+        assert!(spin.read(true, &mut reader, &mut buf, 64).is_some());
+        // Another waiting publisher read meanwhile: this read waits, the next may spin again.
+        assert!(
+            other
+                .read(
+                    true,
+                    &mut Late {
+                        asked: 0,
+                        ready: None
+                    },
+                    &mut buf,
+                    64
+                )
+                .is_none()
+        );
         assert!(spin.read(true, &mut reader, &mut buf, 64).is_none());
         assert!(spin.read(true, &mut reader, &mut buf, 64).is_some());
         // A consumer, or a connection that is ending, never spins.
         assert!(spin.read(false, &mut reader, &mut buf, 64).is_none());
-        assert_eq!(reader.asked, 2);
+        assert_eq!(reader.asked, 3);
     }
 
     #[tokio::test]
