@@ -221,19 +221,11 @@ mod tests {
         assert!(other.read(false, &mut reader, &mut buf, 64).is_none());
         assert!(spin.read(true, &mut reader, &mut buf, 64).is_some());
         // Another waiting publisher read meanwhile: this read waits, the next may spin again.
-        assert!(
-            other
-                .read(
-                    true,
-                    &mut Late {
-                        asked: 0,
-                        ready: None
-                    },
-                    &mut buf,
-                    64
-                )
-                .is_none()
-        );
+        let mut silent = Late {
+            asked: 0,
+            ready: None,
+        };
+        assert!(other.read(true, &mut silent, &mut buf, 64).is_none());
         assert!(spin.read(true, &mut reader, &mut buf, 64).is_none());
         assert!(spin.read(true, &mut reader, &mut buf, 64).is_some());
         // A consumer, or a connection that is ending, never spins.
