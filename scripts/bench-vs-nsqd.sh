@@ -29,9 +29,9 @@ else
   cargo build --release -q -p broker -p tests --bin knsq-broker --bin knsq-bench
   [[ ${SCALING:-0} == 1 ]] && args+=(--scaling)
 fi
-# Ten thousand connections need as many descriptors on each side, and knsq keeps half of its
-# limit for NSQ connections: raise the limit well past that where allowed (root), else to the
-# hard limit.
+# Ten thousand connections need as many descriptors on each side, and knsq keeps three
+# quarters of its limit (after a reserve) for NSQ connections: raise the limit well past that
+# where allowed (root), else to the hard limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 python3 scripts/bench-vs-nsqd.py --bin-dir "$BIN" "${args[@]}"
 if [[ ${1:-} != --smoke && ${SCALING:-0} == 1 ]]; then

@@ -406,20 +406,15 @@ impl<R: AsyncRead + ReadNow + Unpin + Send> Connection<R> {
         let waits_for_answers = !consumer && !*last_read_full;
         let want = (buf.capacity() - before).min(*read_size);
         let spun = spin.read(waits_for_answers, reader, buf, want);
-        let n = match spun {
-            Some(Ok(0)) => return false,
-            Some(Ok(n)) => n,
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "read failed");
-                return false;
-            }
+        let got = match spun {
+            Some(result) => bytes_read(result),
             None => {
                 let limit = heartbeat.map(|hb| hb * 2);
-                match read_some(reader, buf, limit, silence, &self.client, !consumer).await {
-                    Some(n) => n,
-                    None => return false,
-                }
+                read_some(reader, buf, limit, silence, &self.client, !consumer).await
             }
+        };
+        let Some(n) = got else {
+            return false;
         };
         silence.heard();
         // Grow the buffer while reads fill it: a busy publisher gets big reads.
@@ -495,6 +490,11 @@ async fn read_some<R: AsyncRead + Unpin>(
             return None;
         }
     };
+    bytes_read(result)
+}
+
+/// How many bytes a read brought; `None` at the end of the stream or when it failed.
+fn bytes_read(result: std::io::Result<usize>) -> Option<usize> {
     match result {
         Ok(0) => None,
         Ok(n) => Some(n),
