@@ -1,5 +1,5 @@
 //! A tiny in-process NSQ server for the bench's own tests: acknowledges PUB and MPUB (but
-//! fails MPUB to the topic `fail`), and
+//! fails MPUB to the topic `fail` once its subscribers finished what they were sent), and
 //! after SUB sends a heartbeat and then `to_send` messages, never more than RDY in flight.
 //! IDENTIFY agrees to TLS (when started with a server config) and to snappy or deflate
 //! (unless started refusing compression), and upgrades as nsqd does.
@@ -12,7 +12,7 @@ use proto::wire::{Command, Decoder, ErrorCode, Limits, MAGIC_V2, MessageId, Prot
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -31,6 +31,8 @@ pub(crate) struct Seen {
     pub(crate) deflate: AtomicU64,
     /// Messages still to hand out to subscribers.
     pub(crate) to_send: AtomicU64,
+    /// Messages handed out to subscribers.
+    pub(crate) sent: AtomicU64,
 }
 
 /// What the fake agrees to in IDENTIFY.
@@ -189,6 +191,15 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>, features: Features) -> Re
                     write_response(&mut out, b"OK");
                 }
                 Command::Mpub { topic, .. } if topic.as_str() == "fail" => {
+                    // Fails once the subscribers have finished every message there is for
+                    // them (for 5 s at most), so a run it ends has received them all.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                    while (seen.to_send.load(Ordering::Relaxed) > 0
+                        || seen.fins.load(Ordering::Relaxed) < seen.sent.load(Ordering::Relaxed))
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                     let err = ProtocolError::new(ErrorCode::MpubFailed, "MPUB failed: test");
                     write_error(&mut out, &err);
                 }
@@ -225,6 +236,7 @@ async fn serve(mut stream: TcpStream, seen: Arc<Seen>, features: Features) -> Re
                     break;
                 }
                 next_id += 1;
+                seen.sent.fetch_add(1, Ordering::Relaxed);
                 // Published a millisecond ago, so latency is measurable and positive.
                 write_message(
                     &mut out,
